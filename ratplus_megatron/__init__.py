@@ -1,0 +1,1 @@
+"""RAT+ decaying memory on megatron-core: OLMo2 models, training, conversion."""
