@@ -1,0 +1,1 @@
+"""Data pipeline: corpus tokenization into megatron-core indexed datasets, offline corpora."""
