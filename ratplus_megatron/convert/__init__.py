@@ -1,0 +1,1 @@
+"""HF <-> megatron-core conversion for OLMo2 with or without the memory."""

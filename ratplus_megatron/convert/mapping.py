@@ -1,0 +1,108 @@
+"""Weight and config mapping between HF OLMo2 (optionally with memory) and megatron-core.
+
+Megatron names here are the full (TP=1, PP=1) model's; dist_checkpointing reshards them to any
+TP/PP on load. The functions pull one tensor at a time from any Mapping (a dict, or a lazy
+safetensors view), so a conversion can stream.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from ..config import ConfigError, MemoryConfig, ModelConfig
+
+OLMO2_ARCHITECTURES = {"Olmo2ForCausalLM", "Olmo2MemoryForCausalLM"}
+
+
+def config_from_hf(hf: Mapping) -> ModelConfig:
+    """ModelConfig from an HF OLMo2 config.json dict (every number read, none assumed)."""
+    archs = set(hf.get("architectures") or [])
+    if not archs & OLMO2_ARCHITECTURES and hf.get("model_type") not in ("olmo2", "olmo2_memory"):
+        raise ConfigError(f"unsupported architecture {sorted(archs) or hf.get('model_type')!r}: "
+                          f"expected one of {sorted(OLMO2_ARCHITECTURES)}")
+    heads = hf["num_attention_heads"]
+    if hf.get("attention_bias"):
+        raise ConfigError("attention_bias=true is not an OLMo2 layout this converter supports")
+    if hf.get("tie_word_embeddings"):
+        raise ConfigError("tie_word_embeddings=true is not supported (OLMo2 unties them)")
+    memory = MemoryConfig(enabled=bool(hf.get("memory", False)),
+                          gate_bias=bool(hf.get("memory_gate_bias", False)),
+                          output_gate=bool(hf.get("memory_output_gate", False)))
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta"))
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        num_attention_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"], rope_theta=float(theta),
+        rms_norm_eps=hf["rms_norm_eps"], init_std=hf.get("initializer_range", 0.02), memory=memory)
+
+
+def _layer_names(i: int) -> tuple[str, str]:
+    return f"model.layers.{i}.", f"decoder.layers.{i}."
+
+
+def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (megatron name, tensor) for the full model, reading ``hf`` lazily."""
+    np_, ng, hn = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim
+    per_group = np_ // ng
+    yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        h, m = _layer_names(i)
+        q = hf[h + "self_attn.q_proj.weight"].view(ng, per_group * hn, -1)
+        k = hf[h + "self_attn.k_proj.weight"].view(ng, hn, -1)
+        v = hf[h + "self_attn.v_proj.weight"].view(ng, hn, -1)
+        parts = [q]
+        if cfg.memory.enabled and cfg.memory.output_gate:
+            parts.append(hf[h + "self_attn.og_proj.weight"].view(ng, per_group * hn, -1))
+        # megatron's fused qkv: per query group [q heads, (output gate), k, v]
+        yield m + "self_attention.linear_qkv.weight", torch.cat(parts + [k, v], dim=1).reshape(-1, q.shape[-1])
+        yield m + "self_attention.q_layernorm.weight", hf[h + "self_attn.q_norm.weight"].view(np_, hn)
+        yield m + "self_attention.k_layernorm.weight", hf[h + "self_attn.k_norm.weight"].view(ng, hn)
+        if cfg.memory.enabled:
+            yield m + "self_attention.linear_gate.weight", hf[h + "self_attn.g_proj.weight"]
+            if cfg.memory.has_gate_bias:
+                yield m + "self_attention.linear_gate.bias", hf[h + "self_attn.g_proj.bias"]
+        yield m + "self_attention.linear_proj.weight", hf[h + "self_attn.o_proj.weight"]
+        yield m + "self_attention.linear_proj.post_norm.weight", hf[h + "post_attention_layernorm.weight"]
+        yield m + "mlp.linear_fc1.weight", torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
+        yield m + "mlp.linear_fc2.weight", hf[h + "mlp.down_proj.weight"]
+        yield m + "mlp.linear_fc2.post_norm.weight", hf[h + "post_feedforward_layernorm.weight"]
+    yield "decoder.final_layernorm.weight", hf["model.norm.weight"]
+    yield "output_layer.weight", hf["lm_head.weight"]
+
+
+def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) from the full megatron model's tensors: the inverse of hf_to_mcore."""
+    np_, ng, hn = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim
+    per_group = np_ // ng
+    og = cfg.memory.enabled and cfg.memory.output_gate
+    yield "model.embed_tokens.weight", mc["embedding.word_embeddings.weight"]
+    for i in range(cfg.num_layers):
+        h, m = _layer_names(i)
+        qkv = mc[m + "self_attention.linear_qkv.weight"]
+        sizes = [per_group * hn] + ([per_group * hn] if og else []) + [hn, hn]
+        parts = qkv.view(ng, sum(sizes), -1).split(sizes, dim=1)
+        hidden = qkv.shape[-1]
+        yield h + "self_attn.q_proj.weight", parts[0].reshape(-1, hidden)
+        if og:
+            yield h + "self_attn.og_proj.weight", parts[1].reshape(-1, hidden)
+        yield h + "self_attn.k_proj.weight", parts[-2].reshape(-1, hidden)
+        yield h + "self_attn.v_proj.weight", parts[-1].reshape(-1, hidden)
+        yield h + "self_attn.o_proj.weight", mc[m + "self_attention.linear_proj.weight"]
+        yield h + "self_attn.q_norm.weight", mc[m + "self_attention.q_layernorm.weight"].reshape(-1)
+        yield h + "self_attn.k_norm.weight", mc[m + "self_attention.k_layernorm.weight"].reshape(-1)
+        if cfg.memory.enabled:
+            yield h + "self_attn.g_proj.weight", mc[m + "self_attention.linear_gate.weight"]
+            if cfg.memory.has_gate_bias:
+                yield h + "self_attn.g_proj.bias", mc[m + "self_attention.linear_gate.bias"]
+        yield h + "post_attention_layernorm.weight", mc[m + "self_attention.linear_proj.post_norm.weight"]
+        gate, up = mc[m + "mlp.linear_fc1.weight"].chunk(2)
+        yield h + "mlp.gate_proj.weight", gate
+        yield h + "mlp.up_proj.weight", up
+        yield h + "mlp.down_proj.weight", mc[m + "mlp.linear_fc2.weight"]
+        yield h + "post_feedforward_layernorm.weight", mc[m + "mlp.linear_fc2.post_norm.weight"]
+    yield "model.norm.weight", mc["decoder.final_layernorm.weight"]
+    yield "lm_head.weight", mc["output_layer.weight"]

@@ -1,0 +1,82 @@
+"""Process-group and megatron parallel-state setup from torchrun, Slurm, or a single process."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from . import cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm nodelist such as 'gpu[001-004,010],cpu7' -> 'gpu001'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    first = ranges.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's or Slurm's variables; (0, 1, 0) otherwise.
+
+    Also sets MASTER_ADDR/MASTER_PORT when Slurm launched the tasks directly (srun, no torchrun).
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return 0, 1, 0
+
+
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed and megatron's TP/PP/DP groups; returns (rank, world size).
+
+    CUDA: NCCL, one GPU per local rank. CPU: gloo plus the megatron CPU workarounds.
+    """
+    from megatron.core import parallel_state
+
+    rank, world, local_rank = distributed_env()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of tensor x pipeline parallel = {tp} x {pp}")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend or ("nccl" if cuda else "gloo"),
+                                             rank=rank, world_size=world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp)
+    if cuda:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_compat.seed_model_parallel_rng(seed)
+    return rank, world
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

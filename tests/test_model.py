@@ -1,0 +1,146 @@
+"""The OLMo2 (+ RAT+ memory) megatron-core model against outside references, on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ratplus_megatron.config import ConfigError, MemoryConfig, PrecisionConfig, preset
+from ratplus_megatron.convert.mapping import hf_to_mcore
+from reference_olmo2 import olmo2_forward, random_hf_weights
+
+from conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=4, head_dim=16,
+            ffn_hidden_size=96, vocab_size=128, max_position_embeddings=64, rope_theta=10000.0)
+
+
+def _megatron_model(cfg, hf_weights):
+    from ratplus_megatron.model import build_model, to_transformer_config
+
+    model = build_model(cfg, to_transformer_config(cfg), use_te=False)
+    missing, unexpected = model.load_state_dict(dict(hf_to_mcore(hf_weights, cfg)), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    return model
+
+
+def _logits(model, ids):
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    return model(ids, pos, None)  # [b, s, vocab]
+
+
+def _ids(cfg, b=2, s=24, seed=0):
+    return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def test_memory_off_matches_transformers_olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    cfg = preset("tiny", **TINY)
+    w = random_hf_weights(cfg, seed=1)
+    hf_cfg = Olmo2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_kv_heads,
+                         max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+                         rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False)
+    hf = Olmo2ForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(w, strict=True)
+    ids = _ids(cfg)
+    with torch.no_grad():
+        ours = _logits(_megatron_model(cfg, w).eval(), ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("memory", [
+    MemoryConfig(enabled=True),
+    MemoryConfig(enabled=True, gate_bias=True),
+    MemoryConfig(enabled=True, output_gate=True),
+], ids=["gate", "gate+bias", "output-gate"])
+def test_memory_matches_float64_equations(memory):
+    cfg = preset("tiny", **TINY, memory=memory)
+    w = random_hf_weights(cfg, seed=2)
+    ids = _ids(cfg, s=19)  # odd length
+    model = _megatron_model(cfg, w)
+    logits = _logits(model, ids)
+    proj = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (logits.double() * proj).sum().backward()
+
+    w64 = {k: v.double().requires_grad_() for k, v in w.items()}
+    ref = olmo2_forward(w64, cfg, ids)
+    (ref * proj).sum().backward()
+    torch.testing.assert_close(logits.double(), ref.detach(), atol=2e-5, rtol=1e-4)
+    ref_grads = dict(hf_to_mcore({k: v.grad for k, v in w64.items()}, cfg))
+    for name, p in model.named_parameters():
+        g, r = p.grad.double(), ref_grads[name]
+        err = (g - r).norm() / r.norm().clamp_min(1e-12)
+        assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_identity_gate_init_starts_near_plain_olmo2():
+    """W_g = 0, bias -6 (g = 0.0025): the memory model reproduces the attention model closely."""
+    plain = preset("tiny", **TINY)
+    mem = preset("tiny", **TINY, memory=MemoryConfig(enabled=True, gate_init="identity"))
+    w = random_hf_weights(plain, seed=4)
+    ids = _ids(plain)
+    from ratplus_megatron.model import build_model, to_transformer_config
+
+    model = build_model(mem, to_transformer_config(mem), use_te=False).eval()
+    missing, _ = model.load_state_dict(dict(hf_to_mcore(w, plain)), strict=False)
+    assert sorted(missing) == [f"decoder.layers.{i}.self_attention.linear_gate.{p}"
+                               for i in range(plain.num_layers) for p in ("bias", "weight")]
+    gate = model.decoder.layers[0].self_attention.linear_gate
+    assert gate.weight.abs().max() == 0 and torch.allclose(gate.bias, torch.tensor(-6.0))
+    with torch.no_grad():
+        ours = _logits(model, ids)
+        base = _logits(_megatron_model(plain, w).eval(), ids)
+    rel = ((ours - base).abs().max() / base.abs().max()).item()
+    print(f"identity-init relative logit change {rel:.3e}")
+    assert rel < 2e-2, f"identity init moved logits by {rel:.3e} of their range"
+    assert (ours - base).abs().max() > 0  # the memory is really there
+
+
+def test_fp8_without_transformer_engine_is_a_clear_error():
+    from ratplus_megatron.model import HAVE_TE
+
+    if HAVE_TE:
+        pytest.skip("Transformer Engine is installed")
+    with pytest.raises(ConfigError, match="fp8='hybrid' needs Transformer Engine"):
+        PrecisionConfig(fp8="hybrid").validate()
+
+
+@pytest.mark.parametrize("kwargs,tp,message", [
+    (dict(num_attention_heads=6, num_kv_heads=6), 4, "does not divide num_attention_heads=6"),
+    (dict(head_dim=15), 1, "head_dim must be even"),
+    (dict(num_attention_heads=4, num_kv_heads=3), 1, "not a multiple of num_kv_heads=3"),
+    (dict(vocab_size=129), 2, "does not divide vocab_size=129"),
+], ids=["tp-heads", "odd-head-dim", "gqa-groups", "tp-vocab"])
+def test_inconsistent_configs_raise(kwargs, tp, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("tiny", **kwargs).validate(tp=tp)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ConfigError, match="unknown model preset 'olmo3'"):
+        preset("olmo2-bogus".replace("2-bogus", "3"))
+    with pytest.raises(ConfigError, match=r"unknown model field\(s\) \['hidden'\]"):
+        preset("tiny", hidden=3)
+    with pytest.raises(ConfigError, match="gate_init='identity' needs memory.gate_bias"):
+        preset("tiny", memory=dict(enabled=True, gate_init="identity", gate_bias=False)).validate()
+
+
+def test_presets_match_published_shapes():
+    seven = preset("olmo2-7b")
+    assert (seven.num_layers, seven.hidden_size, seven.num_attention_heads, seven.ffn_hidden_size,
+            seven.vocab_size, seven.rope_theta) == (32, 4096, 32, 11008, 100352, 500000.0)
+    assert 7.2e9 < seven.num_parameters() < 7.4e9
+    mem = preset("olmo2-7b", memory=MemoryConfig(enabled=True))
+    assert mem.num_parameters() - seven.num_parameters() == 32 * 4096 * 4096  # one d x d gate per layer
+    one = preset("olmo2-1b")
+    assert (one.num_layers, one.hidden_size, one.ffn_hidden_size) == (16, 2048, 8192)
