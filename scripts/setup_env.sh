@@ -5,7 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
 stamp="$venv/.ratplus-installed"
-want=$(cat "$root/requirements.lock" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
+want=$(cat "$root/requirements.lock" "$root/requirements-nodeps.lock" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 if [ ! -x "$venv/bin/python" ]; then
   py=$("$root/scripts/find_python312.sh")
@@ -14,6 +14,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r "$root/requirements.lock"
+"$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-nodeps.lock"
 "$venv/bin/python" -m pip install -q --no-deps -e "$root"
 echo "$want" > "$stamp"
 echo "environment ready: $venv"
