@@ -1,0 +1,630 @@
+"""Fused Triton kernels for the decaying-memory scan (equations in naive.py).
+
+One pass does everything: sigmoid of the gate logits in fp32, the (1 - g) scaling, the
+recurrence for k and v with an fp32 state, outputs in the input dtype, resets at packed-sequence
+starts (``cu_seqlens``), initial and final state.
+
+Work split: a *channel block* is one (batch, head, BD channels) column of the input; time is
+cut into tiles of BT steps. Inside a tile the recurrence h_t = a_t h_{t-1} + b_t is solved by
+``tl.associative_scan`` over the tile's rows (pairs (a, b) compose as affine maps), so a tile
+costs one [BT, BD] load per input and one store per output. Two schedules:
+
+* ``loop``: one program per channel block walks its tiles in order, carrying the state in
+  registers. Enough when there are many channel blocks (batch * heads * dim / BD >> SMs).
+* ``chained``: one program per (tile, channel block). Programs take a ticket from an atomic
+  counter (time-major), so a tile's predecessors were started before it; each tile publishes its
+  affine aggregate, then looks back over its predecessors (decoupled look-back) until it meets
+  one that published its inclusive state. The chain lets a batch-1 sequence use the whole GPU
+  with each byte still read once. Flags are per channel (lane) so that every lane orders its
+  own data with its own release / acquire pair.
+
+Backward: the same machinery on the reversed sequence. With delta_t = dL/dh_t (through the
+whole future), delta_t = dh_t + g_{t+1} delta_{t+1} (cut at sequence ends) and
+    dx_t = (1 - g_t) delta_t,
+    dz_t = g_t (1 - g_t) sum_x delta_t (h_{t-1} - x_t) = (1 - g_t) sum_x delta_t (h_t - x_t),
+    dh0  = g_s delta_s at each sequence start s,
+so the backward needs the forward outputs h_t, never h_{t-1}.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+
+
+@triton.jit
+def _affine_combine(a1, k1, v1, a2, k2, v2):
+    # apply (a1, k1 | v1) first, then (a2, k2 | v2):  h -> a2 * (a1 * h + b1) + b2
+    return a1 * a2, a2 * k1 + k2, a2 * v1 + v2
+
+
+@triton.jit
+def _row(x, r, which: tl.constexpr):
+    # one row of a [BT, BD] tile as a [BD] vector
+    return tl.sum(tl.where((r == which)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _row_info(cu, seq_idx, t, tm, b, T, VARLEN: tl.constexpr):
+    """Sequence index, start flag and end flag of each row's position t."""
+    if VARLEN:
+        n = tl.load(seq_idx + t, mask=tm, other=0)
+        s = tl.load(cu + n, mask=tm, other=0)
+        e = tl.load(cu + n + 1, mask=tm, other=0)
+        is_start = (t == s) & tm
+        is_end = (t == e - 1) & tm
+    else:
+        n = tl.zeros_like(t) + b
+        is_start = t == 0
+        is_end = t == T - 1
+    return n, is_start, is_end
+
+
+@triton.jit
+def _fwd_tile(z_ptr, k_ptr, v_ptr, szt, szd, skt, skd, svt, svd, h0k, h0v, cu, seq_idx,
+              c, b, hh, H, T, D, d, dm,
+              BT: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Affine scan of one tile: returns (A, Bk, Bv, n, is_end, t, io_mask) with h = A h_in + B."""
+    r = tl.arange(0, BT)
+    t = (c * BT + r).to(tl.int64)
+    tm = t < T
+    io = tm[:, None] & dm[None, :]
+    zl = tl.load(z_ptr + t[:, None] * szt + d[None, :] * szd, mask=io, other=0.).to(tl.float32)
+    kx = tl.load(k_ptr + t[:, None] * skt + d[None, :] * skd, mask=io, other=0.).to(tl.float32)
+    vx = tl.load(v_ptr + t[:, None] * svt + d[None, :] * svd, mask=io, other=0.).to(tl.float32)
+    g = tl.sigmoid(zl)
+    omg = tl.sigmoid(-zl)  # 1 - g without cancellation for gates near 1
+    n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
+    bk = omg * kx
+    bv = omg * vx
+    if HAS_H0:
+        sidx = (n * H + hh).to(tl.int64)[:, None] * D + d[None, :]
+        smask = is_start[:, None] & dm[None, :]
+        bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
+        bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
+    a = tl.where(is_start[:, None], 0., g)
+    # rows past the end are the identity map, so the last row carries the last real state
+    a = tl.where(tm[:, None], a, 1.)
+    bk = tl.where(tm[:, None], bk, 0.)
+    bv = tl.where(tm[:, None], bv, 0.)
+    A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
+    return A, Bk, Bv, n, is_end, t, io
+
+
+@triton.jit
+def _fwd_store(ok_ptr, ov_ptr, sokt, sokd, sovt, sovd, hTk, hTv, hk, hv, n, is_end, t, io,
+               hh, H, D, d, dm, STORE_FINAL: tl.constexpr):
+    tl.store(ok_ptr + t[:, None] * sokt + d[None, :] * sokd, hk.to(ok_ptr.dtype.element_ty), mask=io)
+    tl.store(ov_ptr + t[:, None] * sovt + d[None, :] * sovd, hv.to(ov_ptr.dtype.element_ty), mask=io)
+    if STORE_FINAL:
+        sidx = (n * H + hh).to(tl.int64)[:, None] * D + d[None, :]
+        fmask = is_end[:, None] & dm[None, :]
+        tl.store(hTk + sidx, hk, mask=fmask)
+        tl.store(hTv + sidx, hv, mask=fmask)
+
+
+@triton.jit
+def _fwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd, svt, svd,
+                   sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D,
+                   d, dm, ck, cv, r, BT: tl.constexpr, HAS_H0: tl.constexpr,
+                   VARLEN: tl.constexpr, STORE_FINAL: tl.constexpr):
+    A, Bk, Bv, n, is_end, t, io = _fwd_tile(z_ptr, k_ptr, v_ptr, szt, szd, skt, skd, svt, svd,
+                                            h0k, h0v, cu, seq_idx, c, b, hh, H, T, D, d, dm,
+                                            BT, HAS_H0, VARLEN)
+    hk = A * ck[None, :] + Bk
+    hv = A * cv[None, :] + Bv
+    _fwd_store(ok_ptr, ov_ptr, sokt, sokd, sovt, sovd, hTk, hTv, hk, hv, n, is_end, t, io,
+               hh, H, D, d, dm, STORE_FINAL)
+    return _row(hk, r, BT - 1), _row(hv, r, BT - 1)
+
+
+@triton.jit
+def _lookback(flags, ws_agg, ws_inc, slot, NCH, lane, BD: tl.constexpr, c):
+    """Decoupled look-back: the state entering tile c of this channel block ([BD] k and v)."""
+    acc_a = tl.full([BD], 1.0, tl.float32)
+    acc_k = tl.zeros([BD], tl.float32)
+    acc_v = tl.zeros([BD], tl.float32)
+    state_k = tl.zeros([BD], tl.float32)
+    state_v = tl.zeros([BD], tl.float32)
+    done = tl.zeros([BD], tl.int32)
+    p = c - 1
+    while tl.min(done, axis=0) == 0:
+        ps = (slot - (c - p) * NCH).to(tl.int64) * BD + lane
+        f = tl.atomic_add(flags + ps, 0, sem="acquire")
+        while tl.min(f, axis=0) == 0:
+            f = tl.atomic_add(flags + ps, 0, sem="acquire")
+        live = done == 0
+        inc = live & (f == 2)
+        agg = live & (f == 1)
+        ik = tl.load(ws_inc + 2 * ps, mask=inc, other=0., volatile=True)
+        iv = tl.load(ws_inc + 2 * ps + 1, mask=inc, other=0., volatile=True)
+        pa = tl.load(ws_agg + 3 * ps, mask=agg, other=1., volatile=True)
+        pk = tl.load(ws_agg + 3 * ps + 1, mask=agg, other=0., volatile=True)
+        pv = tl.load(ws_agg + 3 * ps + 2, mask=agg, other=0., volatile=True)
+        state_k = tl.where(inc, acc_a * ik + acc_k, state_k)
+        state_v = tl.where(inc, acc_a * iv + acc_v, state_v)
+        acc_k = tl.where(agg, acc_a * pk + acc_k, acc_k)
+        acc_v = tl.where(agg, acc_a * pv + acc_v, acc_v)
+        acc_a = tl.where(agg, acc_a * pa, acc_a)
+        done = tl.where(inc, 1, done)
+        p -= 1
+    return state_k, state_v
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ticket, flags, ws_agg, ws_inc,
+                T, H, D, NDB, NT,
+                szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                BT: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr,
+                STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, CHAINED: tl.constexpr,
+                WHILE_LOOP: tl.constexpr):
+    if CHAINED:
+        NCH = tl.num_programs(0) // NT
+        tid = tl.atomic_add(ticket, 1)
+        c = tid // NCH
+        j = tid % NCH
+    else:
+        NCH = tl.num_programs(0)
+        c = 0
+        j = tl.program_id(0)
+    db = j % NDB
+    bh = j // NDB
+    b = bh // H
+    hh = bh % H
+    lane = tl.arange(0, BD)
+    d = db * BD + lane
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hh.to(tl.int64)
+    z_ptr = z + b64 * szb + h64 * szh
+    k_ptr = k + b64 * skb + h64 * skh
+    v_ptr = v + b64 * svb + h64 * svh
+    ok_ptr = ok + b64 * sokb + h64 * sokh
+    ov_ptr = ov + b64 * sovb + h64 * sovh
+    r = tl.arange(0, BT)
+    if CHAINED:
+        A, Bk, Bv, n, is_end, t, io = _fwd_tile(z_ptr, k_ptr, v_ptr, szt, szd, skt, skd, svt, svd,
+                                                h0k, h0v, cu, seq_idx, c, b, hh, H, T, D, d, dm,
+                                                BT, HAS_H0, VARLEN)
+        ek = _row(Bk, r, BT - 1)
+        ev = _row(Bv, r, BT - 1)
+        slot = tid
+        ps = slot.to(tl.int64) * BD + lane
+        if c == 0:
+            hk = Bk
+            hv = Bv
+        else:
+            tl.store(ws_agg + 3 * ps, _row(A, r, BT - 1))
+            tl.store(ws_agg + 3 * ps + 1, ek)
+            tl.store(ws_agg + 3 * ps + 2, ev)
+            tl.atomic_xchg(flags + ps, 1, sem="release")
+            sk, sv = _lookback(flags, ws_agg, ws_inc, slot, NCH, lane, BD, c)
+            hk = A * sk[None, :] + Bk
+            hv = A * sv[None, :] + Bv
+            ek = _row(hk, r, BT - 1)
+            ev = _row(hv, r, BT - 1)
+        if c < NT - 1:
+            tl.store(ws_inc + 2 * ps, ek)
+            tl.store(ws_inc + 2 * ps + 1, ev)
+            tl.atomic_xchg(flags + ps, 2, sem="release")
+        _fwd_store(ok_ptr, ov_ptr, sokt, sokd, sovt, sovd, hTk, hTv, hk, hv, n, is_end, t, io,
+                   hh, H, D, d, dm, STORE_FINAL)
+    else:
+        ck = tl.zeros([BD], tl.float32)
+        cv = tl.zeros([BD], tl.float32)
+        if WHILE_LOOP:  # the interpreter cannot index range() with numpy >= 2.5 scalars
+            c = 0
+            while c < NT:
+                ck, cv = _fwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd,
+                                        svt, svd, sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu,
+                                        seq_idx, c, b, hh, H, T, D, d, dm, ck, cv, r, BT,
+                                        HAS_H0, VARLEN, STORE_FINAL)
+                c += 1
+        else:
+            for c in range(0, NT):
+                ck, cv = _fwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd,
+                                        svt, svd, sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu,
+                                        seq_idx, c, b, hh, H, T, D, d, dm, ck, cv, r, BT,
+                                        HAS_H0, VARLEN, STORE_FINAL)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_tile(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr,
+              szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd,
+              dhTk, dhTv, cu, seq_idx, c, b, hh, H, T, D, d, dm,
+              BT: tl.constexpr, HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr):
+    """Reverse affine scan of tile c, rows in reversed time order: delta = A carry + B."""
+    r = tl.arange(0, BT)
+    t = (c * BT + (BT - 1) - r).to(tl.int64)
+    tm = t < T
+    io = tm[:, None] & dm[None, :]
+    zn = tl.load(z_ptr + (t + 1)[:, None] * szt + d[None, :] * szd,
+                 mask=(t + 1 < T)[:, None] & dm[None, :], other=0.).to(tl.float32)
+    dhk = tl.load(dok_ptr + t[:, None] * sdkt + d[None, :] * sdkd, mask=io, other=0.).to(tl.float32)
+    dhv = tl.load(dov_ptr + t[:, None] * sdvt + d[None, :] * sdvd, mask=io, other=0.).to(tl.float32)
+    n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
+    if HAS_DFINAL:
+        sidx = (n * H + hh).to(tl.int64)[:, None] * D + d[None, :]
+        fmask = is_end[:, None] & dm[None, :]
+        dhk += tl.load(dhTk + sidx, mask=fmask, other=0.)
+        dhv += tl.load(dhTv + sidx, mask=fmask, other=0.)
+    a = tl.where(is_end[:, None], 0., tl.sigmoid(zn))
+    a = tl.where(tm[:, None], a, 1.)
+    A, Bk, Bv = tl.associative_scan((a, dhk, dhv), axis=0, combine_fn=_affine_combine)
+    return A, Bk, Bv, n, is_start, t, io
+
+
+@triton.jit
+def _bwd_store(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dz_ptr, dk_ptr, dv_ptr,
+               szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd,
+               sgzt, sgzd, sgkt, sgkd, sgvt, sgvd, dh0k, dh0v, delk, delv, n, is_start, t, io, hh, H, D, d, dm,
+               HAS_H0: tl.constexpr):
+    zl = tl.load(z_ptr + t[:, None] * szt + d[None, :] * szd, mask=io, other=0.).to(tl.float32)
+    kx = tl.load(k_ptr + t[:, None] * skt + d[None, :] * skd, mask=io, other=0.).to(tl.float32)
+    vx = tl.load(v_ptr + t[:, None] * svt + d[None, :] * svd, mask=io, other=0.).to(tl.float32)
+    hk = tl.load(ok_ptr + t[:, None] * sokt + d[None, :] * sokd, mask=io, other=0.).to(tl.float32)
+    hv = tl.load(ov_ptr + t[:, None] * sovt + d[None, :] * sovd, mask=io, other=0.).to(tl.float32)
+    omg = tl.sigmoid(-zl)
+    dz = omg * (delk * (hk - kx) + delv * (hv - vx))
+    tl.store(dz_ptr + t[:, None] * sgzt + d[None, :] * sgzd, dz.to(dz_ptr.dtype.element_ty),
+             mask=io)
+    tl.store(dk_ptr + t[:, None] * sgkt + d[None, :] * sgkd,
+             (omg * delk).to(dk_ptr.dtype.element_ty), mask=io)
+    tl.store(dv_ptr + t[:, None] * sgvt + d[None, :] * sgvd,
+             (omg * delv).to(dv_ptr.dtype.element_ty), mask=io)
+    if HAS_H0:
+        g = tl.sigmoid(zl)
+        sidx = (n * H + hh).to(tl.int64)[:, None] * D + d[None, :]
+        smask = is_start[:, None] & dm[None, :]
+        tl.store(dh0k + sidx, g * delk, mask=smask)
+        tl.store(dh0v + sidx, g * delv, mask=smask)
+
+
+@triton.jit
+def _bwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr, dz_ptr, dk_ptr, dv_ptr,
+                   szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd,
+                   sgzt, sgzd, sgkt, sgkd, sgvt, sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
+                   c, b, hh, H, T, D, d, dm, ck, cv, r, BT: tl.constexpr, HAS_H0: tl.constexpr,
+                   HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr):
+    A, Bk, Bv, n, is_start, t, io = _bwd_tile(
+        z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr,
+        szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd,
+        dhTk, dhTv, cu, seq_idx, c, b, hh, H, T, D, d, dm, BT, HAS_DFINAL, VARLEN)
+    delk = A * ck[None, :] + Bk
+    delv = A * cv[None, :] + Bv
+    _bwd_store(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dz_ptr, dk_ptr, dv_ptr,
+               szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd,
+               sgzt, sgzd, sgkt, sgkd, sgvt, sgvd, dh0k, dh0v, delk, delv, n, is_start, t, io,
+               hh, H, D, d, dm, HAS_H0)
+    return _row(delk, r, BT - 1), _row(delv, r, BT - 1)
+
+
+@triton.jit
+def _bwd_kernel(z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
+                ticket, flags, ws_agg, ws_inc,
+                T, H, D, NDB, NT,
+                szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
+                sgzb, sgzt, sgzh, sgzd, sgkb, sgkt, sgkh, sgkd, sgvb, sgvt, sgvh, sgvd,
+                BT: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr,
+                HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr, CHAINED: tl.constexpr,
+                WHILE_LOOP: tl.constexpr):
+    if CHAINED:
+        NCH = tl.num_programs(0) // NT
+        tid = tl.atomic_add(ticket, 1)
+        co = tid // NCH
+        j = tid % NCH
+    else:
+        NCH = tl.num_programs(0)
+        co = 0
+        j = tl.program_id(0)
+    db = j % NDB
+    bh = j // NDB
+    b = bh // H
+    hh = bh % H
+    lane = tl.arange(0, BD)
+    d = db * BD + lane
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hh.to(tl.int64)
+    z_ptr = z + b64 * szb + h64 * szh
+    k_ptr = k + b64 * skb + h64 * skh
+    v_ptr = v + b64 * svb + h64 * svh
+    ok_ptr = ok + b64 * sokb + h64 * sokh
+    ov_ptr = ov + b64 * sovb + h64 * sovh
+    dok_ptr = dok + b64 * sdkb + h64 * sdkh
+    dov_ptr = dov + b64 * sdvb + h64 * sdvh
+    dz_ptr = dz + b64 * sgzb + h64 * sgzh
+    dk_ptr = dk + b64 * sgkb + h64 * sgkh
+    dv_ptr = dv + b64 * sgvb + h64 * sgvh
+    r = tl.arange(0, BT)
+    if CHAINED:
+        c = NT - 1 - co
+        A, Bk, Bv, n, is_start, t, io = _bwd_tile(
+            z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr,
+            szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd,
+            dhTk, dhTv, cu, seq_idx, c, b, hh, H, T, D, d, dm, BT, HAS_DFINAL, VARLEN)
+        ek = _row(Bk, r, BT - 1)
+        ev = _row(Bv, r, BT - 1)
+        slot = tid
+        ps = slot.to(tl.int64) * BD + lane
+        if co == 0:
+            delk = Bk
+            delv = Bv
+        else:
+            tl.store(ws_agg + 3 * ps, _row(A, r, BT - 1))
+            tl.store(ws_agg + 3 * ps + 1, ek)
+            tl.store(ws_agg + 3 * ps + 2, ev)
+            tl.atomic_xchg(flags + ps, 1, sem="release")
+            sk, sv = _lookback(flags, ws_agg, ws_inc, slot, NCH, lane, BD, co)
+            delk = A * sk[None, :] + Bk
+            delv = A * sv[None, :] + Bv
+            ek = _row(delk, r, BT - 1)
+            ev = _row(delv, r, BT - 1)
+        if co < NT - 1:
+            tl.store(ws_inc + 2 * ps, ek)
+            tl.store(ws_inc + 2 * ps + 1, ev)
+            tl.atomic_xchg(flags + ps, 2, sem="release")
+        _bwd_store(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dz_ptr, dk_ptr, dv_ptr,
+                   szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd,
+                   sgzt, sgzd, sgkt, sgkd, sgvt, sgvd, dh0k, dh0v, delk, delv, n, is_start, t, io, hh, H, D, d, dm, HAS_H0)
+    else:
+        ck = tl.zeros([BD], tl.float32)
+        cv = tl.zeros([BD], tl.float32)
+        if WHILE_LOOP:
+            c = NT - 1
+            while c >= 0:
+                ck, cv = _bwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr, dz_ptr, dk_ptr, dv_ptr,
+                                        szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd,
+                                        sdkt, sdkd, sdvt, sdvd, sgzt, sgzd, sgkt, sgkd, sgvt,
+                                        sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx, c, b, hh, H,
+                                        T, D, d, dm, ck, cv, r, BT, HAS_H0, HAS_DFINAL, VARLEN)
+                c -= 1
+        else:
+            for co in range(0, NT):
+                c = NT - 1 - co
+                ck, cv = _bwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr, dz_ptr, dk_ptr, dv_ptr,
+                                        szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd,
+                                        sdkt, sdkd, sdvt, sdvd, sgzt, sgzd, sgkt, sgkd, sgvt,
+                                        sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx, c, b, hh, H,
+                                        T, D, d, dm, ck, cv, r, BT, HAS_H0, HAS_DFINAL, VARLEN)
+
+
+# --------------------------------------------------------------------------------------------
+# decode step
+
+
+@triton.jit
+def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
+                 szb, szh, szd, skb, skh, skd, svb, svh, svd,
+                 ssb, ssh, ssd, stb, sth, std_, sokb, sokh, sokd, sovb, sovh, sovd,
+                 BD: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    hh = (bh % H).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    m = d < D
+    zl = tl.load(z + b * szb + hh * szh + d * szd, mask=m, other=0.).to(tl.float32)
+    kx = tl.load(k + b * skb + hh * skh + d * skd, mask=m, other=0.).to(tl.float32)
+    vx = tl.load(v + b * svb + hh * svh + d * svd, mask=m, other=0.).to(tl.float32)
+    hk = tl.load(sk + b * ssb + hh * ssh + d * ssd, mask=m, other=0.).to(tl.float32)
+    hv = tl.load(sv + b * stb + hh * sth + d * std_, mask=m, other=0.).to(tl.float32)
+    g = tl.sigmoid(zl)
+    omg = tl.sigmoid(-zl)
+    hk = g * hk + omg * kx
+    hv = g * hv + omg * vx
+    tl.store(ok + b * sokb + hh * sokh + d * sokd, hk.to(ok.dtype.element_ty), mask=m)
+    tl.store(ov + b * sovb + hh * sovh + d * sovd, hv.to(ov.dtype.element_ty), mask=m)
+    o = (b * H + hh) * D + d
+    tl.store(nk + o, hk, mask=m)
+    tl.store(nv + o, hv, mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+
+_DEFAULTS = {"BT": 64, "BD": 32, "num_warps": 4, "schedule": "auto", "chain_below": 4}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(x.stride())  # type: ignore[return-value]
+
+
+def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A dense tensor with x's shape and x's dimension order (a transposed view stays one)."""
+    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), -i))
+    y = torch.empty([x.shape[i] for i in order], dtype=dtype or x.dtype, device=x.device)
+    inv = [order.index(i) for i in range(x.dim())]
+    return y.permute(inv)
+
+
+def _plan(batch: int, T: int, H: int, D: int, device, opts: dict):
+    cfg = {**_DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
+    BD = min(cfg["BD"], triton.next_power_of_2(D))
+    BT = cfg["BT"]
+    NDB = triton.cdiv(D, BD)
+    NCH = batch * H * NDB
+    NT = max(1, triton.cdiv(T, BT))
+    schedule = cfg["schedule"]
+    if schedule == "auto":
+        schedule = "chained" if (NT > 1 and NCH < cfg["chain_below"] * _num_sms(device)) else "loop"
+    if NT == 1:
+        schedule = "loop"
+    return BT, BD, NDB, NCH, NT, schedule == "chained", cfg["num_warps"]
+
+
+def _workspace(device, chained: bool, NT: int, NCH: int, BD: int):
+    if not chained:
+        dummy_i = torch.zeros(1, dtype=torch.int32, device=device)
+        dummy_f = torch.empty(1, dtype=torch.float32, device=device)
+        return dummy_i, dummy_i, dummy_f, dummy_f
+    slots = NT * NCH * BD
+    ticket = torch.zeros(1, dtype=torch.int32, device=device)
+    flags = torch.zeros(slots, dtype=torch.int32, device=device)
+    ws_agg = torch.empty(3 * slots, dtype=torch.float32, device=device)
+    ws_inc = torch.empty(2 * slots, dtype=torch.float32, device=device)
+    return ticket, flags, ws_agg, ws_inc
+
+
+def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
+    if cu_seqlens is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy, batch, None
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1, got batch {batch}")
+    cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    if cu.device.type != "cuda":  # on CPU a check costs no device sync
+        bounds = cu.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(e < s for s, e in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to seq={T}, got {bounds}")
+    pos = torch.arange(T, device=device, dtype=torch.int32)
+    seq_idx = torch.searchsorted(cu[1:], pos, right=True).to(torch.int32)
+    empty = (cu[1:] == cu[:-1])
+    return cu, seq_idx, cu.numel() - 1, empty
+
+
+def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
+    """Launch the forward kernel. Returns (k~, v~, final_k, final_v, aux for the backward)."""
+    B, T, H, D = k.shape
+    dev = k.device
+    cu, seq_idx, N, empty = _varlen_index(cu_seqlens, B, T, dev)
+    BT, BD, NDB, NCH, NT, chained, warps = _plan(B, T, H, D, dev, opts)
+    ok = _empty_like_layout(k)
+    ov = _empty_like_layout(v)
+    has_h0 = h0k is not None
+    if has_h0:
+        h0k = h0k.to(device=dev, dtype=torch.float32).contiguous()
+        h0v = h0v.to(device=dev, dtype=torch.float32).contiguous()
+        hTk, hTv = h0k.clone(), h0v.clone()  # empty packed sequences hand h0 through
+    else:
+        h0k = h0v = torch.empty(1, dtype=torch.float32, device=dev)
+        hTk = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
+        hTv = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
+    if T > 0:
+        ticket, flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
+        grid = (NCH * NT,) if chained else (NCH,)
+        _fwd_kernel[grid](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ticket, flags, ws_agg,
+                          ws_inc, T, H, D, NDB, NT, *_strides4(z), *_strides4(k), *_strides4(v),
+                          *_strides4(ok), *_strides4(ov), BT=BT, BD=BD, HAS_H0=has_h0,
+                          STORE_FINAL=True, VARLEN=cu_seqlens is not None, CHAINED=chained,
+                          WHILE_LOOP=_interpreting(), num_warps=warps)
+    return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
+
+
+def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None, **opts):
+    B, T, H, D = k.shape
+    dev = k.device
+    cu, seq_idx, N, empty = aux
+    BT, BD, NDB, NCH, NT, chained, warps = _plan(B, T, H, D, dev, opts)
+    if dok is None:
+        dok = torch.zeros((), dtype=k.dtype, device=dev).expand(k.shape)
+    if dov is None:
+        dov = torch.zeros((), dtype=v.dtype, device=dev).expand(v.shape)
+    has_dfinal = dhTk is not None or dhTv is not None
+    if has_dfinal:
+        dhTk = (torch.zeros(N, H, D, device=dev) if dhTk is None else dhTk).float().contiguous()
+        dhTv = (torch.zeros(N, H, D, device=dev) if dhTv is None else dhTv).float().contiguous()
+    else:
+        dhTk = dhTv = torch.empty(1, dtype=torch.float32, device=dev)
+    dz = _empty_like_layout(z)
+    dk = _empty_like_layout(k)
+    dv = _empty_like_layout(v)
+    if has_h0:
+        if has_dfinal and empty is not None:  # an empty sequence passes dfinal straight to dh0
+            dh0k = torch.where(empty[:, None, None], dhTk, 0.)
+            dh0v = torch.where(empty[:, None, None], dhTv, 0.)
+        elif has_dfinal and T == 0:
+            dh0k, dh0v = dhTk.clone(), dhTv.clone()
+        else:
+            dh0k = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
+            dh0v = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
+    else:
+        dh0k = dh0v = torch.empty(1, dtype=torch.float32, device=dev)
+    if T > 0:
+        ticket, flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
+        grid = (NCH * NT,) if chained else (NCH,)
+        _bwd_kernel[grid](z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu,
+                          seq_idx, ticket, flags, ws_agg, ws_inc, T, H, D, NDB, NT,
+                          *_strides4(z), *_strides4(k), *_strides4(v), *_strides4(ok),
+                          *_strides4(ov), *_strides4(dok), *_strides4(dov), *_strides4(dz),
+                          *_strides4(dk), *_strides4(dv), BT=BT, BD=BD, HAS_H0=has_h0,
+                          HAS_DFINAL=has_dfinal, VARLEN=cu_seqlens is not None, CHAINED=chained,
+                          WHILE_LOOP=_interpreting(), num_warps=warps)
+    if not has_h0:
+        dh0k = dh0v = None
+    return dz, dk, dv, dh0k, dh0v
+
+
+class MemoryScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, k, v, h0k, h0v, cu_seqlens, opts):
+        ok, ov, hTk, hTv, aux = scan_fwd(z, k, v, h0k, h0v, cu_seqlens, **opts)
+        ctx.save_for_backward(z, k, v, ok, ov)
+        ctx.aux, ctx.has_h0, ctx.cu_seqlens, ctx.opts = aux, h0k is not None, cu_seqlens, opts
+        ctx.set_materialize_grads(False)
+        return ok, ov, hTk, hTv
+
+    @staticmethod
+    def backward(ctx, dok, dov, dhTk, dhTv):
+        z, k, v, ok, ov = ctx.saved_tensors
+        dz, dk, dv, dh0k, dh0v = scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, ctx.has_h0,
+                                          ctx.aux, ctx.cu_seqlens, **ctx.opts)
+        return dz, dk, dv, dh0k, dh0v, None, None
+
+
+def memory_scan_fused(g_logits, k, v, initial_state: State | None = None, cu_seqlens=None,
+                      output_final_state: bool = False, **opts):
+    """Triton twin of ``memory_scan_torch`` (same arguments and returns); ``opts`` tune the
+    launch: BT, BD, num_warps, schedule ('auto' | 'loop' | 'chained'), chain_below."""
+    if g_logits.shape != k.shape or v.shape != k.shape or k.dim() != 4:
+        raise ValueError(f"g_logits, k and v must share one [batch, seq, heads, dim] shape, got "
+                         f"{tuple(g_logits.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    h0k, h0v = (None, None) if initial_state is None else initial_state
+    ok, ov, hTk, hTv = MemoryScanFunction.apply(g_logits, k, v, h0k, h0v, cu_seqlens, opts)
+    if output_final_state:
+        return ok, ov, (hTk, hTv)
+    return ok, ov
+
+
+def memory_scan_step_fused(g_logits, k, v, state: State):
+    """One decoding step (inputs [batch, heads, dim]); returns (k~_t, v~_t, (k_state, v_state))."""
+    B, H, D = k.shape
+    sk, sv = state
+    ok = torch.empty_like(k)
+    ov = torch.empty_like(v)
+    nk = torch.empty(B, H, D, dtype=torch.float32, device=k.device)
+    nv = torch.empty_like(nk)
+    BD = min(128, triton.next_power_of_2(D))
+    grid = (B * H, triton.cdiv(D, BD))
+    _step_kernel[grid](g_logits, k, v, sk, sv, ok, ov, nk, nv, H, D, *g_logits.stride(),
+                       *k.stride(), *v.stride(), *sk.stride(), *sv.stride(), *ok.stride(),
+                       *ov.stride(), BD=BD, num_warps=1)
+    return ok, ov, (nk, nv)

@@ -1,0 +1,242 @@
+"""The decaying-memory scan: Triton kernels (through TRITON_INTERPRET=1 on CPU) and the torch
+twin against the float64 sequential loop. Small shapes: the interpreter is slow."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest sets it too)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.memory_scan import memory_scan, memory_scan_step  # noqa: E402
+from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from kernels.memory_scan.fused import memory_scan_fused  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
+                                   reason="Triton needs CUDA or TRITON_INTERPRET=1")
+DEV = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+SCHEDULES = ["loop", "chained"]
+
+
+def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) * gate_scale + gate_shift
+    k = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    N = B if n_states is None else n_states
+    h0 = (torch.randn(N, H, D, generator=gen, dtype=torch.float64),
+          torch.randn(N, H, D, generator=gen, dtype=torch.float64))
+    return z, k, v, h0
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _check_fwd(out, ref, dtype):
+    for a, b in zip(out[:2], ref[:2]):
+        assert a.dtype == dtype
+        assert _rel(a, b) < TOL[dtype]
+    if len(ref) > 2:
+        for a, b in zip(out[2], ref[2]):
+            assert a.dtype == torch.float32
+            assert _rel(a, b) < TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch twin
+
+
+@pytest.mark.parametrize("cu", [None, [0, 4, 4, 11, 19]])
+def test_torch_twin_matches_loop(cu):
+    B = 2 if cu is None else 1
+    z, k, v, h0 = _inputs(B, 19, 2, 5, n_states=None if cu is None else len(cu) - 1)
+    cu_t = None if cu is None else torch.tensor(cu)
+    ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
+    out = memory_scan_torch(z.float(), k.float(), v.float(), tuple(s.float() for s in h0),
+                            cu_seqlens=cu_t, output_final_state=True)
+    _check_fwd(out, ref, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused forward
+
+
+@needs_kernels
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 37, 2, 8), (1, 1, 2, 8), (1, 40, 1, 24)])
+def test_fused_forward(shape, dtype, schedule):
+    B, T, H, D = shape
+    z, k, v, h0 = _inputs(*shape, seed=T)
+    x = [t.to(DEV, dtype) for t in (z, k, v)]
+    # fp16 inputs are rounded: the reference sees the same rounded values
+    ref = memory_scan_loop(*(t.double().cpu() for t in x), h0, output_final_state=True)
+    out = memory_scan_fused(*x, tuple(s.float().to(DEV) for s in h0), output_final_state=True,
+                            schedule=schedule, BT=16, BD=16)
+    _check_fwd(out, ref, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("gate_shift", [-12.0, 12.0])
+def test_fused_gates_near_0_and_1(gate_shift):
+    z, k, v, h0 = _inputs(2, 33, 2, 8, gate_shift=gate_shift, gate_scale=1.0)
+    ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
+    out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
+                            tuple(s.float().to(DEV) for s in h0), output_final_state=True,
+                            schedule="chained", BT=8, BD=8)
+    _check_fwd(out, ref, torch.float32)
+
+
+@needs_kernels
+def test_public_op_dispatch_and_no_state():
+    z, k, v, _ = _inputs(1, 20, 2, 8)
+    x = [t.float().to(DEV) for t in (z, k, v)]
+    ref = memory_scan_loop(z, k, v)
+    out = memory_scan(*x, backend="triton")
+    assert len(out) == 2
+    _check_fwd(out, ref, torch.float32)
+    out_t = memory_scan(*x, backend="torch")
+    _check_fwd(out_t, ref, torch.float32)
+    with pytest.raises(ValueError):
+        memory_scan(*x, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients against torch.autograd through the float64 loop
+
+
+def _grads_ref(z, k, v, h0, w, cu=None):
+    ins = [t.clone().requires_grad_() for t in (z, k, v, *h0)]
+    ok, ov, (fk, fv) = memory_scan_loop(*ins[:3], (ins[3], ins[4]), cu_seqlens=cu,
+                                        output_final_state=True)
+    loss = sum((a * b).sum() for a, b in zip((ok, ov, fk, fv), w))
+    return torch.autograd.grad(loss, ins)
+
+
+def _grads_fused(z, k, v, h0, w, dtype, cu=None, **opts):
+    ins = [t.to(DEV, dtype).requires_grad_() for t in (z, k, v)]
+    ins += [s.to(DEV, torch.float32).requires_grad_() for s in h0]
+    ok, ov, (fk, fv) = memory_scan_fused(*ins[:3], (ins[3], ins[4]), cu_seqlens=cu,
+                                         output_final_state=True, **opts)
+    loss = sum((a.float() * b.to(DEV, torch.float32)).sum() for a, b in zip((ok, ov, fk, fv), w))
+    return torch.autograd.grad(loss, ins)
+
+
+@needs_kernels
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_gradients(schedule, dtype):
+    shape = (2, 29, 2, 8)
+    z, k, v, h0 = _inputs(*shape, seed=3)
+    z, k, v = (t.to(dtype).double() for t in (z, k, v))
+    w = [torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64),
+         torch.randn(2, 2, 8, dtype=torch.float64), torch.randn(2, 2, 8, dtype=torch.float64)]
+    ref = _grads_ref(z, k, v, h0, w)
+    got = _grads_fused(z, k, v, h0, w, dtype, schedule=schedule, BT=8, BD=8)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # fp16 outputs feed the gate gradient
+    for a, b in zip(got, ref):
+        assert _rel(a, b) < tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_fused_cu_seqlens_resets_and_gradients(schedule):
+    cu = [0, 5, 5, 18, 19, 30]  # includes an empty and a length-1 sequence
+    N, T, H, D = len(cu) - 1, cu[-1], 2, 8
+    z, k, v, h0 = _inputs(1, T, H, D, n_states=N, seed=7)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
+    out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
+                            tuple(s.float().to(DEV) for s in h0), cu_seqlens=cu_t.to(DEV),
+                            output_final_state=True, schedule=schedule, BT=8, BD=8)
+    _check_fwd(out, ref, torch.float32)
+    # each packed sequence equals its own unpacked scan
+    for n, (s, e) in enumerate(zip(cu, cu[1:])):
+        if e > s:
+            own = memory_scan_loop(z[:, s:e], k[:, s:e], v[:, s:e], (h0[0][n:n + 1], h0[1][n:n + 1]))
+            assert _rel(out[0][:, s:e], own[0]) < 2e-5
+    w = [torch.randn(1, T, H, D, dtype=torch.float64), torch.randn(1, T, H, D, dtype=torch.float64),
+         torch.randn(N, H, D, dtype=torch.float64), torch.randn(N, H, D, dtype=torch.float64)]
+    ref_g = _grads_ref(z, k, v, h0, w, cu=cu_t)
+    got_g = _grads_fused(z, k, v, h0, w, torch.float32, cu=cu_t.to(DEV), schedule=schedule,
+                         BT=8, BD=8)
+    for a, b in zip(got_g, ref_g):
+        assert _rel(a, b) < 2e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# state handoff, layouts, decode
+
+
+@needs_kernels
+def test_state_handoff():
+    z, k, v, h0 = _inputs(2, 27, 2, 8, seed=11)
+    x = [t.float().to(DEV) for t in (z, k, v)]
+    s0 = tuple(s.float().to(DEV) for s in h0)
+    full = memory_scan_fused(*x, s0, output_final_state=True, BT=8, BD=8)
+    cut = 13
+    a = memory_scan_fused(*(t[:, :cut] for t in x), s0, output_final_state=True, BT=8, BD=8)
+    b = memory_scan_fused(*(t[:, cut:] for t in x), a[2], output_final_state=True, BT=8, BD=8)
+    torch.testing.assert_close(torch.cat([a[0], b[0]], 1), full[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([a[1], b[1]], 1), full[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[2][0], full[2][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[2][1], full[2][1], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_transposed_seq_first_views(schedule):
+    T, B, H, D = 21, 2, 2, 8
+    gen = torch.Generator().manual_seed(5)
+    # megatron's [seq, batch, heads, dim]; k and v are slices of one fused projection
+    qkv = torch.randn(T, B, H, 3 * D, generator=gen)
+    z_sb = torch.randn(T, B, H, D, generator=gen)
+    z, k, v = z_sb.transpose(0, 1), qkv[..., D:2 * D].transpose(0, 1), qkv[..., 2 * D:].transpose(0, 1)
+    assert not k.is_contiguous()
+    ref = memory_scan_loop(z.double(), k.double(), v.double())
+    leaves = [t.detach().clone().to(DEV).requires_grad_() for t in (z_sb, qkv)]
+    zz = leaves[0].transpose(0, 1)
+    kk = leaves[1][..., D:2 * D].transpose(0, 1)
+    vv = leaves[1][..., 2 * D:].transpose(0, 1)
+    out = memory_scan_fused(zz, kk, vv, schedule=schedule, BT=8, BD=8)
+    _check_fwd(out, ref, torch.float32)
+    assert out[0].transpose(0, 1).is_contiguous()  # seq-first in, seq-first out
+    (out[0].sum() + 2 * out[1].sum()).backward()
+    ref_in = [t.double().clone().requires_grad_() for t in (z, k, v)]
+    r = memory_scan_loop(*ref_in)
+    (r[0].sum() + 2 * r[1].sum()).backward()
+    assert _rel(leaves[0].grad.transpose(0, 1), ref_in[0].grad) < 2e-5
+    assert _rel(leaves[1].grad[..., D:2 * D].transpose(0, 1), ref_in[1].grad) < 2e-5
+    assert _rel(leaves[1].grad[..., 2 * D:].transpose(0, 1), ref_in[2].grad) < 2e-5
+    assert leaves[1].grad[..., :D].abs().max() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_step_matches_scan(dtype):
+    B, T, H, D = 2, 6, 2, 12
+    z, k, v, h0 = _inputs(B, T, H, D, seed=2)
+    x = [t.to(DEV, dtype) for t in (z, k, v)]
+    state = tuple(s.float().to(DEV) for s in h0)
+    full = memory_scan_fused(*x, state, output_final_state=True)
+    outs = []
+    for t in range(T):
+        ok, ov, state = memory_scan_step(x[0][:, t], x[1][:, t], x[2][:, t], state,
+                                         backend="triton")
+        assert ok.dtype == dtype and state[0].dtype == torch.float32
+        outs.append((ok, ov))
+    step_k = torch.stack([o[0] for o in outs], 1)
+    step_v = torch.stack([o[1] for o in outs], 1)
+    tol = TOL[dtype]
+    assert _rel(step_k, full[0]) < tol and _rel(step_v, full[1]) < tol
+    assert _rel(state[0], full[2][0]) < 1e-5 and _rel(state[1], full[2][1]) < 1e-5
+    # the torch twin's step agrees
+    tk, tv, ts = memory_scan_step(x[0][:, 0], x[1][:, 0], x[2][:, 0],
+                                  tuple(s.float().to(DEV) for s in h0), backend="torch")
+    assert _rel(outs[0][0], tk) < tol
