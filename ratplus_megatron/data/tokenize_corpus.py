@@ -214,10 +214,28 @@ def resolve_local_input(src: str) -> Optional[Tuple[str, List[str]]]:
     for f in files:
         if not os.access(f, os.R_OK):
             raise TokenizeError(f"--input {f}: file is not readable (permission denied)")
-    if all(os.path.getsize(f) == 0 for f in files):
+    if all(_is_blank(f) for f in files):
         what = files[0] if len(files) == 1 else f"{src} ({len(files)} files)"
-        raise TokenizeError(f"--input {what}: input is empty (0 bytes)")
+        raise TokenizeError(f"--input {what}: input is empty (no data, only whitespace or 0 bytes)")
     return next(iter(builders)), files
+
+
+def _is_blank(path: str, chunk: int = 1 << 16) -> bool:
+    """True when an uncompressed text file holds only whitespace (stops at the first other byte)."""
+    if os.path.getsize(path) == 0:
+        return True
+    if path.lower().endswith(_COMPRESSION) or _builder_for(path) == "parquet":
+        return False
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    return True
+                if block.strip():
+                    return False
+    except OSError as exc:
+        raise TokenizeError(f"--input {path}: cannot read file: {exc.strerror or exc}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +571,7 @@ def tokenize_corpus(args: argparse.Namespace) -> Dict[str, Any]:
                 total = n_rows
                 if total is not None and args.max_documents:
                     total = min(total, args.max_documents)
-                bar = tqdm(total=total, unit="doc", unit_scale=True, mininterval=1.0,
+                bar = tqdm(total=total, unit="doc", mininterval=1.0,
                            desc="tokenizing", dynamic_ncols=True, file=sys.stderr)
 
         inflight = max(2, 2 * args.workers)
