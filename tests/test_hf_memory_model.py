@@ -25,17 +25,21 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_l
 
 
 def make_model(seed=0, attn="sdpa", **overrides):
-    """A tiny memory model; gate weights drawn wide so that gates spread over (0, 1)."""
+    """A tiny memory model with O(1) activations and logits (the default init of std 0.02 makes every
+    logit nearly 0, which would hide mistakes), gates spread over (0, 1)."""
     torch.manual_seed(seed)
     config = Olmo2MemoryConfig(**{**TINY, **overrides})
     model = Olmo2MemoryForCausalLM(config).eval()
     model.set_attn_implementation(attn)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".g_proj." in name or ".og_proj." in name:
-                p.normal_(0.0, 0.5)
-            elif name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            else:  # linears: unit gain; gate logits get std ~2
+                gain = 2.0 if (".g_proj." in name or ".og_proj." in name) else 1.0
+                p.normal_(0.0, gain / math.sqrt(p.shape[-1]) if p.dim() == 2 else gain)
     return model
 
 
@@ -183,6 +187,15 @@ def test_model_with_fallback_scan_equals_kernels(monkeypatch):
                              output_logits=True)
     assert torch.equal(got.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=0, atol=1e-5)
+
+
+def test_training_loss_backward_reaches_gate():
+    model = make_model(memory_gate_bias=True).train()
+    ids = tokens(2, 8)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    gate = model.model.layers[0].self_attn.g_proj
+    assert torch.isfinite(loss) and gate.weight.grad.abs().sum() > 0 and gate.bias.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,6 +347,7 @@ def test_save_pretrained_loads_as_remote_code_in_clean_process(tmp_path):
     # in this process, through the registered Auto classes
     assert isinstance(AutoConfig.from_pretrained(tmp_path), Olmo2MemoryConfig)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is Olmo2MemoryForCausalLM
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, logits, rtol=0, atol=1e-6)
 

@@ -226,7 +226,8 @@ class Olmo2MemoryAttention(Olmo2Attention):
             key_states, value_states = key_states.masked_fill(pad, 0), value_states.masked_fill(pad, 0)
         if past_key_values is None:
             return memory_scan(g_logits, key_states, value_states)
-        if not isinstance(past_key_values, Olmo2MemoryCache):
+        # duck-typed: a copy of this file loaded as remote code has its own Olmo2MemoryCache class
+        if not hasattr(past_key_values, "get_memory_state"):
             raise TypeError(f"the memory model needs an Olmo2MemoryCache (it carries the recurrent state), "
                             f"got {type(past_key_values).__name__}")
         state = past_key_values.get_memory_state(self.layer_idx)
