@@ -362,3 +362,15 @@ def test_save_pretrained_loads_as_remote_code_in_clean_process(tmp_path):
     out = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(out["logits"], logits, rtol=0, atol=1e-5)
     assert torch.equal(out["seq"], seq)
+
+
+def test_olmo2_7b_shapes_on_meta_device():
+    config = Olmo2MemoryConfig(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                               rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                               pad_token_id=100277, eos_token_id=100257)
+    with torch.device("meta"):
+        model = Olmo2MemoryForCausalLM(config)
+    gates = {n: p.shape for n, p in model.named_parameters() if ".g_proj." in n}
+    assert len(gates) == 32 and gates["model.layers.31.self_attn.g_proj.weight"] == (4096, 4096)
+    assert sum(p.numel() for p in gates.values()) == 32 * 4096 ** 2  # 537M extra parameters

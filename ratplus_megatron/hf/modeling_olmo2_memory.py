@@ -20,6 +20,10 @@ to 0): the state passes through it unchanged. Left padding (batched `generate`),
 are therefore exact. Packed sequences (several documents in one row via `position_ids`) are not supported:
 the memory would run across document boundaries. A 4D `attention_mask` is used by the attention only.
 
+Not supported: StaticCache / `cache_implementation="static"` and hence compiled decoding (the attention
+raises a TypeError for a cache without the memory state), cropping the cache (assisted or speculative
+decoding: the recurrence cannot be rolled back), flash-attention varlen packing.
+
 The scan comes from our `kernels` package (Triton on CUDA, torch otherwise). When that package is not
 importable (this file copied next to a checkpoint and loaded with `trust_remote_code=True` elsewhere), the
 small torch scan below is used instead; it computes the same equations.
