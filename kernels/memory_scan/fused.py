@@ -164,7 +164,7 @@ def _lookback(flags, ws_agg, ws_inc, slot, NCH, lane, BD: tl.constexpr, c):
 
 
 @triton.jit
-def _fwd_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ticket, flags, ws_agg, ws_inc,
+def _fwd_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_agg, ws_inc,
                 T, H, D, NDB, NT,
                 szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                 sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
@@ -173,7 +173,7 @@ def _fwd_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ticket, flags,
                 WHILE_LOOP: tl.constexpr):
     if CHAINED:
         NCH = tl.num_programs(0) // NT
-        tid = tl.atomic_add(ticket, 1)
+        tid = tl.atomic_add(flags + NT * NCH * BD, 1)  # the ticket counter sits after the flags
         c = tid // NCH
         j = tid % NCH
     else:
@@ -318,7 +318,7 @@ def _bwd_loop_body(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr, dz_ptr
 
 @triton.jit
 def _bwd_kernel(z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
-                ticket, flags, ws_agg, ws_inc,
+                flags, ws_agg, ws_inc,
                 T, H, D, NDB, NT,
                 szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                 sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
@@ -329,7 +329,7 @@ def _bwd_kernel(z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, c
                 WHILE_LOOP: tl.constexpr):
     if CHAINED:
         NCH = tl.num_programs(0) // NT
-        tid = tl.atomic_add(ticket, 1)
+        tid = tl.atomic_add(flags + NT * NCH * BD, 1)  # the ticket counter sits after the flags
         co = tid // NCH
         j = tid % NCH
     else:
@@ -481,22 +481,31 @@ def _plan(batch: int, T: int, H: int, D: int, device, opts: dict):
     return BT, BD, NDB, NCH, NT, schedule == "chained", cfg["num_warps"]
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(device, dtype):
+    key = (str(device), dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _DUMMIES[key]
+
+
 def _workspace(device, chained: bool, NT: int, NCH: int, BD: int):
+    """(flags, ws_agg, ws_inc): per-lane status words with the ticket counter after them, and the
+    published aggregates / inclusive states. One memset per launch."""
     if not chained:
-        dummy_i = torch.zeros(1, dtype=torch.int32, device=device)
-        dummy_f = torch.empty(1, dtype=torch.float32, device=device)
-        return dummy_i, dummy_i, dummy_f, dummy_f
+        return _dummy(device, torch.int32), _dummy(device, torch.float32), _dummy(device, torch.float32)
     slots = NT * NCH * BD
-    ticket = torch.zeros(1, dtype=torch.int32, device=device)
-    flags = torch.zeros(slots, dtype=torch.int32, device=device)
+    flags = torch.zeros(slots + 1, dtype=torch.int32, device=device)
     ws_agg = torch.empty(3 * slots, dtype=torch.float32, device=device)
     ws_inc = torch.empty(2 * slots, dtype=torch.float32, device=device)
-    return ticket, flags, ws_agg, ws_inc
+    return flags, ws_agg, ws_inc
 
 
 def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
     if cu_seqlens is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        dummy = _dummy(device, torch.int32)
         return dummy, dummy, batch, None
     if batch != 1:
         raise ValueError(f"cu_seqlens needs batch size 1, got batch {batch}")
@@ -525,13 +534,15 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         h0v = h0v.to(device=dev, dtype=torch.float32).contiguous()
         hTk, hTv = h0k.clone(), h0v.clone()  # empty packed sequences hand h0 through
     else:
-        h0k = h0v = torch.empty(1, dtype=torch.float32, device=dev)
-        hTk = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
-        hTv = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
+        h0k = h0v = _dummy(dev, torch.float32)
+        # every final state is written by the kernel unless a packed sequence is empty
+        alloc = torch.zeros if (cu_seqlens is not None or T == 0) else torch.empty
+        hTk = alloc(N, H, D, dtype=torch.float32, device=dev)
+        hTv = alloc(N, H, D, dtype=torch.float32, device=dev)
     if T > 0:
-        ticket, flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
+        flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
         grid = (NCH * NT,) if chained else (NCH,)
-        _fwd_kernel[grid](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ticket, flags, ws_agg,
+        _fwd_kernel[grid](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_agg,
                           ws_inc, T, H, D, NDB, NT, *_strides4(z), *_strides4(k), *_strides4(v),
                           *_strides4(ok), *_strides4(ov), BT=BT, BD=BD, HAS_H0=has_h0,
                           STORE_FINAL=True, VARLEN=cu_seqlens is not None, CHAINED=chained,
@@ -553,7 +564,7 @@ def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None
         dhTk = (torch.zeros(N, H, D, device=dev) if dhTk is None else dhTk).float().contiguous()
         dhTv = (torch.zeros(N, H, D, device=dev) if dhTv is None else dhTv).float().contiguous()
     else:
-        dhTk = dhTv = torch.empty(1, dtype=torch.float32, device=dev)
+        dhTk = dhTv = _dummy(dev, torch.float32)
     dz = _empty_like_layout(z)
     dk = _empty_like_layout(k)
     dv = _empty_like_layout(v)
@@ -567,12 +578,12 @@ def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None
             dh0k = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
             dh0v = torch.zeros(N, H, D, dtype=torch.float32, device=dev)
     else:
-        dh0k = dh0v = torch.empty(1, dtype=torch.float32, device=dev)
+        dh0k = dh0v = _dummy(dev, torch.float32)
     if T > 0:
-        ticket, flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
+        flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
         grid = (NCH * NT,) if chained else (NCH,)
         _bwd_kernel[grid](z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu,
-                          seq_idx, ticket, flags, ws_agg, ws_inc, T, H, D, NDB, NT,
+                          seq_idx, flags, ws_agg, ws_inc, T, H, D, NDB, NT,
                           *_strides4(z), *_strides4(k), *_strides4(v), *_strides4(ok),
                           *_strides4(ov), *_strides4(dok), *_strides4(dov), *_strides4(dz),
                           *_strides4(dk), *_strides4(dv), BT=BT, BD=BD, HAS_H0=has_h0,
