@@ -21,6 +21,9 @@ if str(REPO) not in sys.path:  # a fresh clone without `pip install -e .`
 
 from ratplus_megatron.data.synthetic_corpus import generate_documents, write_corpus  # noqa: E402
 
+# megatron's IndexedDataset asks torch.distributed for a rank; there is deliberately none here
+pytestmark = pytest.mark.filterwarnings("ignore:Could not determine rank:UserWarning")
+
 TINY_TOKENIZER = REPO / "data_prep" / "assets" / "tiny-bpe"
 SCRIPT = "data_prep/tokenize.py"
 N_DOCS = 120
@@ -281,3 +284,29 @@ def test_synthetic_corpus_is_deterministic(tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "c.parquet").column("text").to_pylist() == docs == a[:7]
+
+
+def test_non_text_column_is_a_one_line_error(corpora, tmp_path, capsys):
+    from ratplus_megatron.data.tokenize_corpus import main
+
+    rc = main(["--input", str(corpora["jsonl"][0]), "--tokenizer", str(TINY_TOKENIZER),
+               "--output-prefix", str(tmp_path / "out" / "x"), "--text-key", "id", "--quiet"])
+    assert rc == 2
+    _assert_one_line_error(capsys.readouterr().err, "'id'", "not text", "--text-key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_tiny_tokenizer_is_reproducible(tmp_path, hf_tokenizer):
+    """data_prep/make_tiny_tokenizer.py rebuilds exactly the shipped data_prep/assets/tiny-bpe."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_tokenizer",
+                                                  REPO / "data_prep" / "make_tiny_tokenizer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.build(str(tmp_path / "tiny"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "tiny" / name).read_bytes() == (TINY_TOKENIZER / name).read_bytes(), name
+    assert len(hf_tokenizer) == 2048
+    assert hf_tokenizer.convert_ids_to_tokens([0, 1]) == ["<|endoftext|>", "<|pad|>"]
+    assert sum(f.stat().st_size for f in TINY_TOKENIZER.iterdir()) < 300 * 1024

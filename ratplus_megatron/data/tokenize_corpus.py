@@ -297,6 +297,15 @@ def _check_columns(ds, args: argparse.Namespace) -> Tuple[Any, Optional[int]]:
         avail = ", ".join(map(str, columns)) or "(none)"
         raise TokenizeError(f"--input {args.input}: text column '{args.text_key}' not found; "
                             f"available columns: {avail} (choose one with --text-key)")
+    features = getattr(ds, "features", None)
+    if features is not None and args.text_key in features:
+        feat = features[args.text_key]
+        dtype = getattr(feat, "dtype", None)
+        if dtype not in ("string", "large_string", "null"):
+            kind = dtype or type(feat).__name__
+            raise TokenizeError(f"--input {args.input}: column '{args.text_key}' holds {kind} values, "
+                                f"not text; choose the text column with --text-key "
+                                f"(columns: {', '.join(map(str, columns))})")
     n_rows = None
     if hasattr(ds, "__len__"):
         n_rows = len(ds)
