@@ -296,6 +296,20 @@ def test_non_text_column_is_a_one_line_error(corpora, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_tokenizer_without_eos_is_a_one_line_error(corpora, tmp_path, capsys):
+    from ratplus_megatron.data.tokenize_corpus import main
+
+    tok = _big_tokenizer(tmp_path / "noeos")
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+    args = ["--input", str(corpora["jsonl"][0]), "--tokenizer", str(tok),
+            "--output-prefix", str(tmp_path / "out" / "x"), "--quiet", "--max-documents", "2"]
+    assert main(args) == 2
+    _assert_one_line_error(capsys.readouterr().err, "no EOS", "--no-append-eos")
+    assert not (tmp_path / "out").exists()
+    assert main(args + ["--no-append-eos"]) == 0
+
+
 def test_shipped_tiny_tokenizer_is_reproducible(tmp_path, hf_tokenizer):
     """data_prep/make_tiny_tokenizer.py rebuilds exactly the shipped data_prep/assets/tiny-bpe."""
     import importlib.util

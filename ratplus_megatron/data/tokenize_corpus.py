@@ -485,7 +485,6 @@ def tokenize_corpus(args: argparse.Namespace) -> Dict[str, Any]:
 
     Raises TokenizeError for user errors; leaves no output files behind on any failure."""
     t0 = time.perf_counter()
-    _quiet_libraries()
 
     # 1. cheap checks: output location, input files
     prefix = os.path.abspath(os.path.expanduser(args.output_prefix))
@@ -689,6 +688,7 @@ def _error(msg: str) -> None:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 2 user error, 1 bug, 130/143 stop)."""
     args = parse_args(argv, prog)
+    _quiet_libraries()  # the command line shows our progress and errors, not library chatter
     try:
         s = tokenize_corpus(args)
     except TokenizeError as exc:
