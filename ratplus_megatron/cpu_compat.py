@@ -31,6 +31,51 @@ def _global_buffer_get_tensor_cpu(self, tensor_shape, dtype, name, mem_alloc_con
     return buf[:numel].view(*tensor_shape)
 
 
+def _patch_checkpoint_preload() -> None:
+    # dist_checkpointing.save copies tensors "to CPU" non-blocking, then torch.cuda.synchronize().
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    original = FileSystemWriterAsync.preload_tensors
+
+    def preload_tensors(write_buckets, non_blocking=True):
+        return original(write_buckets, non_blocking=False)
+
+    FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
+
+
+class _CudaOnCpu:
+    """torch.cuda as seen by one megatron module: current_device() is the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+
+class _TorchOnCpu:
+    """The ``torch`` name inside one megatron module, with ``cuda`` redirected (see _CudaOnCpu)."""
+
+    cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+# Modules that allocate on torch.cuda.current_device(): the checkpoint save's failure flag, and
+# the TP gather/scatter buffers. Inside them `torch` is swapped for _TorchOnCpu.
+_CURRENT_DEVICE_MODULES = ("megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                           "megatron.core.tensor_parallel.mappings")
+
+
+def _redirect_current_device() -> None:
+    import importlib
+
+    for name in _CURRENT_DEVICE_MODULES:
+        importlib.import_module(name).torch = _TorchOnCpu()
+
+
 def apply() -> None:
     """Patch megatron-core for CPU; idempotent, and refuses to run when CUDA is available."""
     global _applied
@@ -43,6 +88,8 @@ def apply() -> None:
 
     RotaryEmbedding.get_emb = _rope_get_emb_on_input_device
     utils.GlobalMemoryBuffer.get_tensor = _global_buffer_get_tensor_cpu
+    _patch_checkpoint_preload()
+    _redirect_current_device()
     _applied = True
 
 

@@ -1,0 +1,60 @@
+"""TP=2 (torchrun, gloo) against TP=1, memory on and off, through a TP=1 dist checkpoint.
+
+The TP=1 model saves a megatron dist checkpoint; two torchrun ranks load it at TP=2 (resharding)
+and must reproduce the TP=1 logits and every parameter's gradient.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from ratplus_megatron.convert.mapping import hf_to_mcore
+from reference_olmo2 import random_hf_weights
+from tp_common import build, full_gradients, logits_and_grads, model_config
+
+pytestmark = [pytest.mark.usefixtures("megatron_single_process"), pytest.mark.slow]
+
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=4, head_dim=16,
+             ffn_hidden_size=96, vocab_size=128, max_position_embeddings=64, rope_theta=10000.0)
+
+
+@pytest.mark.parametrize("memory", [dict(enabled=False), dict(enabled=True, gate_bias=True),
+                                    dict(enabled=True, output_gate=True)],
+                         ids=["attention", "memory", "memory+output-gate"])
+def test_tp2_matches_tp1_via_checkpoint(tmp_path, memory):
+    model = prepare_case(tmp_path, memory)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(REPO / "tests" / "tp_worker.py"), str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["logits_err"] < 1e-5, result
+    assert set(result["grad_err"]) == {n for n, _ in model.named_parameters()}
+    bad = {n: e for n, e in result["grad_err"].items() if e > 1e-5}
+    assert not bad, bad
+
+
+def prepare_case(tmp_path, memory):
+    """TP=1 model from random weights: its logits, gradients and a dist checkpoint, for the workers."""
+    from megatron.core import dist_checkpointing
+
+    case = {"model": MODEL, "memory": memory, "tp": 1}
+    cfg = model_config(case)
+    model = build(case)
+    model.load_state_dict(dict(hf_to_mcore(random_hf_weights(cfg, seed=5), cfg)), strict=False)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=gen)
+    proj = torch.randn(2, 21, cfg.vocab_size, generator=gen, dtype=torch.float64)
+    logits = logits_and_grads(model, ids, proj)
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"))
+    torch.save({"ids": ids, "proj": proj, "logits": logits, "grads": full_gradients(model)},
+               tmp_path / "ref.pt")
+    (tmp_path / "case.json").write_text(json.dumps({**case, "tp": 2}))
+    return model
