@@ -441,7 +441,9 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 # --------------------------------------------------------------------------------------------
 # launchers
 
-_DEFAULTS = {"BT": 64, "BD": 32, "num_warps": 4, "schedule": "auto", "chain_below": 4}
+_DEFAULTS = {"kernel": "rows", "schedule": "auto", "chain_below": 16}
+_KERNEL_DEFAULTS = {"rows": {"BT": 16, "BD": 32, "num_warps": 1},
+                    "scan": {"BT": 64, "BD": 32, "num_warps": 4}}
 
 
 def _interpreting() -> bool:
@@ -467,7 +469,11 @@ def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
 
 
 def _plan(batch: int, T: int, H: int, D: int, device, opts: dict):
-    cfg = {**_DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
+    given = {k: v for k, v in opts.items() if v is not None}
+    kernel = given.get("kernel", _DEFAULTS["kernel"])
+    if kernel not in _KERNEL_DEFAULTS:
+        raise ValueError(f"kernel must be one of {tuple(_KERNEL_DEFAULTS)}, got {kernel!r}")
+    cfg = {**_DEFAULTS, **_KERNEL_DEFAULTS[kernel], **given}
     BD = min(cfg["BD"], triton.next_power_of_2(D))
     BT = cfg["BT"]
     NDB = triton.cdiv(D, BD)
@@ -478,7 +484,7 @@ def _plan(batch: int, T: int, H: int, D: int, device, opts: dict):
         schedule = "chained" if (NT > 1 and NCH < cfg["chain_below"] * _num_sms(device)) else "loop"
     if NT == 1:
         schedule = "loop"
-    return BT, BD, NDB, NCH, NT, schedule == "chained", cfg["num_warps"]
+    return BT, BD, NDB, NCH, NT, schedule == "chained", cfg["num_warps"], kernel == "rows"
 
 
 _DUMMIES: dict = {}
@@ -525,7 +531,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     B, T, H, D = k.shape
     dev = k.device
     cu, seq_idx, N, empty = _varlen_index(cu_seqlens, B, T, dev)
-    BT, BD, NDB, NCH, NT, chained, warps = _plan(B, T, H, D, dev, opts)
+    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts)
     ok = _empty_like_layout(k)
     ov = _empty_like_layout(v)
     has_h0 = h0k is not None
@@ -542,7 +548,8 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     if T > 0:
         flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
         grid = (NCH * NT,) if chained else (NCH,)
-        _fwd_kernel[grid](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_agg,
+        kern = _fwd_rows_kernel if rows else _fwd_kernel
+        kern[grid](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_agg,
                           ws_inc, T, H, D, NDB, NT, *_strides4(z), *_strides4(k), *_strides4(v),
                           *_strides4(ok), *_strides4(ov), BT=BT, BD=BD, HAS_H0=has_h0,
                           STORE_FINAL=True, VARLEN=cu_seqlens is not None, CHAINED=chained,
@@ -554,7 +561,7 @@ def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None
     B, T, H, D = k.shape
     dev = k.device
     cu, seq_idx, N, empty = aux
-    BT, BD, NDB, NCH, NT, chained, warps = _plan(B, T, H, D, dev, opts)
+    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts)
     if dok is None:
         dok = torch.zeros((), dtype=k.dtype, device=dev).expand(k.shape)
     if dov is None:
@@ -582,7 +589,8 @@ def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None
     if T > 0:
         flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
         grid = (NCH * NT,) if chained else (NCH,)
-        _bwd_kernel[grid](z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu,
+        kern = _bwd_rows_kernel if rows else _bwd_kernel
+        kern[grid](z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu,
                           seq_idx, flags, ws_agg, ws_inc, T, H, D, NDB, NT,
                           *_strides4(z), *_strides4(k), *_strides4(v), *_strides4(ok),
                           *_strides4(ov), *_strides4(dok), *_strides4(dov), *_strides4(dz),
@@ -614,7 +622,8 @@ class MemoryScanFunction(torch.autograd.Function):
 def memory_scan_fused(g_logits, k, v, initial_state: State | None = None, cu_seqlens=None,
                       output_final_state: bool = False, **opts):
     """Triton twin of ``memory_scan_torch`` (same arguments and returns); ``opts`` tune the
-    launch: BT, BD, num_warps, schedule ('auto' | 'loop' | 'chained'), chain_below."""
+    launch: kernel ('rows' | 'scan'), BT, BD, num_warps, schedule ('auto' | 'loop' | 'chained'),
+    chain_below."""
     if g_logits.shape != k.shape or v.shape != k.shape or k.dim() != 4:
         raise ValueError(f"g_logits, k and v must share one [batch, seq, heads, dim] shape, got "
                          f"{tuple(g_logits.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -639,3 +648,295 @@ def memory_scan_step_fused(g_logits, k, v, state: State):
                        *k.stride(), *v.stride(), *sk.stride(), *sv.stride(), *ok.stride(),
                        *ov.stride(), BD=BD, num_warps=1)
     return ok, ov, (nk, nv)
+
+
+# --------------------------------------------------------------------------------------------
+# "rows" kernels: the same two schedules, but each thread owns whole channels and walks the
+# tile's rows one after another (unrolled), so the recurrence is a plain FMA chain in registers:
+# no cross-thread scan, no shuffles, no shared memory. The chained schedule reads a tile twice
+# (aggregate pass, then output pass once the carry is known); the second read hits L1/L2.
+
+
+@triton.jit
+def _sig2(zl):
+    """(sigmoid(z), 1 - sigmoid(z)) with one exp and one reciprocal, both accurate."""
+    e = tl.exp(-tl.abs(zl))
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    pos = zl >= 0
+    return tl.where(pos, r, er), tl.where(pos, er, r)
+
+
+@triton.jit
+def _scalar_row_info(cu, seq_idx, t, b, T, VARLEN: tl.constexpr):
+    if VARLEN:
+        tt = tl.minimum(t, T - 1)
+        n = tl.load(seq_idx + tt)
+        s = tl.load(cu + n)
+        e = tl.load(cu + n + 1)
+        return n, (t == s) & (t < T), (t == e - 1) & (t < T)
+    else:
+        return b, t == 0, t == T - 1
+
+
+@triton.jit
+def _fwd_row(z_ptr, k_ptr, v_ptr, szt, szd, skt, skd, svt, svd, h0k, h0v, cu, seq_idx,
+             t, b, hh, H, T, D, d, dm, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Coefficients of one row: h_t = a h_{t-1} + (bk | bv); identity past the end."""
+    t64 = t.to(tl.int64)
+    valid = t < T
+    m = dm & valid
+    zl = tl.load(z_ptr + t64 * szt + d * szd, mask=m, other=0.).to(tl.float32)
+    kx = tl.load(k_ptr + t64 * skt + d * skd, mask=m, other=0.).to(tl.float32)
+    vx = tl.load(v_ptr + t64 * svt + d * svd, mask=m, other=0.).to(tl.float32)
+    g, omg = _sig2(zl)
+    n, is_start, is_end = _scalar_row_info(cu, seq_idx, t, b, T, VARLEN)
+    bk = omg * kx
+    bv = omg * vx
+    if HAS_H0:
+        sidx = (n * H + hh).to(tl.int64) * D + d
+        bk += g * tl.load(h0k + sidx, mask=m & is_start, other=0.)
+        bv += g * tl.load(h0v + sidx, mask=m & is_start, other=0.)
+    a = tl.where(is_start, 0., g)
+    a = tl.where(valid, a, 1.)
+    return a, bk, bv, n, is_end, t64, m
+
+
+@triton.jit
+def _fwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd, svt, svd,
+                  sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D,
+                  d, dm, hk, hv, BT: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    for i in tl.static_range(BT):
+        a, bk, bv, n, is_end, t64, m = _fwd_row(z_ptr, k_ptr, v_ptr, szt, szd, skt, skd, svt,
+                                                 svd, h0k, h0v, cu, seq_idx, c * BT + i, b, hh,
+                                                 H, T, D, d, dm, HAS_H0, VARLEN)
+        hk = a * hk + bk
+        hv = a * hv + bv
+        tl.store(ok_ptr + t64 * sokt + d * sokd, hk.to(ok_ptr.dtype.element_ty), mask=m)
+        tl.store(ov_ptr + t64 * sovt + d * sovd, hv.to(ov_ptr.dtype.element_ty), mask=m)
+        sidx = (n * H + hh).to(tl.int64) * D + d
+        tl.store(hTk + sidx, hk, mask=m & is_end)
+        tl.store(hTv + sidx, hv, mask=m & is_end)
+    return hk, hv
+
+
+@triton.jit
+def _fwd_rows_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_agg, ws_inc,
+                     T, H, D, NDB, NT,
+                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                     BT: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr,
+                     STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, CHAINED: tl.constexpr,
+                     WHILE_LOOP: tl.constexpr):
+    if CHAINED:
+        NCH = tl.num_programs(0) // NT
+        tid = tl.atomic_add(flags + NT * NCH * BD, 1)
+        c = tid // NCH
+        j = tid % NCH
+    else:
+        NCH = tl.num_programs(0)
+        c = 0
+        j = tl.program_id(0)
+    db = j % NDB
+    bh = j // NDB
+    b = bh // H
+    hh = bh % H
+    lane = tl.arange(0, BD)
+    d = db * BD + lane
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hh.to(tl.int64)
+    z_ptr = z + b64 * szb + h64 * szh
+    k_ptr = k + b64 * skb + h64 * skh
+    v_ptr = v + b64 * svb + h64 * svh
+    ok_ptr = ok + b64 * sokb + h64 * sokh
+    ov_ptr = ov + b64 * sovb + h64 * sovh
+    if CHAINED:
+        sk = tl.zeros([BD], tl.float32)
+        sv = tl.zeros([BD], tl.float32)
+        ps = tid.to(tl.int64) * BD + lane
+        if c > 0:
+            A = tl.full([BD], 1.0, tl.float32)
+            Bk = tl.zeros([BD], tl.float32)
+            Bv = tl.zeros([BD], tl.float32)
+            for i in tl.static_range(BT):
+                a, bk, bv, n, is_end, t64, m = _fwd_row(z_ptr, k_ptr, v_ptr, szt, szd, skt, skd,
+                                                         svt, svd, h0k, h0v, cu, seq_idx,
+                                                         c * BT + i, b, hh, H, T, D, d, dm,
+                                                         HAS_H0, VARLEN)
+                A = a * A
+                Bk = a * Bk + bk
+                Bv = a * Bv + bv
+            tl.store(ws_agg + 3 * ps, A)
+            tl.store(ws_agg + 3 * ps + 1, Bk)
+            tl.store(ws_agg + 3 * ps + 2, Bv)
+            tl.atomic_xchg(flags + ps, 1, sem="release")
+            sk, sv = _lookback(flags, ws_agg, ws_inc, tid, NCH, lane, BD, c)
+        hk, hv = _fwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd, svt, svd,
+                               sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh,
+                               H, T, D, d, dm, sk, sv, BT, HAS_H0, VARLEN)
+        if c < NT - 1:
+            tl.store(ws_inc + 2 * ps, hk)
+            tl.store(ws_inc + 2 * ps + 1, hv)
+            tl.atomic_xchg(flags + ps, 2, sem="release")
+    else:
+        hk = tl.zeros([BD], tl.float32)
+        hv = tl.zeros([BD], tl.float32)
+        if WHILE_LOOP:
+            c = 0
+            while c < NT:
+                hk, hv = _fwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd,
+                                       svt, svd, sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu,
+                                       seq_idx, c, b, hh, H, T, D, d, dm, hk, hv, BT, HAS_H0,
+                                       VARLEN)
+                c += 1
+        else:
+            for c in range(0, NT):
+                hk, hv = _fwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, szt, szd, skt, skd,
+                                       svt, svd, sokt, sokd, sovt, sovd, h0k, h0v, hTk, hTv, cu,
+                                       seq_idx, c, b, hh, H, T, D, d, dm, hk, hv, BT, HAS_H0,
+                                       VARLEN)
+
+
+@triton.jit
+def _bwd_row_coef(z_ptr, dok_ptr, dov_ptr, szt, szd, sdkt, sdkd, sdvt, sdvd, dhTk, dhTv, cu,
+                  seq_idx, t, b, hh, H, T, D, d, dm, HAS_DFINAL: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    """delta_t = dh_t + u (u: what flows in from t+1); u_out = m_t g_t delta_t, m_t = 0 at starts."""
+    t64 = t.to(tl.int64)
+    valid = t < T
+    m = dm & valid
+    zl = tl.load(z_ptr + t64 * szt + d * szd, mask=m, other=0.).to(tl.float32)
+    dhk = tl.load(dok_ptr + t64 * sdkt + d * sdkd, mask=m, other=0.).to(tl.float32)
+    dhv = tl.load(dov_ptr + t64 * sdvt + d * sdvd, mask=m, other=0.).to(tl.float32)
+    g, omg = _sig2(zl)
+    n, is_start, is_end = _scalar_row_info(cu, seq_idx, t, b, T, VARLEN)
+    if HAS_DFINAL:
+        sidx = (n * H + hh).to(tl.int64) * D + d
+        dhk += tl.load(dhTk + sidx, mask=m & is_end, other=0.)
+        dhv += tl.load(dhTv + sidx, mask=m & is_end, other=0.)
+    a = tl.where(is_start, 0., g)
+    a = tl.where(valid, a, 1.)
+    return a, dhk, dhv, g, omg, n, is_start, t64, m, valid
+
+
+@triton.jit
+def _bwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr, dz_ptr, dk_ptr, dv_ptr,
+                  szt, szd, skt, skd, svt, svd, sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd,
+                  sgzt, sgzd, sgkt, sgkd, sgvt, sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
+                  c, b, hh, H, T, D, d, dm, uk, uv, BT: tl.constexpr, HAS_H0: tl.constexpr,
+                  HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr):
+    for i in tl.static_range(BT):
+        t = c * BT + (BT - 1 - i)
+        a, dhk, dhv, g, omg, n, is_start, t64, m, valid = _bwd_row_coef(
+            z_ptr, dok_ptr, dov_ptr, szt, szd, sdkt, sdkd, sdvt, sdvd, dhTk, dhTv, cu, seq_idx,
+            t, b, hh, H, T, D, d, dm, HAS_DFINAL, VARLEN)
+        delk = dhk + uk
+        delv = dhv + uv
+        kx = tl.load(k_ptr + t64 * skt + d * skd, mask=m, other=0.).to(tl.float32)
+        vx = tl.load(v_ptr + t64 * svt + d * svd, mask=m, other=0.).to(tl.float32)
+        hk = tl.load(ok_ptr + t64 * sokt + d * sokd, mask=m, other=0.).to(tl.float32)
+        hv = tl.load(ov_ptr + t64 * sovt + d * sovd, mask=m, other=0.).to(tl.float32)
+        dz = omg * (delk * (hk - kx) + delv * (hv - vx))
+        tl.store(dz_ptr + t64 * sgzt + d * sgzd, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(dk_ptr + t64 * sgkt + d * sgkd, (omg * delk).to(dk_ptr.dtype.element_ty), mask=m)
+        tl.store(dv_ptr + t64 * sgvt + d * sgvd, (omg * delv).to(dv_ptr.dtype.element_ty), mask=m)
+        if HAS_H0:
+            sidx = (n * H + hh).to(tl.int64) * D + d
+            tl.store(dh0k + sidx, g * delk, mask=m & is_start)
+            tl.store(dh0v + sidx, g * delv, mask=m & is_start)
+        uk = tl.where(valid, a * delk, uk)
+        uv = tl.where(valid, a * delv, uv)
+    return uk, uv
+
+
+@triton.jit
+def _bwd_rows_kernel(z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
+                     flags, ws_agg, ws_inc,
+                     T, H, D, NDB, NT,
+                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
+                     sgzb, sgzt, sgzh, sgzd, sgkb, sgkt, sgkh, sgkd, sgvb, sgvt, sgvh, sgvd,
+                     BT: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr,
+                     HAS_DFINAL: tl.constexpr, VARLEN: tl.constexpr, CHAINED: tl.constexpr,
+                     WHILE_LOOP: tl.constexpr):
+    if CHAINED:
+        NCH = tl.num_programs(0) // NT
+        tid = tl.atomic_add(flags + NT * NCH * BD, 1)
+        co = tid // NCH
+        j = tid % NCH
+    else:
+        NCH = tl.num_programs(0)
+        co = 0
+        j = tl.program_id(0)
+    db = j % NDB
+    bh = j // NDB
+    b = bh // H
+    hh = bh % H
+    lane = tl.arange(0, BD)
+    d = db * BD + lane
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hh.to(tl.int64)
+    z_ptr = z + b64 * szb + h64 * szh
+    k_ptr = k + b64 * skb + h64 * skh
+    v_ptr = v + b64 * svb + h64 * svh
+    ok_ptr = ok + b64 * sokb + h64 * sokh
+    ov_ptr = ov + b64 * sovb + h64 * sovh
+    dok_ptr = dok + b64 * sdkb + h64 * sdkh
+    dov_ptr = dov + b64 * sdvb + h64 * sdvh
+    dz_ptr = dz + b64 * sgzb + h64 * sgzh
+    dk_ptr = dk + b64 * sgkb + h64 * sgkh
+    dv_ptr = dv + b64 * sgvb + h64 * sgvh
+    if CHAINED:
+        c = NT - 1 - co
+        uk = tl.zeros([BD], tl.float32)
+        uv = tl.zeros([BD], tl.float32)
+        ps = tid.to(tl.int64) * BD + lane
+        if co > 0:
+            A = tl.full([BD], 1.0, tl.float32)
+            Bk = tl.zeros([BD], tl.float32)
+            Bv = tl.zeros([BD], tl.float32)
+            for i in tl.static_range(BT):
+                a, dhk, dhv, g, omg, n, is_start, t64, m, valid = _bwd_row_coef(
+                    z_ptr, dok_ptr, dov_ptr, szt, szd, sdkt, sdkd, sdvt, sdvd, dhTk, dhTv, cu,
+                    seq_idx, c * BT + (BT - 1 - i), b, hh, H, T, D, d, dm, HAS_DFINAL, VARLEN)
+                Bk = tl.where(valid, a * (Bk + dhk), Bk)
+                Bv = tl.where(valid, a * (Bv + dhv), Bv)
+                A = a * A
+            tl.store(ws_agg + 3 * ps, A)
+            tl.store(ws_agg + 3 * ps + 1, Bk)
+            tl.store(ws_agg + 3 * ps + 2, Bv)
+            tl.atomic_xchg(flags + ps, 1, sem="release")
+            uk, uv = _lookback(flags, ws_agg, ws_inc, tid, NCH, lane, BD, co)
+        uk, uv = _bwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr, dz_ptr,
+                               dk_ptr, dv_ptr, szt, szd, skt, skd, svt, svd, sokt, sokd, sovt,
+                               sovd, sdkt, sdkd, sdvt, sdvd, sgzt, sgzd, sgkt, sgkd, sgvt, sgvd,
+                               dhTk, dhTv, dh0k, dh0v, cu, seq_idx, c, b, hh, H, T, D, d, dm,
+                               uk, uv, BT, HAS_H0, HAS_DFINAL, VARLEN)
+        if co < NT - 1:
+            tl.store(ws_inc + 2 * ps, uk)
+            tl.store(ws_inc + 2 * ps + 1, uv)
+            tl.atomic_xchg(flags + ps, 2, sem="release")
+    else:
+        uk = tl.zeros([BD], tl.float32)
+        uv = tl.zeros([BD], tl.float32)
+        if WHILE_LOOP:
+            c = NT - 1
+            while c >= 0:
+                uk, uv = _bwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr,
+                                       dz_ptr, dk_ptr, dv_ptr, szt, szd, skt, skd, svt, svd,
+                                       sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd, sgzt, sgzd,
+                                       sgkt, sgkd, sgvt, sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
+                                       c, b, hh, H, T, D, d, dm, uk, uv, BT, HAS_H0, HAS_DFINAL,
+                                       VARLEN)
+                c -= 1
+        else:
+            for co in range(0, NT):
+                uk, uv = _bwd_rows_out(z_ptr, k_ptr, v_ptr, ok_ptr, ov_ptr, dok_ptr, dov_ptr,
+                                       dz_ptr, dk_ptr, dv_ptr, szt, szd, skt, skd, svt, svd,
+                                       sokt, sokd, sovt, sovd, sdkt, sdkd, sdvt, sdvd, sgzt, sgzd,
+                                       sgkt, sgkd, sgvt, sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
+                                       NT - 1 - co, b, hh, H, T, D, d, dm, uk, uv, BT, HAS_H0,
+                                       HAS_DFINAL, VARLEN)
