@@ -1,0 +1,111 @@
+"""Sparse-attention ops for query-aware KV sparsity (Quest, MoBA, SnapKV, RAT+ dilated).
+
+Each public op has a Triton kernel (triton_ops.py) and a torch twin (naive.py). ``backend``:
+"auto" (default) takes Triton for CUDA tensors and the torch twin otherwise; "triton" forces the
+kernel (on CPU only under TRITON_INTERPRET=1, for tests); "torch" forces the twin.
+
+Layout [batch, heads, seq, dim]; K/V with Hkv heads, queries with Hq = G * Hkv heads (query head
+h reads KV head h // G). Scores and softmax in fp32, outputs in the input dtype, ``scale``
+defaults to dim ** -0.5. Conventions (seq_len, -1 padding, empty pages) are in naive.py.
+"""
+from __future__ import annotations
+
+from . import naive
+from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
+
+__all__ = ["page_minmax", "quest_scores", "block_means", "moba_gate_topk", "block_sparse_decode",
+           "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
+           "block_sparse_mask", "dilated_mask"]
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(backend: str, *tensors) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    if not all(t.is_cuda for t in tensors if t is not None and hasattr(t, "is_cuda")):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ops():
+    from . import triton_ops
+    return triton_ops
+
+
+def page_minmax(k, page_size, seq_len=None, backend: str = "auto"):
+    """k [B, Hkv, T, D] -> (kmin, kmax), each [B, Hkv, ceil(T/page), D] in k's dtype."""
+    if _use_triton(backend, k):
+        return _ops().page_minmax(k, page_size, seq_len)
+    return naive.page_minmax_torch(k, page_size, seq_len)
+
+
+def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, backend: str = "auto"):
+    """q [B, Hq, D] -> [B, Hq, P] fp32: sum_d max(q_d kmax_d, q_d kmin_d).
+
+    Optional ``seq_len`` (with ``page_size``) sets pages at or beyond seq_len to -inf.
+    """
+    if _use_triton(backend, q, kmin, kmax):
+        return _ops().quest_scores(q, kmin, kmax, seq_len, page_size)
+    return naive.quest_scores_torch(q, kmin, kmax, seq_len, page_size)
+
+
+def block_means(k, block_size, seq_len=None, backend: str = "auto"):
+    """k [B, Hkv, T, D] -> [B, Hkv, ceil(T/block), D] fp32 mean of each block's valid keys."""
+    if _use_triton(backend, k):
+        return _ops().block_means(k, block_size, seq_len)
+    return naive.block_means_torch(k, block_size, seq_len)
+
+
+def moba_gate_topk(q, kmeans, block_size, topk, q_pos, backend: str = "auto"):
+    """q [B, Hq, Tq, D] at positions q_pos ([Tq] or [B, Tq]) -> idx [B, Hq, Tq, topk] int32.
+
+    The query's own block is always selected and counts toward topk; the others are the top
+    (topk-1) strictly-past blocks by <q, mean_k>; valid entries ascending, then -1 padding.
+    """
+    if _use_triton(backend, q, kmeans):
+        return _ops().moba_gate_topk(q, kmeans, block_size, topk, q_pos)
+    return naive.moba_gate_topk_torch(q, kmeans, block_size, topk, q_pos)
+
+
+def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None,
+                        backend: str = "auto"):
+    """One query per row (q [B, Hq, D]) over the selected blocks of the cache (k/v [B, Hkv, T, D]).
+
+    block_idx [B, Hsel, NSEL] int32, -1 padded; Hsel == Hkv (per KV head, shared by the group) or
+    Hsel == Hq (per query head). Tokens >= seq_len are masked. Returns [B, Hq, D].
+    """
+    if _use_triton(backend, q, k, v):
+        return _ops().block_sparse_decode(q, k, v, block_idx, block_size, seq_len, scale)
+    return naive.block_sparse_decode_torch(q, k, v, block_idx, block_size, seq_len, scale)
+
+
+def moba_prefill(q, k, v, block_size, topk, scale=None, backend: str = "auto"):
+    """Causal MoBA attention over a prompt (q/k/v on the same T positions) -> [B, Hq, T, D]."""
+    if _use_triton(backend, q, k, v):
+        return _ops().moba_prefill(q, k, v, block_size, topk, scale)
+    return naive.moba_prefill_torch(q, k, v, block_size, topk, scale)
+
+
+def snapkv_votes(q_win, k, scale=None, window_causal=True, backend: str = "auto"):
+    """q_win [B, Hq, W, D] (the last W prompt queries) -> votes [B, Hq, T] fp32."""
+    if _use_triton(backend, q_win, k):
+        return _ops().snapkv_votes(q_win, k, scale, window_causal)
+    return naive.snapkv_votes_torch(q_win, k, scale, window_causal)
+
+
+def dilated_decode(q, k, v, chunk, window, prefix, seq_len=None, scale=None,
+                   backend: str = "auto"):
+    """RAT+ dilated decoding: query at t = seq_len-1 attends j <= t with t - j <= window, or
+    j < prefix, or (j + 1) % chunk == 0. chunk=1 is dense. Returns [B, Hq, D]."""
+    if _use_triton(backend, q, k, v):
+        return _ops().dilated_decode(q, k, v, chunk, window, prefix, seq_len, scale)
+    return naive.dilated_decode_torch(q, k, v, chunk, window, prefix, seq_len, scale)

@@ -1,0 +1,271 @@
+"""Torch twins of the sparse-attention kernels (readable, CPU-friendly, the tests' references).
+
+Layout: HF's [batch, heads, seq, dim]. K/V have Hkv heads, queries Hq = G * Hkv heads; query
+head h reads KV head h // G. Scores and softmax in fp32; outputs in the input dtype.
+
+Conventions shared with the Triton kernels (kernels/sparse/triton_ops.py):
+* ``seq_len`` [B] (int) gives each row's valid length; positions >= seq_len are ignored. For a
+  decoding query the query sits at position seq_len - 1 and its own key is already in the cache.
+* Empty pages / blocks (entirely at or beyond seq_len) get zeros in page_minmax / block_means;
+  ``quest_scores(..., seq_len=, page_size=)`` gives them -inf so they are never picked.
+* Index lists (block_idx, moba_gate_topk's output) are int32, valid entries ascending first,
+  -1 padding last. -1 entries are skipped; duplicate entries would be counted twice (do not
+  pass duplicates).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _seq_len(seq_len, B, T, device):
+    if seq_len is None:
+        return torch.full((B,), T, dtype=torch.long, device=device)
+    if not torch.is_tensor(seq_len):
+        seq_len = torch.as_tensor(seq_len)
+    seq_len = seq_len.to(device=device, dtype=torch.long).reshape(-1)
+    if seq_len.numel() == 1 and B > 1:
+        seq_len = seq_len.expand(B)
+    return seq_len
+
+
+def _group(Hq, Hkv):
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
+    return Hq // Hkv
+
+
+def _expand_kv(x, G):
+    """[B, Hkv, ...] -> [B, Hkv*G, ...] (query head h reads KV head h // G)."""
+    return x if G == 1 else x.repeat_interleave(G, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# metadata: Quest page min/max, MoBA block means
+
+
+def page_minmax_torch(k, page_size, seq_len=None):
+    B, H, T, D = k.shape
+    P = math.ceil(T / page_size)
+    sl = _seq_len(seq_len, B, T, k.device)
+    pad = P * page_size - T
+    kf = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, H, P, page_size, D)
+    pos = torch.arange(P * page_size, device=k.device).view(P, page_size)
+    valid = (pos[None] < sl[:, None, None])[:, None, :, :, None]  # [B,1,P,page,1]
+    kmin = torch.where(valid, kf, torch.full_like(kf, float("inf"))).amin(3)
+    kmax = torch.where(valid, kf, torch.full_like(kf, NEG_INF)).amax(3)
+    empty = ~valid.any(3)  # [B,1,P,1]
+    kmin = torch.where(empty, torch.zeros_like(kmin), kmin)
+    kmax = torch.where(empty, torch.zeros_like(kmax), kmax)
+    return kmin, kmax
+
+
+def quest_scores_torch(q, kmin, kmax, seq_len=None, page_size=None):
+    """q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] fp32 upper bounds of q.k per page."""
+    B, Hq, D = q.shape
+    G = _group(Hq, kmin.shape[1])
+    qf = q.float()[:, :, None, :]
+    lo, hi = _expand_kv(kmin.float(), G), _expand_kv(kmax.float(), G)
+    s = torch.maximum(qf * hi, qf * lo).sum(-1)
+    if seq_len is not None:
+        if page_size is None:
+            raise ValueError("quest_scores: seq_len needs page_size")
+        P = kmin.shape[2]
+        sl = _seq_len(seq_len, B, P * page_size, q.device)
+        n_pages = (sl + page_size - 1) // page_size
+        ok = torch.arange(P, device=q.device)[None, :] < n_pages[:, None]
+        s = s.masked_fill(~ok[:, None, :], NEG_INF)
+    return s
+
+
+def block_means_torch(k, block_size, seq_len=None):
+    B, H, T, D = k.shape
+    NB = math.ceil(T / block_size)
+    sl = _seq_len(seq_len, B, T, k.device)
+    pad = NB * block_size - T
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, NB, block_size, D)
+    pos = torch.arange(NB * block_size, device=k.device).view(NB, block_size)
+    valid = (pos[None] < sl[:, None, None])[:, None, :, :, None].float()
+    cnt = valid.sum(3)
+    return (kf * valid).sum(3) / cnt.clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# MoBA gate
+
+
+def _q_pos(q_pos, B, Tq, device):
+    q_pos = torch.as_tensor(q_pos, device=device).long()
+    if q_pos.dim() == 0:
+        q_pos = q_pos.view(1)
+    if q_pos.dim() == 1:
+        q_pos = q_pos[None].expand(B, Tq)
+    return q_pos
+
+
+def moba_gate_topk_torch(q, kmeans, block_size, topk, q_pos):
+    """idx [B, Hq, Tq, topk] int32: own block + top (topk-1) strictly-past blocks by <q, mean>.
+
+    Valid indices ascending, -1 padding last. Ties among equal scores go to the lower block.
+    """
+    B, Hq, Tq, D = q.shape
+    NB = kmeans.shape[2]
+    G = _group(Hq, kmeans.shape[1])
+    pos = _q_pos(q_pos, B, Tq, q.device)  # [B, Tq]
+    own = pos // block_size  # [B, Tq]
+    s = torch.einsum("bhtd,bhnd->bhtn", q.float(), _expand_kv(kmeans.float(), G))
+    nb = torch.arange(NB, device=q.device)
+    past = nb[None, None, :] < own[:, :, None]  # [B, Tq, NB]
+    s = s.masked_fill(~past[:, None], NEG_INF)
+    sel = torch.zeros(B, Hq, Tq, NB, dtype=torch.bool, device=q.device)
+    if topk > 1:
+        order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., : topk - 1]
+        ok = torch.gather(s, -1, order) > NEG_INF
+        sel.scatter_(-1, order, ok)
+    sel |= (nb[None, None, :] == own[:, :, None])[:, None]
+    # ascending valid entries, -1 after
+    key = torch.where(sel, nb.expand_as(sel), torch.full_like(sel, NB, dtype=torch.long))
+    idx = torch.sort(key, dim=-1).values[..., :topk]
+    if idx.shape[-1] < topk:
+        idx = torch.nn.functional.pad(idx, (0, topk - idx.shape[-1]), value=NB)
+    idx = torch.where(idx >= NB, torch.full_like(idx, -1), idx)
+    return idx.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+def _masked_decode(q, k, v, allowed, scale):
+    """q [B, Hq, D], k/v [B, Hkv, T, D], allowed [B, Hq, T] bool -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    G = _group(Hq, k.shape[1])
+    scale = D ** -0.5 if scale is None else scale
+    kf, vf = _expand_kv(k, G).float(), _expand_kv(v, G).float()
+    s = torch.einsum("bhd,bhtd->bht", q.float(), kf) * scale
+    s = s.masked_fill(~allowed, NEG_INF)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with nothing allowed give zeros
+    return torch.einsum("bht,bhtd->bhd", p, vf).to(q.dtype)
+
+
+def dense_decode_reference(q, k, v, seq_len=None, scale=None):
+    """Dense decoding attention of one query per row over keys < seq_len."""
+    B, Hq, D = q.shape
+    T = k.shape[2]
+    sl = _seq_len(seq_len, B, T, q.device)
+    allowed = torch.arange(T, device=q.device)[None, :] < sl[:, None]
+    return _masked_decode(q, k, v, allowed[:, None, :].expand(B, Hq, T), scale)
+
+
+def block_sparse_mask(block_idx, block_size, T, Hq):
+    """[B, Hq, T] bool mask of the tokens in the selected blocks (-1 skipped)."""
+    B, Hsel, NSEL = block_idx.shape
+    if Hsel != Hq:
+        block_idx = _expand_kv(block_idx, _group(Hq, Hsel))
+    NB = math.ceil(T / block_size)
+    bi = block_idx.long()
+    blk = torch.zeros(B, Hq, NB + 1, dtype=torch.bool, device=block_idx.device)
+    blk.scatter_(-1, torch.where(bi < 0, torch.full_like(bi, NB), bi.clamp_max(NB)), True)
+    blk = blk[..., :NB]
+    return blk.repeat_interleave(block_size, dim=-1)[..., :T]
+
+
+def block_sparse_decode_torch(q, k, v, block_idx, block_size, seq_len=None, scale=None):
+    B, Hq, D = q.shape
+    T = k.shape[2]
+    sl = _seq_len(seq_len, B, T, q.device)
+    allowed = block_sparse_mask(block_idx, block_size, T, Hq)
+    allowed &= (torch.arange(T, device=q.device)[None, :] < sl[:, None])[:, None, :]
+    return _masked_decode(q, k, v, allowed, scale)
+
+
+def dilated_mask(t, T, chunk, window, prefix):
+    """[B, T] bool: keys j <= t with t - j <= window, or j < prefix, or (j + 1) % chunk == 0."""
+    j = torch.arange(T, device=t.device)[None, :]
+    t = t[:, None]
+    return (j <= t) & ((t - j <= window) | (j < prefix) | ((j + 1) % chunk == 0))
+
+
+def dilated_decode_torch(q, k, v, chunk, window, prefix, seq_len=None, scale=None):
+    B, Hq, D = q.shape
+    T = k.shape[2]
+    sl = _seq_len(seq_len, B, T, q.device)
+    allowed = dilated_mask(sl - 1, T, chunk, window, prefix)
+    return _masked_decode(q, k, v, allowed[:, None, :].expand(B, Hq, T), scale)
+
+
+# --------------------------------------------------------------------------------------------
+# MoBA prefill
+
+
+def moba_prefill_torch(q, k, v, block_size, topk, scale=None, q_chunk=512):
+    """Causal MoBA attention over a prompt: q/k/v cover the same T positions.
+
+    Query i attends its top (topk-1) strictly-past blocks (gate: <q_i, block mean of k>) fully and
+    its own block causally. Queries are processed in chunks of q_chunk to bound memory.
+    """
+    B, Hq, T, D = q.shape
+    G = _group(Hq, k.shape[1])
+    scale = D ** -0.5 if scale is None else scale
+    kmeans = block_means_torch(k, block_size)
+    NB = kmeans.shape[2]
+    kf, vf = _expand_kv(k, G).float(), _expand_kv(v, G).float()
+    out = torch.empty_like(q)
+    j = torch.arange(T, device=q.device)
+    for s0 in range(0, T, q_chunk):
+        s1 = min(T, s0 + q_chunk)
+        pos = torch.arange(s0, s1, device=q.device)
+        idx = moba_gate_topk_torch(q[:, :, s0:s1], kmeans, block_size, topk, pos).long()
+        blk = torch.zeros(B, Hq, s1 - s0, NB + 1, dtype=torch.bool, device=q.device)
+        blk.scatter_(-1, torch.where(idx < 0, torch.full_like(idx, NB), idx), True)
+        allowed = blk[..., :NB].repeat_interleave(block_size, dim=-1)[..., :T]
+        allowed &= (j[None, :] <= pos[:, None])[None, None]
+        s = torch.einsum("bhtd,bhsd->bhts", q[:, :, s0:s1].float(), kf) * scale
+        p = torch.softmax(s.masked_fill(~allowed, NEG_INF), dim=-1)
+        out[:, :, s0:s1] = torch.einsum("bhts,bhsd->bhtd", p, vf).to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# SnapKV vote
+
+
+def snapkv_votes_torch(q_win, k, scale=None, window_causal=True, k_chunk=8192):
+    """votes [B, Hq, T] fp32: sum over the W window queries of softmax(q.k * scale) over keys.
+
+    The window queries sit at positions T-W..T-1; with window_causal, window query w attends keys
+    j <= T-W+w. Two passes over key chunks (row log-sum-exp, then column sums), so only
+    [B, Hq, W, k_chunk] is alive at once.
+    """
+    B, Hq, W, D = q_win.shape
+    T = k.shape[2]
+    G = _group(Hq, k.shape[1])
+    scale = D ** -0.5 if scale is None else scale
+    qf = q_win.float()
+    qpos = torch.arange(T - W, T, device=k.device)
+
+    def scores(c0, c1):
+        kc = _expand_kv(k[:, :, c0:c1], G).float()
+        s = torch.einsum("bhwd,bhtd->bhwt", qf, kc) * scale
+        if window_causal:
+            j = torch.arange(c0, c1, device=k.device)
+            s = s.masked_fill(j[None, :] > qpos[:, None], NEG_INF)
+        return s
+
+    m = torch.full((B, Hq, W), NEG_INF, device=k.device)
+    l = torch.zeros(B, Hq, W, device=k.device)
+    for c0 in range(0, T, k_chunk):
+        s = scores(c0, min(T, c0 + k_chunk))
+        m_new = torch.maximum(m, s.amax(-1))
+        l = l * torch.exp(m - m_new) + torch.exp(s - m_new[..., None]).sum(-1)
+        m = m_new
+    lse = m + torch.log(l)
+    votes = torch.empty(B, Hq, T, device=k.device)
+    for c0 in range(0, T, k_chunk):
+        c1 = min(T, c0 + k_chunk)
+        votes[..., c0:c1] = torch.exp(scores(c0, c1) - lse[..., None]).sum(2)
+    return votes

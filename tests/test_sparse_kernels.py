@@ -1,0 +1,292 @@
+"""Sparse-attention ops (kernels/sparse): torch twins and Triton kernels (TRITON_INTERPRET=1 on
+CPU) against float64 references built from explicit masks. Small shapes: the interpreter is slow.
+"""
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest sets it too)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels.sparse as sp  # noqa: E402
+from kernels.sparse import naive  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CAN_TRITON = HAVE_TRITON and (INTERPRETED or torch.cuda.is_available()) and \
+    os.path.exists(os.path.join(os.path.dirname(sp.__file__), "triton_ops.py"))
+DEV = "cuda" if (not INTERPRETED and torch.cuda.is_available()) else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not CAN_TRITON, reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
+def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _ref_decode(q, k, v, allowed, scale=None):
+    """float64 decoding attention with an explicit [B, Hq, T] mask."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bhd,bhtd->bht", q, k) * scale
+    s = s.masked_fill(~allowed.cpu(), float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", torch.softmax(s, -1), v)
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_page_minmax(backend, dtype):
+    B, H, T, D, page = 2, 3, 37, 16, 8
+    k = _rand(B, H, T, D, dtype=dtype)
+    sl = torch.tensor([37, 19], device=DEV)
+    for seq_len in (None, sl):
+        kmin, kmax = sp.page_minmax(k, page, seq_len, backend=backend)
+        assert kmin.shape == (B, H, 5, D) and kmin.dtype == dtype
+        lens = [T, T] if seq_len is None else sl.tolist()
+        for b in range(B):
+            for p in range(5):
+                s0, s1 = p * page, min((p + 1) * page, lens[b])
+                if s1 <= s0:
+                    assert (kmin[b, :, p] == 0).all() and (kmax[b, :, p] == 0).all()
+                    continue
+                assert torch.equal(kmin[b, :, p], k[b, :, s0:s1].amin(1))
+                assert torch.equal(kmax[b, :, p], k[b, :, s0:s1].amax(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 2])
+def test_quest_scores(backend, G):
+    B, Hkv, T, D, page = 2, 2, 45, 16, 8
+    k = _rand(B, Hkv, T, D, seed=1)
+    q = _rand(B, Hkv * G, D, seed=2)
+    sl = torch.tensor([45, 20], device=DEV)
+    kmin, kmax = naive.page_minmax_torch(k, page, sl)
+    s = sp.quest_scores(q, kmin, kmax, backend=backend)
+    ref = torch.maximum(q.double()[:, :, None] * kmax.double().repeat_interleave(G, 1)[:, :, :],
+                        q.double()[:, :, None] * kmin.double().repeat_interleave(G, 1)).sum(-1)
+    assert s.dtype == torch.float32 and s.shape == (B, Hkv * G, 6)
+    assert _rel(s, ref) < 1e-5
+    # an upper bound of every q.k in the page
+    qk = torch.einsum("bhd,bhtd->bht", q.double(), k.double().repeat_interleave(G, 1))
+    for p in range(6):
+        for b in range(B):
+            s1 = min((p + 1) * page, int(sl[b]))
+            if s1 > p * page:
+                assert (qk[b, :, p * page:s1].amax(-1) <= s[b, :, p].double() + 1e-4).all()
+    s2 = sp.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, backend=backend)
+    assert torch.isinf(s2[1, :, 3:]).all() and torch.isfinite(s2[1, :, :3]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_means(backend, dtype):
+    B, H, T, D, bs = 2, 2, 29, 16, 8
+    k = _rand(B, H, T, D, dtype=dtype, seed=3)
+    sl = torch.tensor([29, 9], device=DEV)
+    m = sp.block_means(k, bs, sl, backend=backend)
+    assert m.dtype == torch.float32 and m.shape == (B, H, 4, D)
+    for b, L in enumerate(sl.tolist()):
+        for n in range(4):
+            s0, s1 = n * bs, min((n + 1) * bs, L)
+            ref = k[b, :, s0:s1].double().mean(1) if s1 > s0 else torch.zeros(H, D)
+            assert _rel(m[b, :, n], ref) < 1e-5 or s1 <= s0 and (m[b, :, n] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# MoBA gate
+
+
+def _ref_gate(q, kmeans, bs, topk, pos):
+    G = q.shape[1] // kmeans.shape[1]
+    s = torch.einsum("bhtd,bhnd->bhtn", q.double().cpu(), kmeans.double().cpu().repeat_interleave(G, 1))
+    B, Hq, Tq, NB = s.shape
+    out = torch.full((B, Hq, Tq, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(Tq):
+                own = int(pos[t]) // bs
+                past = list(range(own))
+                past.sort(key=lambda n: (-s[b, h, t, n].item(), n))
+                sel = sorted(past[: topk - 1] + [own])
+                out[b, h, t, : len(sel)] = torch.tensor(sel, dtype=torch.int32)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 2])
+def test_moba_gate_topk(backend, G):
+    B, Hkv, T, D, bs, topk = 2, 2, 50, 16, 8, 3
+    k = _rand(B, Hkv, T, D, seed=4)
+    q = _rand(B, Hkv * G, 9, D, seed=5)
+    pos = torch.tensor([0, 3, 8, 15, 16, 23, 30, 41, 49], device=DEV)
+    km = naive.block_means_torch(k, bs)
+    idx = sp.moba_gate_topk(q, km, bs, topk, pos, backend=backend)
+    assert idx.dtype == torch.int32 and idx.shape == (B, Hkv * G, 9, topk)
+    assert torch.equal(idx.cpu(), _ref_gate(q, km, bs, topk, pos))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gates_pick_planted_block(backend):
+    """Quest and MoBA both pick a block whose keys align with the query."""
+    B, H, T, D, bs = 1, 2, 64, 16, 8
+    k = _rand(B, H, T, D, seed=6, scale=0.3)
+    q = _rand(B, H, D, seed=7)
+    k[:, :, 24:32] += 3 * q[:, :, None, :] / q.norm(dim=-1, keepdim=True)[..., None]  # block 3
+    kmin, kmax = sp.page_minmax(k, bs, backend=backend)
+    s = sp.quest_scores(q, kmin, kmax, backend=backend)
+    assert (s.argmax(-1) == 3).all()
+    km = sp.block_means(k, bs, backend=backend)
+    idx = sp.moba_gate_topk(q[:, :, None], km, bs, 2, torch.tensor([T - 1]), backend=backend)
+    assert (idx[:, :, 0] == torch.tensor([3, 7], dtype=torch.int32, device=DEV)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G,per_q", [(1, False), (2, False), (2, True)])
+def test_block_sparse_decode(backend, dtype, G, per_q):
+    B, Hkv, T, D, bs = 2, 2, 43, 16, 8
+    Hq = Hkv * G
+    q, k, v = _rand(B, Hq, D, dtype=dtype, seed=8), _rand(B, Hkv, T, D, dtype=dtype, seed=9), \
+        _rand(B, Hkv, T, D, dtype=dtype, seed=10)
+    sl = torch.tensor([43, 30], device=DEV)
+    Hsel = Hq if per_q else Hkv
+    gen = torch.Generator().manual_seed(11)
+    idx = torch.full((B, Hsel, 4), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hsel):
+            n = 1 + (b + h) % 4
+            idx[b, h, :n] = torch.randperm(6, generator=gen)[:n].sort().values.int()
+    idx[0, 0, :3] = torch.tensor([1, 3, 5], dtype=torch.int32)  # 5 is the partial last block
+    idx = idx.to(DEV)
+    out = sp.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, backend=backend)
+    assert out.dtype == dtype and out.shape == (B, Hq, D)
+    allowed = naive.block_sparse_mask(idx, bs, T, Hq).cpu() & \
+        (torch.arange(T)[None, :] < sl.cpu()[:, None])[:, None]
+    ref = _ref_decode(q, k, v, allowed)
+    ok = allowed.any(-1)
+    assert _rel(out.cpu()[ok], ref[ok]) < TOL[dtype]
+    assert (out.cpu()[~ok] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 2])
+def test_block_sparse_decode_full_budget_is_dense(backend, G):
+    B, Hkv, T, D, bs = 2, 2, 37, 16, 8
+    Hq = Hkv * G
+    q, k, v = _rand(B, Hq, D, seed=12), _rand(B, Hkv, T, D, seed=13), _rand(B, Hkv, T, D, seed=14)
+    idx = torch.arange(5, dtype=torch.int32, device=DEV).expand(B, Hkv, 5).contiguous()
+    sl = torch.tensor([37, 21], device=DEV)
+    out = sp.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, backend=backend)
+    dense = sp.dense_decode_reference(q, k, v, seq_len=sl)
+    assert _rel(out, dense) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk,window,prefix", [(1, 4, 0), (4, 5, 3), (7, 2, 1), (16, 100, 0)])
+def test_dilated_decode(backend, dtype, chunk, window, prefix):
+    B, Hkv, G, T, D = 2, 2, 2, 41, 16
+    Hq = Hkv * G
+    q, k, v = _rand(B, Hq, D, dtype=dtype, seed=15), _rand(B, Hkv, T, D, dtype=dtype, seed=16), \
+        _rand(B, Hkv, T, D, dtype=dtype, seed=17)
+    sl = torch.tensor([41, 26], device=DEV)
+    out = sp.dilated_decode(q, k, v, chunk, window, prefix, seq_len=sl, backend=backend)
+    assert out.dtype == dtype
+    t = sl.cpu() - 1
+    j = torch.arange(T)
+    allowed = torch.stack([(j <= tt) & ((tt - j <= window) | (j < prefix) | ((j + 1) % chunk == 0))
+                           for tt in t.tolist()])
+    ref = _ref_decode(q, k, v, allowed[:, None].expand(B, Hq, T))
+    assert _rel(out, ref) < TOL[dtype]
+    if chunk == 1:
+        assert _rel(out, sp.dense_decode_reference(q, k, v, seq_len=sl)) < TOL[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# MoBA prefill
+
+
+def _ref_moba_prefill(q, k, v, bs, topk):
+    B, Hq, T, D = q.shape
+    km = naive.block_means_torch(k.double().cpu(), bs)
+    idx = _ref_gate(q, km, bs, topk, torch.arange(T)).long()
+    NB = km.shape[2]
+    blk = torch.zeros(B, Hq, T, NB + 1, dtype=torch.bool)
+    blk.scatter_(-1, torch.where(idx < 0, NB, idx), True)
+    allowed = blk[..., :NB].repeat_interleave(bs, -1)[..., :T] & \
+        (torch.arange(T)[None, :] <= torch.arange(T)[:, None])
+    G = Hq // k.shape[1]
+    kd, vd = k.double().cpu().repeat_interleave(G, 1), v.double().cpu().repeat_interleave(G, 1)
+    s = torch.einsum("bhtd,bhsd->bhts", q.double().cpu(), kd) * D ** -0.5
+    return torch.einsum("bhts,bhsd->bhtd", torch.softmax(s.masked_fill(~allowed, -math.inf), -1), vd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", [1, 2])
+def test_moba_prefill(backend, dtype, G):
+    B, Hkv, T, D, bs, topk = 1, 2, 53, 16, 16, 2
+    Hq = Hkv * G
+    q, k, v = _rand(B, Hq, T, D, dtype=dtype, seed=18), _rand(B, Hkv, T, D, dtype=dtype, seed=19), \
+        _rand(B, Hkv, T, D, dtype=dtype, seed=20)
+    out = sp.moba_prefill(q, k, v, bs, topk, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, _ref_moba_prefill(q, k, v, bs, topk)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moba_prefill_full_topk_is_causal_dense(backend):
+    B, H, T, D, bs = 2, 2, 45, 16, 16
+    q, k, v = _rand(B, H, T, D, seed=21), _rand(B, H, T, D, seed=22), _rand(B, H, T, D, seed=23)
+    out = sp.moba_prefill(q, k, v, bs, topk=3, backend=backend)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           is_causal=True)
+    assert _rel(out, ref) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# SnapKV vote
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G,causal", [(1, True), (2, True), (2, False)])
+def test_snapkv_votes(backend, dtype, G, causal):
+    B, Hkv, T, W, D = 2, 2, 70, 6, 16
+    Hq = Hkv * G
+    k = _rand(B, Hkv, T, D, dtype=dtype, seed=24)
+    qw = _rand(B, Hq, W, D, dtype=dtype, seed=25)
+    votes = sp.snapkv_votes(qw, k, window_causal=causal, backend=backend)
+    assert votes.dtype == torch.float32 and votes.shape == (B, Hq, T)
+    s = torch.einsum("bhwd,bhtd->bhwt", qw.double().cpu(),
+                     k.double().cpu().repeat_interleave(G, 1)) * D ** -0.5
+    if causal:
+        s = s.masked_fill(torch.arange(T)[None, :] > torch.arange(T - W, T)[:, None], -math.inf)
+    ref = torch.softmax(s, -1).sum(2)
+    assert _rel(votes, ref) < TOL[dtype]
+    assert abs(votes.sum().item() - B * Hq * W) < 1e-3 * B * Hq * W
