@@ -1,7 +1,7 @@
-"""TP=2 (torchrun, gloo) against TP=1, memory on and off, through a TP=1 dist checkpoint.
+"""TP=2 and PP=2 (torchrun, gloo) against TP=1, memory on and off, through a TP=1 dist checkpoint.
 
-The TP=1 model saves a megatron dist checkpoint; two torchrun ranks load it at TP=2 (resharding)
-and must reproduce the TP=1 logits and every parameter's gradient.
+The TP=1 model saves a megatron dist checkpoint; two torchrun ranks load it at TP=2 or PP=2
+(resharding) and must reproduce the TP=1 logits and every parameter's gradient.
 """
 import json
 import os
@@ -22,15 +22,18 @@ MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=4
              ffn_hidden_size=96, vocab_size=128, max_position_embeddings=64, rope_theta=10000.0)
 
 
-@pytest.mark.parametrize("memory", [dict(enabled=False), dict(enabled=True, gate_bias=True),
-                                    dict(enabled=True, output_gate=True)],
-                         ids=["attention", "memory", "memory+output-gate"])
-def test_tp2_matches_tp1_via_checkpoint(tmp_path, memory):
-    model = prepare_case(tmp_path, memory)
+@pytest.mark.parametrize("memory,tp,pp", [
+    (dict(enabled=False), 2, 1),
+    (dict(enabled=True, gate_bias=True), 2, 1),
+    (dict(enabled=True, output_gate=True), 2, 1),
+    (dict(enabled=True, gate_bias=True), 1, 2),
+], ids=["attention-tp2", "memory-tp2", "memory+output-gate-tp2", "memory-pp2"])
+def test_parallel_matches_tp1_via_checkpoint(tmp_path, memory, tp, pp):
+    model = prepare_case(tmp_path, memory, tp=tp, pp=pp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", str(REPO / "tests" / "tp_worker.py"), str(tmp_path)],
+                           "--nproc-per-node", str(tp * pp), str(REPO / "tests" / "tp_worker.py"), str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
@@ -40,7 +43,7 @@ def test_tp2_matches_tp1_via_checkpoint(tmp_path, memory):
     assert not bad, bad
 
 
-def prepare_case(tmp_path, memory):
+def prepare_case(tmp_path, memory, tp=2, pp=1):
     """TP=1 model from random weights: its logits, gradients and a dist checkpoint, for the workers."""
     from megatron.core import dist_checkpointing
 
@@ -56,5 +59,5 @@ def prepare_case(tmp_path, memory):
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"))
     torch.save({"ids": ids, "proj": proj, "logits": logits, "grads": full_gradients(model)},
                tmp_path / "ref.pt")
-    (tmp_path / "case.json").write_text(json.dumps({**case, "tp": 2}))
+    (tmp_path / "case.json").write_text(json.dumps({**case, "tp": tp, "pp": pp}))
     return model

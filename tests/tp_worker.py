@@ -1,6 +1,6 @@
-"""torchrun worker for test_tensor_parallel: load a TP=1 checkpoint at TP=N, compare with TP=1.
+"""torchrun worker for test_tensor_parallel: load a TP=1 checkpoint at TP x PP, compare with TP=1.
 
-Usage: torchrun --nproc-per-node N tests/tp_worker.py CASE_DIR
+Usage: torchrun --standalone --nproc-per-node TPxPP tests/tp_worker.py CASE_DIR
 CASE_DIR holds case.json (model config), ckpt/ (dist checkpoint saved at TP=1) and ref.pt
 (inputs, logits and full-layout gradients at TP=1). Rank 0 writes result.json.
 """
@@ -21,7 +21,7 @@ def main(case_dir: Path):
     from megatron.core import dist_checkpointing, parallel_state
     from ratplus_megatron.parallel import init_parallel
 
-    init_parallel(tp=case["tp"], pp=1)
+    init_parallel(tp=case["tp"], pp=case.get("pp", 1))
     model = build(case)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(case_dir / "ckpt"))
     model.load_state_dict(state, strict=False)
@@ -32,7 +32,7 @@ def main(case_dir: Path):
     for name, g in grads.items():
         r = ref["grads"][name]
         result["grad_err"][name] = ((g - r).norm() / r.norm().clamp_min(1e-12)).item()
-    if parallel_state.get_tensor_model_parallel_rank() == 0:
+    if torch.distributed.get_rank() == 0:
         (case_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
