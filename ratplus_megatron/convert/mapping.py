@@ -21,6 +21,10 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     if not archs & OLMO2_ARCHITECTURES and hf.get("model_type") not in ("olmo2", "olmo2_memory"):
         raise ConfigError(f"unsupported architecture {sorted(archs) or hf.get('model_type')!r}: "
                           f"expected one of {sorted(OLMO2_ARCHITECTURES)}")
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                           "vocab_size", "max_position_embeddings", "rms_norm_eps") if hf.get(k) is None]
+    if missing:
+        raise ConfigError(f"config.json lacks {', '.join(missing)}")
     heads = hf["num_attention_heads"]
     if hf.get("attention_bias"):
         raise ConfigError("attention_bias=true is not an OLMo2 layout this converter supports")
@@ -31,6 +35,11 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
                           output_gate=bool(hf.get("memory_output_gate", False)))
     rope = hf.get("rope_parameters") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta"))
+    if theta is None:
+        raise ConfigError("config.json lacks rope_theta (neither top level nor in rope_parameters)")
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise ConfigError(f"RoPE scaling {rope.get('rope_type') or hf.get('rope_scaling')!r} is not supported "
+                          "(only default RoPE)")
     return ModelConfig(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
         num_attention_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -38,6 +47,48 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
         ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"], rope_theta=float(theta),
         rms_norm_eps=hf["rms_norm_eps"], init_std=hf.get("initializer_range", 0.02), memory=memory)
+
+
+def config_to_hf(cfg: ModelConfig, token_ids: Mapping | None = None) -> dict:
+    """Keyword arguments of transformers' ``Olmo2Config`` (memory off) or ``Olmo2MemoryConfig``
+    (memory on) for ``cfg``; ``token_ids`` may carry bos/eos/pad_token_id (None values are kept)."""
+    kw = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings, initializer_range=cfg.init_std,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=False, attention_dropout=0.0, tie_word_embeddings=False)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if token_ids is not None and k in token_ids:
+            kw[k] = token_ids[k]
+    if cfg.memory.enabled:
+        kw.update(memory=True, memory_gate_bias=cfg.memory.has_gate_bias,
+                  memory_output_gate=cfg.memory.output_gate)
+    return kw
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of ``cfg`` holds, with its shape (the order of hf_to_mcore's reads)."""
+    h, q, kv, f, v = (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim,
+                      cfg.num_kv_heads * cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size)
+    out = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj.weight": (q, h)})
+        if cfg.memory.enabled and cfg.memory.output_gate:
+            out[p + "self_attn.og_proj.weight"] = (q, h)
+        out.update({p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+                    p + "self_attn.q_norm.weight": (q,), p + "self_attn.k_norm.weight": (kv,)})
+        if cfg.memory.enabled:
+            out[p + "self_attn.g_proj.weight"] = (kv, h)
+            if cfg.memory.has_gate_bias:
+                out[p + "self_attn.g_proj.bias"] = (kv,)
+        out.update({p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
+                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                    p + "mlp.down_proj.weight": (h, f), p + "post_feedforward_layernorm.weight": (h,)})
+    out.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return out
 
 
 def _layer_names(i: int) -> tuple[str, str]:

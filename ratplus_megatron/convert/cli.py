@@ -1,0 +1,548 @@
+"""Checkpoint conversion between HF OLMo2 (optionally with the RAT+ memory) and megatron-core.
+
+    python -m ratplus_megatron.convert hf-to-mcore --hf-dir HF --out-dir CKPT [--memory] ...
+    python -m ratplus_megatron.convert mcore-to-hf --ckpt-dir CKPT --out-dir HF ...
+
+hf-to-mcore writes a megatron `dist_checkpointing` checkpoint of the full model from one process.
+Such a checkpoint is layout-free (each tensor is stored with its global shape; megatron reshards on
+load), so the trainer loads it at any TP/PP: --tp/--pp only check that the sizes fit the model.
+Next to the checkpoint: `ratplus_meta.json` (the ModelConfig, dtype, token ids) and `tokenizer/`.
+
+mcore-to-hf reads a checkpoint saved at any TP/PP into a TP=1 PP=1 model and writes an HF directory.
+It accepts (see `resolve_checkpoint_dir`):
+  * a plain checkpoint directory (`metadata.json` in it; what hf-to-mcore writes);
+  * a trainer directory: `latest_checkpointed_iteration.txt` names the iteration (`iter_0000500/`,
+    or `release/`); without that file the highest `iter_*/` is used.
+The model's tensors may sit under a key prefix in the trainer's sharded state dict (e.g. `model.`):
+the prefix is read from the checkpoint metadata as the shortest key prefix in front of
+`embedding.word_embeddings.weight` (optimizer states carry longer prefixes such as
+`optimizer.state.exp_avg.`). The ModelConfig comes from `ratplus_meta.json` in the iteration
+directory, else in the root directory, else from --config.
+
+Errors a user can fix (missing files, wrong shapes, unknown architectures, parallel sizes that do not
+divide the model) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, MemoryConfig, ModelConfig
+from .mapping import config_from_hf, config_to_hf, hf_shapes, hf_to_mcore, mcore_to_hf
+
+META_FILE = "ratplus_meta.json"
+META_FORMAT = "ratplus-megatron-checkpoint"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class ConvertError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------
+
+def _progress(iterable, total: int, desc: str, quiet: bool):
+    if quiet:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes (decimal units like transformers; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    unit = m.group(2).upper().rstrip("B") if m.group(2) else ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise ConvertError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary directory next to ``out`` (renamed onto ``out`` when the work is done)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConvertError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish_out_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+def _copy_tokenizer(src: Path | None, dst: Path) -> list[str]:
+    if src is None or not src.is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def model_config_from_dict(d: Mapping) -> ModelConfig:
+    """Inverse of ``dataclasses.asdict(ModelConfig)`` (as stored in ratplus_meta.json)."""
+    d = dict(d)
+    mem = dict(d.pop("memory", {}) or {})
+    try:
+        return ModelConfig(**d, memory=MemoryConfig(**mem))
+    except TypeError as e:
+        raise ConfigError(f"model config in {META_FILE}: {e}") from None
+
+
+def _ensure_single_process_parallel() -> None:
+    """megatron's parallel state at TP=1 PP=1 (set up here unless the caller already did)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if (tp, pp) != (1, 1):
+            raise ConvertError(f"conversion runs at TP=1 PP=1 in one process; parallel state is TP={tp} PP={pp}")
+        return
+    from ..parallel import init_parallel
+
+    try:
+        init_parallel(tp=1, pp=1, backend="gloo")
+    except ValueError as e:  # e.g. started under torchrun with several ranks
+        raise ConvertError(f"run the converter as a single process (not under torchrun): {e}") from None
+
+
+def _build_model(cfg: ModelConfig, dtype: torch.dtype):
+    """The full (TP=1, PP=1) megatron model on CPU, uninitialised (torch.empty), in ``dtype``."""
+    from ..config import PrecisionConfig
+    from ..model import build_model, to_transformer_config
+
+    tconfig = to_transformer_config(cfg, PrecisionConfig(bf16=dtype == torch.bfloat16),
+                                    use_cpu_initialization=True, perform_initialization=False)
+    return build_model(cfg, tconfig, use_te=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# HF safetensors, read lazily
+# ------------------------------------------------------------------------------------------------
+
+class HFWeights(Mapping):
+    """The tensors of an HF directory (model.safetensors, or shards listed in model.safetensors.index.json),
+    read one at a time through safetensors' memory-mapped ``safe_open``."""
+
+    def __init__(self, hf_dir: Path):
+        from safetensors import safe_open
+
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ConvertError(f"{index}: not a safetensors index ({e})") from None
+        else:
+            files = sorted(hf_dir.glob("*.safetensors"))
+            if not files:
+                extra = " (only PyTorch .bin weights found: convert them to safetensors first)" \
+                    if list(hf_dir.glob("*.bin")) else ""
+                raise ConvertError(f"no safetensors weights in {hf_dir}: expected model.safetensors or "
+                                   f"model.safetensors.index.json{extra}")
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        self._files = {}
+        for fname in sorted(set(weight_map.values())):
+            path = hf_dir / fname
+            if not path.is_file():
+                raise ConvertError(f"missing weight file {path} (listed in {index.name})")
+            self._files[fname] = safe_open(str(path), framework="pt")
+        self._where = weight_map
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise ConvertError(f"tensor {name} is missing from the HF checkpoint")
+        return self._files[self._where[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+
+
+def check_hf_tensors(weights: HFWeights, cfg: ModelConfig) -> None:
+    """Every tensor ``cfg`` needs is there with its shape (from the file headers, nothing loaded)."""
+    for name, shape in hf_shapes(cfg).items():
+        if name not in weights:
+            raise ConvertError(f"tensor {name} is missing from the HF checkpoint")
+        got = weights.shape(name)
+        if got != shape:
+            raise ConvertError(f"tensor {name} has shape {list(got)}, expected {list(shape)} from config.json")
+    extra = sorted(set(weights) - set(hf_shapes(cfg)))
+    if any(".g_proj." in n or ".og_proj." in n for n in extra):
+        raise ConvertError(f"the HF checkpoint holds memory gate tensors ({extra[0]}, ...) that its "
+                           "config.json does not declare (memory / memory_gate_bias / memory_output_gate)")
+    if extra:
+        print(f"warning: ignoring {len(extra)} tensor(s) not part of OLMo2: {', '.join(extra[:5])}",
+              file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# hf-to-mcore
+# ------------------------------------------------------------------------------------------------
+
+def _init_new_gates(state: dict, names: set[str], cfg: ModelConfig, seed: int) -> None:
+    """Initialise the memory gate added to a plain OLMo2 checkpoint, per cfg.memory.gate_init."""
+    mem = cfg.memory
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")]):
+        dst = state[name]
+        if name.endswith("linear_gate.weight"):
+            if mem.gate_init == "identity":
+                dst.zero_()
+            else:
+                dst.copy_(torch.empty(dst.shape, dtype=torch.float32).normal_(0.0, mem.gate_init_std, generator=gen))
+        elif name.endswith("linear_gate.bias"):
+            dst.fill_(mem.identity_bias if mem.gate_init == "identity" else 0.0)
+        else:  # pragma: no cover - the mapping covers everything else
+            raise RuntimeError(f"megatron tensor {name} received no weights")
+
+
+def hf_to_mcore_command(args) -> Path:
+    hf_dir, out = Path(args.hf_dir), Path(args.out_dir)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"HF directory {hf_dir} does not exist")
+    if not (hf_dir / "config.json").is_file():
+        raise ConvertError(f"missing {hf_dir / 'config.json'}")
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_text())
+    except ValueError as e:
+        raise ConvertError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
+    src = config_from_hf(hf_config)  # what the HF weights hold
+    cfg = src
+    if args.memory and not src.memory.enabled:
+        cfg = dataclasses.replace(src, memory=MemoryConfig(enabled=True, gate_init=args.gate_init))
+    elif args.memory and args.gate_init_given:
+        print("note: the HF checkpoint already has the memory; --gate-init is ignored", file=sys.stderr)
+    cfg.validate(tp=args.tp, pp=args.pp)
+    dtype = DTYPES[args.dtype]
+    weights = HFWeights(hf_dir)
+    check_hf_tensors(weights, src)
+
+    tmp = _prepare_out_dir(out, args.overwrite)
+    try:
+        _ensure_single_process_parallel()
+        model = _build_model(cfg, dtype)
+        state = model.state_dict()  # detached views of the parameters: copy_ writes into the model
+        wanted = {k for k in state if not k.endswith("_extra_state")}
+        loaded = set()
+        total = len(wanted - {k for k in wanted if ".linear_gate." in k}) if cfg is not src else len(wanted)
+        for name, tensor in _progress(hf_to_mcore(weights, src), total, "hf-to-mcore", args.quiet):
+            dst = state.get(name)
+            if dst is None:  # pragma: no cover - mapping and model disagree
+                raise RuntimeError(f"the megatron model has no tensor {name}")
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ConvertError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(name)
+            del tensor
+        _init_new_gates(state, wanted - loaded, cfg, args.seed)
+        del state
+
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        del model
+        meta = {"format": META_FORMAT, "version": 1, "model": dataclasses.asdict(cfg), "dtype": args.dtype,
+                "token_ids": {k: hf_config.get(k) for k in TOKEN_ID_KEYS},
+                "source": {"hf_dir": str(hf_dir.resolve()), "architectures": hf_config.get("architectures"),
+                           "memory_added": cfg is not src, "seed": args.seed}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        _copy_tokenizer(hf_dir, tmp / "tokenizer")
+        _finish_out_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# mcore-to-hf
+# ------------------------------------------------------------------------------------------------
+
+def resolve_checkpoint_dir(root: Path) -> Path:
+    """The directory holding the dist checkpoint: ``root`` itself, or the trainer's latest iteration."""
+    if not root.is_dir():
+        raise ConvertError(f"checkpoint directory {root} does not exist")
+    tracker = root / TRACKER_FILE
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            sub = root / "release"
+        elif text.isdigit():
+            sub = root / f"iter_{int(text):07d}"
+        else:
+            raise ConvertError(f"{tracker} holds {text!r}, expected an iteration number or 'release'")
+        if not (sub / "metadata.json").is_file():
+            raise ConvertError(f"{tracker} names {sub.name}, but {sub} holds no dist checkpoint (metadata.json)")
+        return sub
+    if (root / "metadata.json").is_file():
+        return root
+    iters = [(int(p.name[5:]), p) for p in root.glob("iter_*")
+             if p.name[5:].isdigit() and (p / "metadata.json").is_file()]
+    if iters:
+        return max(iters)[1]
+    raise ConvertError(f"no megatron checkpoint in {root}: expected metadata.json, {TRACKER_FILE} or iter_*/")
+
+
+def _read_meta(root: Path, ckpt: Path, config: str | None) -> dict:
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise ConvertError(f"--config {path} does not exist")
+        data = json.loads(path.read_text())
+        if data.get("format") == META_FORMAT:
+            return data
+        cfg = config_from_hf(data)  # an HF config.json
+        return {"model": dataclasses.asdict(cfg), "token_ids": {k: data.get(k) for k in TOKEN_ID_KEYS}}
+    for path in (ckpt / META_FILE, root / META_FILE):
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise ConvertError(f"no {META_FILE} in {ckpt} or {root}: pass --config (a {META_FILE} or the HF config.json "
+                       "of the model the checkpoint was made from)")
+
+
+def detect_prefix(keys) -> str:
+    """The key prefix of the model's tensors in a checkpoint ('' or e.g. 'model.')."""
+    cands = [k[: -len(EMBEDDING_KEY)] for k in keys
+             if k.endswith(EMBEDDING_KEY) and (len(k) == len(EMBEDDING_KEY) or k[-len(EMBEDDING_KEY) - 1] == ".")]
+    if not cands:
+        raise ConvertError(f"the checkpoint holds no {EMBEDDING_KEY}: not an OLMo2 megatron checkpoint")
+    return min(cands, key=len)
+
+
+def load_megatron_checkpoint(root: Path, config: str | None = None):
+    """(TP=1 PP=1 megatron model with the checkpoint's weights, ModelConfig, meta dict, checkpoint dir)."""
+    ckpt = resolve_checkpoint_dir(root)
+    meta = _read_meta(root, ckpt, config)
+    cfg = model_config_from_dict(meta["model"]).validate()
+    _ensure_single_process_parallel()
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        tensors = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except (CheckpointingException, FileNotFoundError, RuntimeError) as e:
+        raise ConvertError(f"cannot read the checkpoint metadata in {ckpt}: {str(e).splitlines()[0]}") from None
+    prefix = detect_prefix(tensors)
+    dtype = tensors[prefix + EMBEDDING_KEY].dtype
+    if dtype not in DTYPE_NAMES:
+        dtype = torch.float32
+    model = _build_model(cfg, dtype)
+    content = dist_checkpointing.load_content_metadata(str(ckpt))
+    sharded = model.sharded_state_dict(prefix=prefix, metadata=content)
+    try:
+        state = dist_checkpointing.load(sharded, str(ckpt))
+    except CheckpointingException as e:
+        raise ConvertError(f"checkpoint {ckpt} does not match the model of {META_FILE}: "
+                           f"{' '.join(str(e).split())[:400]}") from None
+    # load() also returns the checkpoint's common (non-tensor) state, e.g. a trainer's iteration
+    state = {k[len(prefix):]: v for k, v in state.items() if k in sharded}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or [k for k in unexpected if not k.endswith("_extra_state")]:
+        raise ConvertError(f"checkpoint {ckpt} lacks {missing[:3]} / has unexpected {unexpected[:3]}")
+    return model, cfg, meta, ckpt
+
+
+def write_hf_weights(pairs, out: Path, dtype: torch.dtype, max_bytes: int, total: int, quiet: bool) -> int:
+    """Write (name, tensor) pairs as safetensors shards (index when there are several); returns the bytes."""
+    from safetensors.torch import save_file
+
+    shards, current, size, grand = [], {}, 0, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            path = out / f".shard-{len(shards) + 1}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
+            shards.append((path, list(current)))
+            current, size = {}, 0
+
+    for name, tensor in _progress(pairs, total, "mcore-to-hf", quiet):
+        t = tensor.to(dtype=dtype, copy=True).contiguous()  # own storage: safetensors refuses shared memory
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            flush()
+        current[name] = t
+        size += nbytes
+        grand += nbytes
+    flush()
+    if len(shards) == 1:
+        shards[0][0].rename(out / "model.safetensors")
+        return grand
+    weight_map = {}
+    for i, (path, names) in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(out / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": grand}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return grand
+
+
+def write_hf_config(cfg: ModelConfig, token_ids: Mapping | None, dtype: torch.dtype, out: Path) -> None:
+    """config.json + generation_config.json (+ the modeling files and auto_map for the memory model)."""
+    from transformers import GenerationConfig, Olmo2Config
+
+    kw = config_to_hf(cfg, token_ids)
+    if cfg.memory.enabled:
+        from transformers.dynamic_module_utils import custom_object_save
+
+        from ..hf import Olmo2MemoryConfig, Olmo2MemoryForCausalLM
+
+        config = Olmo2MemoryConfig(**kw)
+        config.architectures = ["Olmo2MemoryForCausalLM"]
+        config.dtype = dtype
+        with torch.device("meta"):  # only for its class and module: custom_object_save copies the files
+            shell = Olmo2MemoryForCausalLM(config)
+        custom_object_save(shell, out, config=config)
+    else:
+        config = Olmo2Config(**kw)
+        config.architectures = ["Olmo2ForCausalLM"]
+        config.dtype = dtype
+    config.save_pretrained(out)
+    gen = {k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_KEYS and v is not None}
+    GenerationConfig(**gen).save_pretrained(out)
+
+
+def mcore_to_hf_command(args) -> Path:
+    root, out = Path(args.ckpt_dir), Path(args.out_dir)
+    max_bytes = parse_size(args.max_shard_size)
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise ConvertError(f"--tokenizer {args.tokenizer} is not a directory")
+    model, cfg, meta, ckpt = load_megatron_checkpoint(root, args.config)
+    dtype = DTYPES[args.dtype] if args.dtype else next(model.parameters()).dtype
+    tmp = _prepare_out_dir(out, args.overwrite)
+    try:
+        state = model.state_dict()
+        total = len(hf_shapes(cfg))
+        write_hf_weights(mcore_to_hf(state, cfg), tmp, dtype, max_bytes, total, args.quiet)
+        del state, model
+        write_hf_config(cfg, meta.get("token_ids"), dtype, tmp)
+        sources = [Path(args.tokenizer)] if args.tokenizer else [ckpt / "tokenizer", root / "tokenizer"]
+        copied = []
+        for src in sources:
+            copied = _copy_tokenizer(src, tmp)
+            if copied:
+                break
+        if not copied:
+            print("warning: no tokenizer files written (pass --tokenizer DIR)", file=sys.stderr)
+        _finish_out_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ratplus_megatron.convert",
+                                description="Convert OLMo2 (+ RAT+ memory) between HF and megatron-core.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("hf-to-mcore", help="HF OLMo2 directory -> megatron dist checkpoint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read an HF OLMo2 directory (config.json + safetensors, one tensor at a time) "
+                                   "and write a megatron dist_checkpointing checkpoint plus ratplus_meta.json and "
+                                   "tokenizer/.",
+                       epilog="The checkpoint is written from the full model in one process. dist_checkpointing "
+                              "stores every tensor\nwith its global shape and reshards on load, so the trainer "
+                              "loads it at any TP/PP:\n--tp/--pp only check that those sizes divide the model "
+                              "(heads, kv heads, FFN, vocab, layers).\nMemory: about the model's size in --dtype "
+                              "(7B in bf16: ~15 GB).")
+    a.add_argument("--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)")
+    a.add_argument("--out-dir", required=True, help="where to write the megatron checkpoint")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate against (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size to validate against (default 1)")
+    a.add_argument("--memory", action="store_true",
+                   help="add the RAT+ decaying memory (a gate per layer) to a plain OLMo2 checkpoint")
+    a.add_argument("--gate-init", choices=("ratplus", "identity"), default=None,
+                   help="initialisation of an added gate: ratplus = W_g ~ N(0, 0.02), no bias (g ~ 0.5); "
+                        "identity = W_g = 0, bias -6 (g ~ 0.0025, starts close to OLMo2). Default ratplus")
+    a.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="parameter dtype (default bf16)")
+    a.add_argument("--seed", type=int, default=1234, help="seed of the ratplus gate initialisation")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint (any TP/PP) -> HF directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Load a megatron checkpoint saved at any TP/PP into a TP=1 PP=1 model and "
+                                   "write config.json, safetensors (+ index), generation_config.json and "
+                                   "tokenizer files. Memory off: a stock Olmo2ForCausalLM directory. Memory on: "
+                                   "Olmo2MemoryForCausalLM with its modeling files (trust_remote_code=True).",
+                       epilog="--ckpt-dir is a plain checkpoint (what hf-to-mcore writes) or a trainer directory\n"
+                              "(latest_checkpointed_iteration.txt, or the highest iter_*/). The model config "
+                              "comes from\nratplus_meta.json (iteration dir, then --ckpt-dir) or --config.")
+    b.add_argument("--ckpt-dir", required=True, help="megatron checkpoint or trainer checkpoint directory")
+    b.add_argument("--out-dir", required=True, help="where to write the HF model")
+    b.add_argument("--tokenizer", default=None,
+                   help="directory with tokenizer files (default: the checkpoint's tokenizer/)")
+    b.add_argument("--config", default=None,
+                   help="ratplus_meta.json or HF config.json, when the checkpoint has no ratplus_meta.json")
+    b.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="dtype of the HF weights (default: the checkpoint's)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "hf-to-mcore":
+            args.gate_init_given = args.gate_init is not None
+            args.gate_init = args.gate_init or "ratplus"
+            out = hf_to_mcore_command(args)
+        else:
+            out = mcore_to_hf_command(args)
+    except (ConvertError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
