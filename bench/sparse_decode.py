@@ -1,0 +1,285 @@
+"""Decode-attention benchmark of the sparse ops (kernels/sparse) against dense SDPA decode.
+
+32 heads x 128 (MHA, OLMo2-7B's attention), bf16, batch 1 and 8, contexts 32K and 128K, budgets
+1/8, 1/16, 1/32 of the context:
+
+* quest: page_minmax metadata precomputed (page 16); timed: quest_scores + torch.topk +
+  block_sparse_decode (per-query-head pages);
+* moba: block means precomputed (block 512); timed: moba_gate_topk (own block + top-(k-1)) +
+  block_sparse_decode;
+* attention alone: block_sparse_decode over a fixed selection (no selection cost), and our
+  split-K kernel run densely (dilated_decode with chunk=1) as a bandwidth check;
+* dense: torch.nn.functional.scaled_dot_product_attention on [B, 32, 1, 128] against the cache.
+* SnapKV vote at 128K (window 64): time and peak extra memory of snapkv_votes (two passes)
+  against the materialised softmax (einsum + softmax + sum), when that fits.
+
+Times: triton.testing.do_bench medians (L2 flushed before each call), eager and, for the
+pipelines, replayed from a CUDA graph (launch gaps removed). Correctness first: at full budget
+the sparse paths equal dense; Triton equals the torch twins.
+
+    python bench/sparse_decode.py --out bench/results/sparse_decode.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels.sparse as sp  # noqa: E402
+
+H, D = 32, 128
+PAGE, MOBA_BLOCK = 16, 512
+
+
+def _git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent).strip()
+    except Exception:
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _bench(fn, graph=False):
+    import triton.testing as tt
+    if graph:
+        fn()
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize()
+        return tt.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def correctness(dev, dtype):
+    """Full-budget sparse == dense, Triton == torch twin, on the GPU (bf16)."""
+    res = {}
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, T = 2, 4096 + 37
+    q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+    sl = torch.tensor([T, T - 1000], device=dev)
+    dense = sp.dense_decode_reference(q, k, v, seq_len=sl)
+    sdpa = F.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0]
+    res["ref_vs_sdpa_full"] = _rel(sp.dense_decode_reference(q, k, v), sdpa)
+    NP = math.ceil(T / PAGE)
+    idx = torch.arange(NP, device=dev, dtype=torch.int32).expand(B, H, NP).contiguous()
+    res["block_sparse_full_vs_dense"] = _rel(sp.block_sparse_decode(q, k, v, idx, PAGE, sl), dense)
+    res["dilated_chunk1_vs_dense"] = _rel(sp.dilated_decode(q, k, v, 1, 64, 4, sl), dense)
+    res["dilated_vs_twin"] = _rel(sp.dilated_decode(q, k, v, 16, 256, 4, sl),
+                                  sp.dilated_decode(q, k, v, 16, 256, 4, sl, backend="torch"))
+    kmin, kmax = sp.page_minmax(k, PAGE, sl)
+    tmin, tmax = sp.page_minmax(k, PAGE, sl, backend="torch")
+    res["page_minmax_exact"] = bool(torch.equal(kmin, tmin) and torch.equal(kmax, tmax))
+    s = sp.quest_scores(q, kmin, kmax)
+    res["quest_scores_vs_twin"] = _rel(s, sp.quest_scores(q, kmin, kmax, backend="torch"))
+    sel = torch.topk(s, 40, dim=-1).indices.int()
+    res["quest_decode_vs_twin"] = _rel(sp.block_sparse_decode(q, k, v, sel, PAGE, sl),
+                                       sp.block_sparse_decode(q, k, v, sel, PAGE, sl,
+                                                              backend="torch"))
+    km = sp.block_means(k, 256, sl)
+    res["block_means_vs_twin"] = _rel(km, sp.block_means(k, 256, sl, backend="torch"))
+    pos = torch.tensor([T - 1], device=dev)
+    i1 = sp.moba_gate_topk(q[:, :, None], km, 256, 4, pos)
+    i2 = sp.moba_gate_topk(q[:, :, None], km, 256, 4, pos, backend="torch")
+    res["moba_gate_equal_twin"] = bool(torch.equal(i1, i2))
+    # prefill: full top-k equals causal dense; small top-k equals the twin
+    Tp = 2048 + 19
+    qp = torch.randn(1, 8, Tp, D, device=dev, dtype=dtype, generator=g)
+    kp = torch.randn(1, 8, Tp, D, device=dev, dtype=dtype, generator=g)
+    vp = torch.randn(1, 8, Tp, D, device=dev, dtype=dtype, generator=g)
+    res["moba_prefill_fulltopk_vs_causal"] = _rel(
+        sp.moba_prefill(qp, kp, vp, 256, 9), F.scaled_dot_product_attention(qp, kp, vp,
+                                                                            is_causal=True))
+    res["moba_prefill_vs_twin"] = _rel(sp.moba_prefill(qp, kp, vp, 256, 3),
+                                       sp.moba_prefill(qp, kp, vp, 256, 3, backend="torch"))
+    qw = torch.randn(B, H, 64, D, device=dev, dtype=dtype, generator=g)
+    res["snapkv_vs_twin"] = _rel(sp.snapkv_votes(qw, k), sp.snapkv_votes(qw, k, backend="torch"))
+    tol = 2e-2
+    res["ok"] = all((v is True) or (isinstance(v, float) and v < tol) for v in res.values())
+    return res
+
+
+def run_decode(dev, dtype, B, T, budgets, graphs):
+    g = torch.Generator(device=dev).manual_seed(1)
+    k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+    q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
+    q4 = q[:, :, None]
+    rows = []
+    kv_bytes = 2 * k.numel() * k.element_size()
+    t_dense = _bench(lambda: F.scaled_dot_product_attention(q4, k, v))
+    rows.append(dict(B=B, T=T, method="dense_sdpa", budget=1.0, ms=t_dense,
+                     GBps=kv_bytes / t_dense / 1e6))
+    t_ours = _bench(lambda: sp.dilated_decode(q, k, v, 1, 0, 0))
+    rows.append(dict(B=B, T=T, method="dense_ours_splitk", budget=1.0, ms=t_ours,
+                     GBps=kv_bytes / t_ours / 1e6))
+    kmin, kmax = sp.page_minmax(k, PAGE)
+    km = sp.block_means(k, MOBA_BLOCK)
+    pos = torch.tensor([T - 1], device=dev)
+    full = torch.arange(T // PAGE, device=dev, dtype=torch.int32).expand(B, H, -1).contiguous()
+    # correctness at the real shape: all pages == dense
+    dense_out = F.scaled_dot_product_attention(q4, k, v)[:, :, 0]
+    err_full = _rel(sp.block_sparse_decode(q, k, v, full, PAGE), dense_out)
+    rows.append(dict(B=B, T=T, method="check_full_budget_rel_err", budget=1.0, value=err_full))
+    for bud in budgets:
+        n_pages = int(T * bud) // PAGE
+        topk = max(1, int(T * bud) // MOBA_BLOCK)
+
+        def quest():
+            s = sp.quest_scores(q, kmin, kmax)
+            idx = torch.topk(s, n_pages, dim=-1, sorted=False).indices.int()
+            return sp.block_sparse_decode(q, k, v, idx, PAGE)
+
+        def quest_select():
+            s = sp.quest_scores(q, kmin, kmax)
+            return torch.topk(s, n_pages, dim=-1, sorted=False).indices.int()
+
+        def moba():
+            idx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0]
+            return sp.block_sparse_decode(q, k, v, idx, MOBA_BLOCK)
+
+        sel = quest_select()
+        t_attn = _bench(lambda: sp.block_sparse_decode(q, k, v, sel, PAGE))
+        midx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0].contiguous()
+        t_mattn = _bench(lambda: sp.block_sparse_decode(q, k, v, midx, MOBA_BLOCK))
+        entries = [("quest_total", quest), ("quest_select_only", quest_select),
+                   ("moba_total", moba)]
+        for name, fn in entries:
+            t = _bench(fn)
+            row = dict(B=B, T=T, method=name, budget=bud, ms=t, speedup_vs_sdpa=t_dense / t)
+            if graphs:
+                try:
+                    tg = _bench(fn, graph=True)
+                    row.update(ms_graph=tg, speedup_vs_sdpa_graph=t_dense / tg)
+                except Exception as e:  # noqa: BLE001
+                    row["graph_error"] = repr(e)[:200]
+            rows.append(row)
+        rows.append(dict(B=B, T=T, method="quest_attn_only", budget=bud, ms=t_attn,
+                         speedup_vs_sdpa=t_dense / t_attn, pages=n_pages))
+        rows.append(dict(B=B, T=T, method="moba_attn_only", budget=bud, ms=t_mattn,
+                         speedup_vs_sdpa=t_dense / t_mattn, topk=topk, block=MOBA_BLOCK))
+    del k, v, kmin, kmax
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run_snapkv(dev, dtype, B, T, W=64):
+    g = torch.Generator(device=dev).manual_seed(2)
+    k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+    qw = torch.randn(B, H, W, D, device=dev, dtype=dtype, generator=g)
+    torch.cuda.synchronize()
+    out = {}
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    votes = sp.snapkv_votes(qw, k)
+    torch.cuda.synchronize()
+    out["ours_peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out["votes_MiB"] = votes.numel() * 4 / 2**20
+    out["ours_ms"] = _bench(lambda: sp.snapkv_votes(qw, k))
+
+    def naive():
+        s = torch.einsum("bhwd,bhtd->bhwt", qw.float(), k.float()) * D ** -0.5
+        s = s.masked_fill(torch.arange(T, device=dev)[None, :] > torch.arange(T - W, T, device=dev)[:, None],
+                          float("-inf"))
+        return torch.softmax(s, -1).sum(2)
+
+    try:
+        del votes
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ref = naive()
+        torch.cuda.synchronize()
+        out["materialised_peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["rel_err_vs_materialised"] = _rel(sp.snapkv_votes(qw, k), ref)
+        del ref
+        out["materialised_ms"] = _bench(naive)
+    except torch.cuda.OutOfMemoryError:
+        out["materialised"] = "out of memory"
+    torch.cuda.empty_cache()
+    return dict(B=B, T=T, W=W, **out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/sparse_decode.json")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--budgets", default="1/8,1/16,1/32")
+    ap.add_argument("--no-graphs", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/sparse_decode.py needs a CUDA GPU")
+    import triton
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    budgets = [eval(b, {}) for b in args.budgets.split(",")]  # "1/16" -> 0.0625
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=triton.__version__, python=platform.python_version(),
+                  git_commit=_git_commit(), command=" ".join([sys.executable] + sys.argv),
+                  dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    t0 = time.time()
+    result["correctness"] = correctness(dev, dtype)
+    print("correctness:", json.dumps(result["correctness"]), flush=True)
+    save()
+    result["decode"] = []
+    for T in [int(x) for x in args.contexts.split(",")]:
+        for B in [int(x) for x in args.batches.split(",")]:
+            rows = run_decode(dev, dtype, B, T, budgets, not args.no_graphs)
+            result["decode"].extend(rows)
+            save()
+            for r in rows:
+                print(json.dumps(r), flush=True)
+    result["snapkv"] = []
+    for B in (1, 8):
+        try:
+            r = run_snapkv(dev, dtype, B, 131072)
+        except torch.cuda.OutOfMemoryError as e:
+            r = dict(B=B, T=131072, error=repr(e)[:200])
+        result["snapkv"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+    result["wall_s"] = time.time() - t0
+    save()
+    # table
+    print(f"\n{'B':>2} {'T':>7} {'method':<22} {'budget':>7} {'ms':>8} {'ms_graph':>9} {'x dense':>8}")
+    for r in result["decode"]:
+        if "ms" not in r:
+            print(f"{r['B']:>2} {r['T']:>7} {r['method']:<22} {r['budget']:>7.4f} {r['value']:.2e}")
+            continue
+        print(f"{r['B']:>2} {r['T']:>7} {r['method']:<22} {r['budget']:>7.4f} {r['ms']:>8.4f} "
+              f"{r.get('ms_graph', float('nan')):>9.4f} {r.get('speedup_vs_sdpa', 1.0):>8.2f}")
+    for r in result["snapkv"]:
+        print("snapkv", json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
