@@ -441,9 +441,17 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 # --------------------------------------------------------------------------------------------
 # launchers
 
-_DEFAULTS = {"kernel": "rows", "schedule": "auto", "chain_below": 16}
-_KERNEL_DEFAULTS = {"rows": {"BT": 16, "BD": 32, "num_warps": 1},
-                    "scan": {"BT": 64, "BD": 32, "num_warps": 4}}
+# Defaults from bench/results/scan.json (H200, bf16, 32 heads x 128): the "scan" kernel is the
+# one measured there; forward: chained BT32 BD64 w2 was fastest at batch 1 and 8; backward:
+# BT64 BD32 w4, chained at batch 1 and loop at batch 8 (chain_below = 4 x SMs channel blocks).
+# The "rows" kernels pass every CPU test and ran on the GPU (forward) but are not yet timed there.
+_DEFAULTS = {"kernel": "scan", "schedule": "auto", "chain_below": 4}
+_KERNEL_DEFAULTS = {
+    ("rows", "fwd"): {"BT": 16, "BD": 32, "num_warps": 1},
+    ("rows", "bwd"): {"BT": 16, "BD": 32, "num_warps": 1},
+    ("scan", "fwd"): {"BT": 32, "BD": 64, "num_warps": 2, "schedule": "chained"},
+    ("scan", "bwd"): {"BT": 64, "BD": 32, "num_warps": 4},
+}
 
 
 def _interpreting() -> bool:
@@ -468,12 +476,12 @@ def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return y.permute(inv)
 
 
-def _plan(batch: int, T: int, H: int, D: int, device, opts: dict):
+def _plan(batch: int, T: int, H: int, D: int, device, opts: dict, direction: str):
     given = {k: v for k, v in opts.items() if v is not None}
     kernel = given.get("kernel", _DEFAULTS["kernel"])
-    if kernel not in _KERNEL_DEFAULTS:
-        raise ValueError(f"kernel must be one of {tuple(_KERNEL_DEFAULTS)}, got {kernel!r}")
-    cfg = {**_DEFAULTS, **_KERNEL_DEFAULTS[kernel], **given}
+    if (kernel, direction) not in _KERNEL_DEFAULTS:
+        raise ValueError(f"kernel must be 'scan' or 'rows', got {kernel!r}")
+    cfg = {**_DEFAULTS, **_KERNEL_DEFAULTS[(kernel, direction)], **given}
     BD = min(cfg["BD"], triton.next_power_of_2(D))
     BT = cfg["BT"]
     NDB = triton.cdiv(D, BD)
@@ -531,7 +539,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     B, T, H, D = k.shape
     dev = k.device
     cu, seq_idx, N, empty = _varlen_index(cu_seqlens, B, T, dev)
-    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts)
+    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts, "fwd")
     ok = _empty_like_layout(k)
     ov = _empty_like_layout(v)
     has_h0 = h0k is not None
@@ -561,7 +569,7 @@ def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None
     B, T, H, D = k.shape
     dev = k.device
     cu, seq_idx, N, empty = aux
-    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts)
+    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts, "bwd")
     if dok is None:
         dok = torch.zeros((), dtype=k.dtype, device=dev).expand(k.shape)
     if dov is None:
@@ -622,8 +630,9 @@ class MemoryScanFunction(torch.autograd.Function):
 def memory_scan_fused(g_logits, k, v, initial_state: State | None = None, cu_seqlens=None,
                       output_final_state: bool = False, **opts):
     """Triton twin of ``memory_scan_torch`` (same arguments and returns); ``opts`` tune the
-    launch: kernel ('rows' | 'scan'), BT, BD, num_warps, schedule ('auto' | 'loop' | 'chained'),
-    chain_below."""
+    launch of both directions: kernel ('scan' | 'rows'), BT, BD, num_warps, schedule
+    ('auto' | 'loop' | 'chained'), chain_below. Without opts each direction takes its measured
+    defaults (_KERNEL_DEFAULTS)."""
     if g_logits.shape != k.shape or v.shape != k.shape or k.dim() != 4:
         raise ValueError(f"g_logits, k and v must share one [batch, seq, heads, dim] shape, got "
                          f"{tuple(g_logits.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
