@@ -141,10 +141,13 @@ log "recipe $RECIPE, overrides: ${overrides[*]:-(none)}"
 cpt=()
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && cpt=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 trainer=(-m ratplus_megatron.train --config "$RECIPE" "${overrides[@]}")
+# every task says where it runs, then becomes the Python process (signals reach it directly)
+announce='echo "[rank ${RANK:-$SLURM_PROCID}/${WORLD_SIZE:-$SLURM_NTASKS}] $(hostname -s) local ${SLURM_LOCALID:-0} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"; exec "$@"'
+
 case "$LAUNCHER" in
   srun)
     # one task per GPU (per rank on CPU); a failing rank ends the step
-    srun --kill-on-bad-exit=1 "${cpt[@]}" "$PYTHON" -u "${trainer[@]}" &
+    srun --kill-on-bad-exit=1 "${cpt[@]}" bash -c "$announce" _ "$PYTHON" -u "${trainer[@]}" &
     forward_sig=USR1 ;;
   torchrun)
     srun --kill-on-bad-exit=1 --ntasks="$NNODES" --ntasks-per-node=1 \
@@ -180,6 +183,12 @@ while :; do
   fi
   break
 done
+# The trainer leaves SAVE_DIR/requeue_requested when a signal stopped it; none and exit 0 means that
+# it had finished anyway. A failed step after a signal (e.g. killed while starting up) is requeued too.
+if [ -n "$got_signal" ] && [ "$rc" -eq 0 ] && [ -n "${SAVE_DIR:-}" ] && [ ! -e "$SAVE_DIR/requeue_requested" ]; then
+  log "SIG$got_signal arrived but training had finished (no $SAVE_DIR/requeue_requested): not requeueing"
+  got_signal=""
+fi
 if [ -n "$got_signal" ]; then
   log "training step ended (exit $rc) after SIG$got_signal: requeueing job $SLURM_JOB_ID"
   if scontrol requeue "$SLURM_JOB_ID"; then
