@@ -264,27 +264,34 @@ def test_tp2_trainer_checkpoint_exports_like_tp1(tmp_path):
     assert convert("hf-to-mcore", "--hf-dir", hf, "--out-dir", tmp_path / "mc", "--dtype", "fp32") == 0
     assert convert("mcore-to-hf", "--ckpt-dir", tmp_path / "mc", "--out-dir", tmp_path / "tp1") == 0
 
-    trainer = tmp_path / "trainer"
+    trainer, prefixed = tmp_path / "trainer", tmp_path / "prefixed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           __file__, str(tmp_path / "mc"), str(trainer)],
+                           __file__, str(tmp_path / "mc"), str(trainer), str(prefixed)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (trainer / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
 
-    # the trainer directory has no ratplus_meta.json: without --config that is a clear error
-    assert convert("mcore-to-hf", "--ckpt-dir", trainer, "--out-dir", tmp_path / "x") == 2
-    assert convert("mcore-to-hf", "--ckpt-dir", trainer, "--out-dir", tmp_path / "tp2",
-                   "--config", tmp_path / "mc" / "ratplus_meta.json") == 0
+    # the trainer's layout: model config from iter_0000007/trainer_state.json, no ratplus_meta.json
+    assert convert("mcore-to-hf", "--ckpt-dir", trainer, "--out-dir", tmp_path / "tp2") == 0
     assert_same_tensors(read_hf_weights(tmp_path / "tp2"), read_hf_weights(tmp_path / "tp1"))
     assert_same_tensors(read_hf_weights(tmp_path / "tp2"), weights)
+    assert json.loads((tmp_path / "tp2" / "config.json").read_text())["memory_gate_bias"] is True
+    # model tensors under a key prefix, no tracker file (highest iter_*), config from --config
+    assert convert("mcore-to-hf", "--ckpt-dir", prefixed, "--out-dir", tmp_path / "pre") == 2
+    assert convert("mcore-to-hf", "--ckpt-dir", prefixed, "--out-dir", tmp_path / "pre",
+                   "--config", tmp_path / "mc" / "ratplus_meta.json") == 0
+    assert_same_tensors(read_hf_weights(tmp_path / "pre"), weights)
 
 
-def tp_worker(ckpt: Path, trainer: Path) -> None:
-    """Load the TP=1 checkpoint at TP=2, save it like a trainer: iter_0000007/, tracker file, the model
-    under the key prefix 'model.' and an optimizer-like tensor whose key also ends in the embedding's."""
+def tp_worker(ckpt: Path, trainer: Path, prefixed: Path) -> None:
+    """Load the TP=1 checkpoint at TP=2 and save it twice. ``trainer``: like ratplus_megatron.train
+    ({"model": ..., "optimizer": ...} in iter_0000007/, trainer_state.json with the model config, the
+    tracker file; an unfinished iter_0000009/). ``prefixed``: the model under the key prefix 'model.'
+    in iter_0000003/, no tracker, no config. Both hold an optimizer-like tensor whose key also ends in
+    the embedding's."""
     import faulthandler
 
     faulthandler.dump_traceback_later(240, exit=True)
@@ -294,24 +301,39 @@ def tp_worker(ckpt: Path, trainer: Path) -> None:
     from ratplus_megatron.model import build_model, to_transformer_config
     from ratplus_megatron.parallel import init_parallel
 
+    # dist_checkpointing.save keeps one multiprocessing Manager per process, spawned by default (which
+    # re-imports this file and torch); a forked one costs nothing and is all a test needs.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue("fork")
+
     cfg = model_config_from_dict(json.loads((ckpt / "ratplus_meta.json").read_text())["model"])
     rank, _ = init_parallel(tp=2, pp=1)
     model = build_model(cfg, to_transformer_config(cfg, tp=2, perform_initialization=False), use_te=False)
     missing, unexpected = model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt)),
                                                 strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-    sharded = model.sharded_state_dict(prefix="model.")
-    emb = sharded["model.embedding.word_embeddings.weight"]
-    decoy = dataclasses.replace(emb, key="optimizer.state.exp_avg." + emb.key, data=torch.zeros_like(emb.data))
+
+    def save(path: Path, prefix: str):
+        sharded = model.sharded_state_dict(prefix=prefix)
+        emb = sharded[prefix + "embedding.word_embeddings.weight"]
+        decoy = dataclasses.replace(emb, key="optimizer.state.exp_avg." + emb.key, data=torch.ones_like(emb.data))
+        if rank == 0:
+            path.mkdir(parents=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save({"model": sharded, "optimizer": {"exp_avg": decoy}, "iteration": 7}, str(path))
+        torch.distributed.barrier()
+
+    save(trainer / "iter_0000007", "")
+    save(prefixed / "iter_0000003", "model.")
     if rank == 0:
-        (trainer / "iter_0000007").mkdir(parents=True)
         (trainer / "iter_0000009").mkdir()  # an unfinished save: the tracker file wins
-    torch.distributed.barrier()
-    dist_checkpointing.save({"model": sharded, "optimizer": {"exp_avg": decoy}, "iteration": 7},
-                            str(trainer / "iter_0000007"))
-    torch.distributed.barrier()
-    if rank == 0:
-        (trainer / "latest_checkpointed_iteration.txt").write_text("7")
+        section = {"preset": "tiny", "use_te": None, "memory": dataclasses.asdict(cfg.memory),
+                   **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "memory"}}
+        (trainer / "iter_0000007" / "trainer_state.json").write_text(
+            json.dumps({"iteration": 7, "config": {"model": section}}))
+        (trainer / "latest_checkpointed_iteration.txt").write_text("7\n")
+        (prefixed / "iter_0000001").mkdir()  # older, and no checkpoint in it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,4 +470,4 @@ def test_prefix_detection():
 
 if __name__ == "__main__":  # torchrun worker of test_tp2_trainer_checkpoint_exports_like_tp1
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    tp_worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    tp_worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

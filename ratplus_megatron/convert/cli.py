@@ -16,8 +16,9 @@ It accepts (see `resolve_checkpoint_dir`):
 The model's tensors may sit under a key prefix in the trainer's sharded state dict (e.g. `model.`):
 the prefix is read from the checkpoint metadata as the shortest key prefix in front of
 `embedding.word_embeddings.weight` (optimizer states carry longer prefixes such as
-`optimizer.state.exp_avg.`). The ModelConfig comes from `ratplus_meta.json` in the iteration
-directory, else in the root directory, else from --config.
+`optimizer.state.exp_avg.`). The ModelConfig comes from --config if given, else `ratplus_meta.json`
+in the iteration directory or the root directory, else the `config.model` section of the trainer's
+`iter_*/trainer_state.json`. Token ids (bos/eos/pad) come from ratplus_meta.json, else from the tokenizer.
 
 Errors a user can fix (missing files, wrong shapes, unknown architectures, parallel sizes that do not
 divide the model) print one line and exit with status 2.
@@ -42,6 +43,7 @@ from .mapping import config_from_hf, config_to_hf, hf_shapes, hf_to_mcore, mcore
 META_FILE = "ratplus_meta.json"
 META_FORMAT = "ratplus-megatron-checkpoint"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TRAINER_STATE_FILE = "trainer_state.json"  # written by ratplus_megatron.train into each iter_*/
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -338,8 +340,27 @@ def _read_meta(root: Path, ckpt: Path, config: str | None) -> dict:
     for path in (ckpt / META_FILE, root / META_FILE):
         if path.is_file():
             return json.loads(path.read_text())
-    raise ConvertError(f"no {META_FILE} in {ckpt} or {root}: pass --config (a {META_FILE} or the HF config.json "
-                       "of the model the checkpoint was made from)")
+    state = ckpt / TRAINER_STATE_FILE
+    if state.is_file():
+        model = (json.loads(state.read_text()).get("config") or {}).get("model")
+        if model:
+            return {"model": dataclasses.asdict(_model_config_from_trainer(model)), "token_ids": {}}
+    raise ConvertError(f"no {META_FILE} in {ckpt} or {root} and no model config in {TRAINER_STATE_FILE}: pass "
+                       f"--config (a {META_FILE} or the HF config.json of the model the checkpoint was made from)")
+
+
+def _model_config_from_trainer(section: Mapping) -> ModelConfig:
+    """The trainer's `model:` section (a preset, field overrides where not null, the memory switches)."""
+    from ..config import preset
+
+    section = dict(section)
+    name = section.pop("preset", None)
+    mem = section.pop("memory", None) or {}
+    section.pop("use_te", None)
+    overrides = {k: v for k, v in section.items() if v is not None}
+    if name is None:
+        return model_config_from_dict({**overrides, "memory": mem})
+    return preset(name, memory=MemoryConfig(**mem), **overrides)
 
 
 def detect_prefix(keys) -> str:
@@ -421,6 +442,17 @@ def write_hf_weights(pairs, out: Path, dtype: torch.dtype, max_bytes: int, total
     return grand
 
 
+def _token_ids_from_tokenizer(path: Path) -> dict:
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a tokenizer we cannot read only costs the token ids
+        print(f"warning: could not read the tokenizer for bos/eos/pad ids: {e}", file=sys.stderr)
+        return {}
+    return {k: getattr(tok, k, None) for k in TOKEN_ID_KEYS}
+
+
 def write_hf_config(cfg: ModelConfig, token_ids: Mapping | None, dtype: torch.dtype, out: Path) -> None:
     """config.json + generation_config.json (+ the modeling files and auto_map for the memory model)."""
     from transformers import GenerationConfig, Olmo2Config
@@ -459,7 +491,6 @@ def mcore_to_hf_command(args) -> Path:
         total = len(hf_shapes(cfg))
         write_hf_weights(mcore_to_hf(state, cfg), tmp, dtype, max_bytes, total, args.quiet)
         del state, model
-        write_hf_config(cfg, meta.get("token_ids"), dtype, tmp)
         sources = [Path(args.tokenizer)] if args.tokenizer else [ckpt / "tokenizer", root / "tokenizer"]
         copied = []
         for src in sources:
@@ -468,6 +499,10 @@ def mcore_to_hf_command(args) -> Path:
                 break
         if not copied:
             print("warning: no tokenizer files written (pass --tokenizer DIR)", file=sys.stderr)
+        token_ids = meta.get("token_ids") or {}
+        if copied and not any(token_ids.get(k) is not None for k in TOKEN_ID_KEYS):
+            token_ids = _token_ids_from_tokenizer(tmp)
+        write_hf_config(cfg, token_ids, dtype, tmp)
         _finish_out_dir(tmp, out)
     finally:
         if tmp.exists():
