@@ -28,6 +28,15 @@ fi
 
 echo "install_system_deps.sh: installing slurm-wlm and munge (missing: ${need[*]})" >&2
 export DEBIAN_FRONTEND=noninteractive
+# The packages' maintainer scripts would start munge/slurmctld/slurmd as system services (and fail
+# without a slurm.conf in containers): forbid service starts during the install, as Debian's
+# policy-rc.d interface allows; scripts/local_slurm.sh starts the daemons itself.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\n# temporary, from install_system_deps.sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  trap '$SUDO rm -f "$policy"' EXIT
+fi
 $SUDO apt-get update -qq
 # --no-install-recommends: the daemons and client commands only (no docs, no mail server).
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -39,7 +39,7 @@
 # No GPUs: the script checks for CUDA devices (nvidia-smi) and, without any, runs the same trainer on
 # CPU (gloo; the tasks share the cores, OMP threads split between them). The GPU request of the
 # header still has to be satisfiable: scripts/local_slurm.sh declares nominal GPUs for that; on
-# another CPU-only cluster add `--gpus-per-node=0` (or --gres=none) and small --cpus-per-task/--mem.
+# another CPU-only cluster add `--gpus-per-node=0` and a --cpus-per-task that fits its nodes.
 #
 #SBATCH --job-name=olmo2-pretrain
 #SBATCH --nodes=1
@@ -102,6 +102,8 @@ NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 NTASKS=${SLURM_NTASKS:-1}
 TASKS_PER_NODE=$(( NTASKS / NNODES ))
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# a one-node job on a host whose name does not resolve (some containers): loopback will do
+if [ "$NNODES" -eq 1 ] && ! getent hosts "$MASTER_ADDR" >/dev/null 2>&1; then MASTER_ADDR=127.0.0.1; fi
 MASTER_PORT=${MASTER_PORT:-$(( 29500 + SLURM_JOB_ID % 20000 ))}
 export MASTER_ADDR MASTER_PORT
 
@@ -150,13 +152,14 @@ case "$LAUNCHER" in
     srun --kill-on-bad-exit=1 "${cpt[@]}" bash -c "$announce" _ "$PYTHON" -u "${trainer[@]}" &
     forward_sig=USR1 ;;
   torchrun)
+    # torchrun itself ignores USR1 (an ignored signal stays ignored across exec; the trainer installs
+    # its own handler), so that the signal reaches the workers and not a dying launcher
     srun --kill-on-bad-exit=1 --ntasks="$NNODES" --ntasks-per-node=1 \
       --cpus-per-task=$(( ${SLURM_CPUS_PER_TASK:-1} * TASKS_PER_NODE )) \
-      "$PYTHON" -u -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$TASKS_PER_NODE" \
+      bash -c 'trap "" USR1; exec "$@"' _ "$PYTHON" -u -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$TASKS_PER_NODE" \
       --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
       "${trainer[@]}" &
-    # torchrun dies on USR1 and passes SIGTERM on to its workers (they get ~30 s before SIGKILL)
-    forward_sig=TERM ;;
+    forward_sig=USR1 ;;
   *) die "LAUNCHER must be srun or torchrun, got '$LAUNCHER'" ;;
 esac
 step_pid=$!
@@ -167,8 +170,13 @@ on_signal() {
   [ -n "$got_signal" ] && return
   got_signal=$1
   log "received SIG$1: forwarding SIG$forward_sig to the training tasks (they save a checkpoint and exit)"
-  # srun passes the signal on to every task of the step, on every node
-  kill -s "$forward_sig" "$step_pid" 2>/dev/null || true
+  if [ "$LAUNCHER" = srun ]; then
+    # srun passes the signal on to every task of the step, on every node
+    kill -s "$forward_sig" "$step_pid" 2>/dev/null || true
+  else
+    # every process of the job's steps on every node (torchrun's workers included), not this shell
+    scancel --signal="$forward_sig" "$SLURM_JOB_ID" || kill -s "$forward_sig" "$step_pid" 2>/dev/null || true
+  fi
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
