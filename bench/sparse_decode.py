@@ -3,8 +3,8 @@
 32 heads x 128 (MHA, OLMo2-7B's attention), bf16, batch 1 and 8, contexts 32K and 128K, budgets
 1/8, 1/16, 1/32 of the context:
 
-* quest: page_minmax metadata precomputed (page 16); timed: quest_scores + torch.topk +
-  block_sparse_decode (per-query-head pages);
+* quest: page_minmax metadata precomputed (page 16); timed: quest_scores + select_topk (our
+  bisection top-k; torch.topk as a variant) + block_sparse_decode (per-query-head pages);
 * moba: block means precomputed (block 512); timed: moba_gate_topk (own block + top-(k-1)) +
   block_sparse_decode;
 * attention alone: block_sparse_decode over a fixed selection (no selection cost), and our
@@ -133,8 +133,11 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
     t_dense = _bench(lambda: F.scaled_dot_product_attention(q4, k, v))
     rows.append(dict(B=B, T=T, method="dense_sdpa", budget=1.0, ms=t_dense,
                      GBps=kv_bytes / t_dense / 1e6))
-    t_ours = _bench(lambda: sp.dilated_decode(q, k, v, 1, 0, 0))
-    rows.append(dict(B=B, T=T, method="dense_ours_splitk", budget=1.0, ms=t_ours,
+    t_dense_g = _bench(lambda: F.scaled_dot_product_attention(q4, k, v), graph=True)
+    rows.append(dict(B=B, T=T, method="dense_sdpa_graph", budget=1.0, ms=t_dense_g,
+                     GBps=kv_bytes / t_dense_g / 1e6))
+    t_ours = _bench(lambda: sp.dilated_decode(q, k, v, 1, 0, 0), graph=True)
+    rows.append(dict(B=B, T=T, method="dense_ours_splitk_graph", budget=1.0, ms=t_ours,
                      GBps=kv_bytes / t_ours / 1e6))
     kmin, kmax = sp.page_minmax(k, PAGE)
     km = sp.block_means(k, MOBA_BLOCK)
@@ -150,23 +153,30 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
 
         def quest():
             s = sp.quest_scores(q, kmin, kmax)
+            return sp.block_sparse_decode(q, k, v, sp.select_topk(s, n_pages), PAGE)
+
+        def quest_torchtopk():
+            s = sp.quest_scores(q, kmin, kmax)
             idx = torch.topk(s, n_pages, dim=-1, sorted=False).indices.int()
             return sp.block_sparse_decode(q, k, v, idx, PAGE)
 
         def quest_select():
-            s = sp.quest_scores(q, kmin, kmax)
-            return torch.topk(s, n_pages, dim=-1, sorted=False).indices.int()
+            return sp.select_topk(sp.quest_scores(q, kmin, kmax), n_pages)
+
+        def quest_scores_only():
+            return sp.quest_scores(q, kmin, kmax)
 
         def moba():
             idx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0]
             return sp.block_sparse_decode(q, k, v, idx, MOBA_BLOCK)
 
         sel = quest_select()
-        t_attn = _bench(lambda: sp.block_sparse_decode(q, k, v, sel, PAGE))
         midx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0].contiguous()
-        t_mattn = _bench(lambda: sp.block_sparse_decode(q, k, v, midx, MOBA_BLOCK))
-        entries = [("quest_total", quest), ("quest_select_only", quest_select),
-                   ("moba_total", moba)]
+        entries = [("quest_total", quest), ("quest_total_torch_topk", quest_torchtopk),
+                   ("quest_select_only", quest_select), ("quest_scores_only", quest_scores_only),
+                   ("moba_total", moba),
+                   ("quest_attn_only", lambda: sp.block_sparse_decode(q, k, v, sel, PAGE)),
+                   ("moba_attn_only", lambda: sp.block_sparse_decode(q, k, v, midx, MOBA_BLOCK))]
         for name, fn in entries:
             t = _bench(fn)
             row = dict(B=B, T=T, method=name, budget=bud, ms=t, speedup_vs_sdpa=t_dense / t)
@@ -176,14 +186,61 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
                     row.update(ms_graph=tg, speedup_vs_sdpa_graph=t_dense / tg)
                 except Exception as e:  # noqa: BLE001
                     row["graph_error"] = repr(e)[:200]
+            if name.startswith("quest"):
+                row["pages"] = n_pages
+            else:
+                row.update(topk=topk, block=MOBA_BLOCK)
             rows.append(row)
-        rows.append(dict(B=B, T=T, method="quest_attn_only", budget=bud, ms=t_attn,
-                         speedup_vs_sdpa=t_dense / t_attn, pages=n_pages))
-        rows.append(dict(B=B, T=T, method="moba_attn_only", budget=bud, ms=t_mattn,
-                         speedup_vs_sdpa=t_dense / t_mattn, topk=topk, block=MOBA_BLOCK))
     del k, v, kmin, kmax
     torch.cuda.empty_cache()
     return rows
+
+
+def sweep_decode_cfg(dev, dtype):
+    """Graph-replay times of our split-K decode under launch configs; returns the best."""
+    from kernels.sparse import triton_ops as to
+    g = torch.Generator(device=dev).manual_seed(3)
+    cases = []
+    for B, T in ((1, 131072), (8, 32768)):
+        k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+        v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+        q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
+        n = T // 16 // PAGE
+        idx = torch.randperm(T // PAGE, device=dev)[:n].sort().values.int().expand(B, H, n)
+        idx = idx.contiguous()
+        cases.append((lambda q=q, k=k, v=v: sp.dilated_decode(q, k, v, 1, 0, 0)))
+        cases.append((lambda q=q, k=k, v=v, idx=idx: sp.block_sparse_decode(q, k, v, idx, PAGE)))
+    base = dict(to.DECODE_CFG)
+    out = []
+    def trial(**cfg):
+        to.DECODE_CFG.update(cfg)
+        try:
+            out.append(dict(cfg=dict(to.DECODE_CFG), ms=[_bench(c, graph=True) for c in cases]))
+        except Exception as e:  # noqa: BLE001
+            out.append(dict(cfg=dict(to.DECODE_CFG), error=repr(e)[:120]))
+
+    def best_now():
+        ok = [r for r in out if "ms" in r]
+        ref = ok[0]["ms"]
+        for r in ok:
+            r["score"] = sum(t / t0 for t, t0 in zip(r["ms"], ref)) / len(ref)
+        return min(ok, key=lambda r: r["score"])
+
+    trial(**base)
+    for bt in (32, 64, 128):
+        for nw in (4, 8):
+            for ns in (2, 3):
+                if dict(base, bt=bt, num_warps=nw, num_stages=ns) != base:
+                    trial(bt=bt, num_warps=nw, num_stages=ns, waves=base["waves"])
+    b = best_now()["cfg"]
+    for waves in (2, 8):
+        trial(**dict(b, waves=waves))
+    best = best_now()
+    to.DECODE_CFG.update(best["cfg"])
+    del cases
+    torch.cuda.empty_cache()
+    return dict(cases=["dense B1 128K", "quest1/16 B1 128K", "dense B8 32K", "quest1/16 B8 32K"],
+                default=base, best=best, all=out)
 
 
 def run_snapkv(dev, dtype, B, T, W=64):
@@ -230,6 +287,7 @@ def main():
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--budgets", default="1/8,1/16,1/32")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/sparse_decode.py needs a CUDA GPU")
@@ -250,6 +308,10 @@ def main():
     result["correctness"] = correctness(dev, dtype)
     print("correctness:", json.dumps(result["correctness"]), flush=True)
     save()
+    if not args.no_sweep:
+        result["decode_cfg_sweep"] = sweep_decode_cfg(dev, dtype)
+        print("decode cfg:", json.dumps(result["decode_cfg_sweep"]["best"]), flush=True)
+        save()
     result["decode"] = []
     for T in [int(x) for x in args.contexts.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:
@@ -270,12 +332,12 @@ def main():
     result["wall_s"] = time.time() - t0
     save()
     # table
-    print(f"\n{'B':>2} {'T':>7} {'method':<22} {'budget':>7} {'ms':>8} {'ms_graph':>9} {'x dense':>8}")
+    print(f"\n{'B':>2} {'T':>7} {'method':<24} {'budget':>7} {'ms':>8} {'ms_graph':>9} {'x dense':>8}")
     for r in result["decode"]:
         if "ms" not in r:
-            print(f"{r['B']:>2} {r['T']:>7} {r['method']:<22} {r['budget']:>7.4f} {r['value']:.2e}")
+            print(f"{r['B']:>2} {r['T']:>7} {r['method']:<24} {r['budget']:>7.4f} {r['value']:.2e}")
             continue
-        print(f"{r['B']:>2} {r['T']:>7} {r['method']:<22} {r['budget']:>7.4f} {r['ms']:>8.4f} "
+        print(f"{r['B']:>2} {r['T']:>7} {r['method']:<24} {r['budget']:>7.4f} {r['ms']:>8.4f} "
               f"{r.get('ms_graph', float('nan')):>9.4f} {r.get('speedup_vs_sdpa', 1.0):>8.2f}")
     for r in result["snapkv"]:
         print("snapkv", json.dumps(r))

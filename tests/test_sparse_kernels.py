@@ -290,3 +290,24 @@ def test_snapkv_votes(backend, dtype, G, causal):
     ref = torch.softmax(s, -1).sum(2)
     assert _rel(votes, ref) < TOL[dtype]
     assert abs(votes.sum().item() - B * Hq * W) < 1e-3 * B * Hq * W
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_topk(backend):
+    g = torch.Generator().manual_seed(26)
+    s = torch.randn(3, 2, 37, generator=g)
+    s[0, 0, 5:9] = 2.5  # ties at the threshold go to the lower indices
+    s[1, 1, :] = float("-inf")
+    s[1, 1, 3] = -7.0  # fewer finite entries than k
+    s[2, 0, 10] = float("-inf")
+    s = s.to(DEV)
+    for kk in (1, 6, 37):
+        idx = sp.select_topk(s, kk, backend=backend).cpu()
+        assert idx.dtype == torch.int32 and idx.shape == (3, 2, kk)
+        for r in range(3):
+            for h in range(2):
+                row = s[r, h].cpu().double()
+                fin = [i for i in range(37) if row[i] > -math.inf]
+                want = sorted(sorted(fin, key=lambda i: (-row[i].item(), i))[:kk])
+                got = idx[r, h].tolist()
+                assert got == want + [-1] * (kk - len(want))

@@ -15,7 +15,7 @@ from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
 
 __all__ = ["page_minmax", "quest_scores", "block_means", "moba_gate_topk", "block_sparse_decode",
            "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
-           "block_sparse_mask", "dilated_mask"]
+           "block_sparse_mask", "dilated_mask", "select_topk"]
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -74,6 +74,14 @@ def moba_gate_topk(q, kmeans, block_size, topk, q_pos, backend: str = "auto"):
     if _use_triton(backend, q, kmeans):
         return _ops().moba_gate_topk(q, kmeans, block_size, topk, q_pos)
     return naive.moba_gate_topk_torch(q, kmeans, block_size, topk, q_pos)
+
+
+def select_topk(scores, k, backend: str = "auto"):
+    """[..., N] scores -> [..., k] int32 indices of the k largest finite entries, ascending,
+    -1 padded (for Quest: ``select_topk(quest_scores(...), n_pages)`` -> block_idx)."""
+    if _use_triton(backend, scores):
+        return _ops().select_topk(scores, k)
+    return naive.select_topk_torch(scores, k)
 
 
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None,

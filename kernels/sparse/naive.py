@@ -135,6 +135,20 @@ def moba_gate_topk_torch(q, kmeans, block_size, topk, q_pos):
     return idx.to(torch.int32)
 
 
+def select_topk_torch(scores, k):
+    """[..., N] -> [..., k] int32: indices of the k largest finite scores, ascending, -1 padded
+    (fewer than k finite entries). Ties go to the lower index."""
+    N = scores.shape[-1]
+    kk = min(k, N)
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :kk]
+    ok = torch.gather(scores.float(), -1, order) > NEG_INF
+    order = torch.where(ok, order, torch.full_like(order, N))
+    idx = torch.sort(order, dim=-1).values
+    if kk < k:
+        idx = torch.nn.functional.pad(idx, (0, k - kk), value=N)
+    return torch.where(idx >= N, torch.full_like(idx, -1), idx).to(torch.int32)
+
+
 # --------------------------------------------------------------------------------------------
 # decoding
 

@@ -238,6 +238,54 @@ def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
 
 
 # --------------------------------------------------------------------------------------------
+# top-k selection by threshold bisection (Quest pages)
+
+
+@triton.jit
+def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
+    """Indices of the K largest finite entries of one row, ascending, by bisection on the
+    order-preserving int32 image of the fp32 scores (32 counting passes over registers);
+    ties at the threshold go to the lower indices."""
+    row = tl.program_id(0)
+    n = tl.arange(0, BN)
+    nm = n < N
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(nm & (x > float("-inf")), key, -2147483647 - 1)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    key64 = key.to(tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        cnt = tl.sum((key64 >= mid).to(tl.int32), axis=0)
+        ok = cnt >= K
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    gt = key64 > lo
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = key64 == lo
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    sel = (gt | (eq & (eq_rank <= K - n_gt))) & nm & (x > float("-inf"))
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
+
+
+def select_topk(scores, k):
+    """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
+    shape = scores.shape
+    N = shape[-1]
+    s = scores.float().reshape(-1, N).contiguous()
+    out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
+    BN = _p2(N)
+    if BN > 32768 or k <= 0:
+        from .naive import select_topk_torch
+        return select_topk_torch(scores, k)
+    _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=8 if BN >= 2048 else 4)
+    return out.view(*shape[:-1], k)
+
+
+# --------------------------------------------------------------------------------------------
 # split-K decoding over a virtual token list
 
 
@@ -329,6 +377,11 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
     tl.store(o_ptr + b * sob + hq * soh + d * sod, out.to(o_ptr.dtype.element_ty), mask=dm)
 
 
+# decode launch config (BT tokens per tile, warps, pipeline stages, programs per SM);
+# bench/sparse_decode.py sweeps these on the GPU and records the choice.
+DECODE_CFG = dict(bt=64, num_warps=4, num_stages=3, waves=4)
+
+
 def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=None,
                   num_splits=None, bt=None):
     B, Hq, D = q.shape
@@ -336,10 +389,11 @@ def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     G = _group(Hq, Hkv)
     scale = D ** -0.5 if scale is None else float(scale)
     sl = _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
-    BT = bt or (16 if INTERPRET else 64)
+    cfg = DECODE_CFG
+    BT = bt or (16 if INTERPRET else cfg["bt"])
     tiles = max(1, triton.cdiv(n_max, BT))
     if num_splits is None:
-        target = 4 * _n_sms(q.device)
+        target = cfg["waves"] * _n_sms(q.device)
         num_splits = max(1, min(tiles, triton.cdiv(target, B * Hq)))
     TPS = triton.cdiv(tiles, num_splits)
     S = triton.cdiv(tiles, TPS)
@@ -359,7 +413,8 @@ def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     _decode_kernel[(B * Hq, S)](
         q, k, v, idx, sl, m, l, acc, Hq, G, HSG, D, NSEL, bs, TPS, S, scale,
         chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr,
-        DILATED=dilated is not None, BT=BT, BD=_p2(D))
+        DILATED=dilated is not None, BT=BT, BD=_p2(D), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
     _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
     return out
