@@ -31,10 +31,12 @@
 # them on the command line (`sbatch --nodes=8 --time=12:00:00 --account=X --partition=Y ...`).
 #
 # Time limit and preemption: Slurm sends USR1 to this batch shell 300 s before the time limit
-# (--signal=B:USR1@300; give a longer lead for big checkpoints: `sbatch --signal=B:USR1@600`); SIGTERM
-# (preemption, scancel) is handled the same way. The shell forwards the signal to the training tasks,
-# the trainer saves a checkpoint and exits, then the shell runs `scontrol requeue $SLURM_JOB_ID`: the
-# job goes back to the queue under the same id and log file, and resumes from the checkpoint.
+# (--signal=B:USR1@300; give a longer lead for big checkpoints: `sbatch --signal=B:USR1@600`). The
+# shell forwards it to the training tasks, the trainer saves a checkpoint and exits, then the shell
+# runs `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue under the same id and log file,
+# and resumes from the checkpoint. To checkpoint and requeue by hand: `scancel --signal=USR1 --batch JOBID`.
+# SIGTERM (preemption with a grace time, scancel, the hard limit) makes the trainer save too; the job
+# is requeued only if Slurm still has it RUNNING (preemption), not after `scancel` or a timeout.
 #
 # No GPUs: the script checks for CUDA devices (nvidia-smi) and, without any, runs the same trainer on
 # CPU (gloo; the tasks share the cores, OMP threads split between them). The GPU request of the
@@ -196,6 +198,15 @@ done
 if [ -n "$got_signal" ] && [ "$rc" -eq 0 ] && [ -n "${SAVE_DIR:-}" ] && [ ! -e "$SAVE_DIR/requeue_requested" ]; then
   log "SIG$got_signal arrived but training had finished (no $SAVE_DIR/requeue_requested): not requeueing"
   got_signal=""
+fi
+# SIGTERM also comes from `scancel` and from the hard time limit: requeue only while the job is still
+# RUNNING in Slurm's eyes (preemption with a grace time), never a cancelled or timed-out one.
+if [ "$got_signal" = TERM ]; then
+  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+  if [ "$state" != RUNNING ]; then
+    log "SIGTERM with the job ${state:-in an unknown state}: not requeueing (resubmit with the same SAVE_DIR to resume)"
+    got_signal=""
+  fi
 fi
 if [ -n "$got_signal" ]; then
   log "training step ended (exit $rc) after SIG$got_signal: requeueing job $SLURM_JOB_ID"
