@@ -1,0 +1,440 @@
+"""Batched greedy decoding over HF causal LMs with sparse attention swapped in.
+
+How it works
+    A custom attention function is registered with ``transformers.AttentionInterface`` under the
+    name ``niah_sparse`` and selected with ``model.set_attn_implementation``. The model still
+    projects q/k/v (and, for the memory model, runs its memory scan and keeps the recurrent
+    state in its own cache); our function receives the new tokens' q and cached k/v and:
+
+    * appends k/v to the engine's own per-layer buffers ([B, Hkv, L, D], right-padded: row i holds
+      its own n_i valid tokens) and empties the HF cache layer again, so K/V are stored once;
+    * prefill (several query tokens): dense causal attention (quest, random, snapkv, dense),
+      MoBA's per-token block attention (``moba_prefill``) or RAT+'s dilated mask (dilated); then
+      builds the selector's metadata (Quest page min/max, MoBA block means) or compresses the
+      cache (SnapKV);
+    * decoding (one query token): refreshes the current page/block's metadata, selects, and calls
+      ``block_sparse_decode`` / ``dilated_decode`` / dense decoding on the buffers.
+
+    Prompts are right-padded; every kernel gets each row's valid length (``seq_len``), and
+    positions (RoPE) are passed explicitly, so rows of different lengths are exact. Logits are
+    computed only at the positions that are decoded (no [T, vocab] tensor at long contexts).
+
+Memory models (``Olmo2MemoryForCausalLM``): the cached k~ (post-RoPE) and v~ are the "mem"
+source. The "plain" source is captured by wrapping each attention module's ``apply_memory``: its
+inputs are k = k_norm(k_proj(h)) (before RoPE, which we then apply with the model's rotary
+embedding at the same positions) and v = v_proj(h). For stock models the cache is "plain".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import kernels.sparse as ks
+
+from .select import moba_select, quest_select, random_select, snapkv_keep
+from .spec import KVSource, MethodSpec, SpecError
+
+ATTN_NAME = "niah_sparse"
+_ACTIVE: "_Run | None" = None  # the generation the registered attention function serves
+
+
+def is_memory_model(model) -> bool:
+    return bool(getattr(model.config, "memory", False)) and any(
+        hasattr(m, "apply_memory") for m in model.modules())
+
+
+def default_source(model) -> KVSource:
+    return KVSource("mem", "mem") if is_memory_model(model) else KVSource("plain", "plain")
+
+
+def _rope(x, cos, sin):
+    """RoPE on x [B, H, T, D] exactly as the memory model (an OLMo2) applies it to q and k~."""
+    from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(x, x, cos, sin)[1]
+
+
+# ------------------------------------------------------------------------------------ run state
+
+
+@dataclass
+class _Layer:
+    """One layer's K/V buffers (compute source and, if different, selection keys) and metadata."""
+
+    kc: torch.Tensor  # [B, Hkv, L, D] compute keys
+    vc: torch.Tensor  # [B, Hkv, L, D] compute values
+    ks: torch.Tensor  # [B, Hkv, L, D] selection keys (may be kc itself)
+    meta: tuple = ()  # quest: (kmin, kmax); moba: (kmeans,)
+    n: torch.Tensor | None = None  # per-row valid length of this layer's buffers (SnapKV shrinks it)
+
+
+@dataclass
+class _Run:
+    spec: MethodSpec
+    model: object
+    cache: object
+    capacity: int  # buffer length L
+    lengths: torch.Tensor  # [B] valid tokens including the ones of the current forward
+    positions: torch.Tensor  # [B, Tq] positions of the current forward's tokens
+    memory: bool
+    generator: torch.Generator | None = None
+    layers: dict = field(default_factory=dict)
+    captured: dict = field(default_factory=dict)  # layer -> pre-scan (k, v), [B, T, H, D]
+    rope: tuple | None = None  # (cos, sin) of the current forward, for plain keys of memory models
+
+    # -------------------------------------------------------------------------- K/V sources
+
+    def _plain(self, module, key, value):
+        """Plain K (post-RoPE) and V of the new tokens, [B, Hkv, Tq, D]."""
+        if not self.memory:
+            return key, value
+        k, v = self.captured.pop(module.layer_idx)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if self.rope is None:
+            decoder = self.model.get_decoder()
+            self.rope = decoder.rotary_emb(v, self.positions)
+        cos, sin = self.rope
+        return _rope(k, cos, sin), v
+
+    def new_kv(self, module, key, value):
+        """(compute k, compute v, selection k) of the new tokens."""
+        src = self.spec.source
+        plain = self._plain(module, key, value) if (src.uses_plain and self.memory) else (key, value)
+        mem = (key, value)
+        kc, vc = plain if src.compute == "plain" else mem
+        ksel = plain[0] if src.selection == "plain" else mem[0]
+        return kc, vc, ksel
+
+    # -------------------------------------------------------------------------- buffers
+
+    def _empty_hf_layer(self, i):
+        layer = self.cache.layers[i]
+        layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def _sdpa(q, k, v, scale, causal=True, mask=None):
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+
+
+def _dilated_prefill(q, k, v, scale, chunk, window, prefix, rows=2048):
+    """Causal attention restricted to RAT+'s dilated pattern, queries in slices (bounded memory)."""
+    T = q.shape[2]
+    if chunk == 1 and window == 0 and prefix == 0:
+        return _sdpa(q, k, v, scale)
+    out = torch.empty_like(q)
+    for s0 in range(0, T, rows):
+        s1 = min(T, s0 + rows)
+        t = torch.arange(s0, s1, device=q.device)
+        mask = ks.dilated_mask(t, s1, chunk, window, prefix)  # [rows, s1]
+        out[:, :, s0:s1] = _sdpa(q[:, :, s0:s1], k[:, :, :s1], v[:, :, :s1], scale, mask=mask[None, None])
+    return out
+
+
+def _dense_decode(q, k, v, n, scale):
+    """q [B, Hq, D] over keys < n ([B]); torch SDPA with a key mask (the dense reference)."""
+    T = k.shape[2]
+    mask = (torch.arange(T, device=q.device)[None, :] < n[:, None])[:, None, None, :]
+    return _sdpa(q[:, :, None], k, v, scale, causal=False, mask=mask)[:, :, 0]
+
+
+def _refresh(fn, buf, meta, n, block):
+    """Recompute, with the kernel ``fn``, the metadata of the block holding token n-1 of each row."""
+    B, H, L, D = buf.shape
+    blk = (n - 1) // block  # [B]
+    start = blk * block
+    idx = (start[:, None] + torch.arange(block, device=buf.device)[None, :]).clamp_max(L - 1)
+    gathered = buf.gather(2, idx[:, None, :, None].expand(B, H, block, D))
+    out = fn(gathered, block, n - start)
+    out = out if isinstance(out, tuple) else (out,)
+    rows = torch.arange(B, device=buf.device)
+    for m, o in zip(meta, out):
+        m[rows, :, blk] = o[:, :, 0].to(m.dtype)
+
+
+def _build_meta(spec, layer: _Layer, layer_idx: int):
+    n = layer.n
+    T = int(n.max())
+    if spec.method == "quest" and layer_idx >= spec.quest_dense_layers:
+        kmin, kmax = ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n)
+        P = layer.ks.shape[2] // spec.page_size
+        shape = (*kmin.shape[:2], P, kmin.shape[-1])
+        mn, mx = kmin.new_zeros(shape), kmax.new_zeros(shape)
+        mn[:, :, : kmin.shape[2]], mx[:, :, : kmax.shape[2]] = kmin, kmax
+        layer.meta = (mn, mx)
+    elif spec.method == "moba":
+        means = ks.block_means(layer.ks[:, :, :T], spec.moba_block, seq_len=n)
+        NB = layer.ks.shape[2] // spec.moba_block
+        full = means.new_zeros((*means.shape[:2], NB, means.shape[-1]))
+        full[:, :, : means.shape[2]] = means
+        layer.meta = (full,)
+
+
+def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
+    """Keep top C - W prompt tokens (by window votes) + the window, per row and KV head."""
+    B, Hkv, L, D = layer.kc.shape
+    n = layer.n
+    kc, vc = torch.zeros_like(layer.kc), torch.zeros_like(layer.vc)
+    new_n = n.clone()
+    W = spec.snap_window
+    for b in range(B):
+        nb = int(n[b])
+        cap = spec.snap_capacity(nb)
+        if nb <= cap:
+            kc[b], vc[b] = layer.kc[b], layer.vc[b]
+            continue
+        q_win = query[b : b + 1, :, nb - W : nb]
+        keep = snapkv_keep(q_win, layer.ks[b : b + 1, :, :nb], cap, spec.snap_kernel, spec.snap_pool, scale,
+                           spec.per_query_head)  # [Hkv, C]
+        g = keep[:, :, None].expand(Hkv, keep.shape[1], D)
+        kc[b, :, : keep.shape[1]] = layer.kc[b].gather(1, g)
+        vc[b, :, : keep.shape[1]] = layer.vc[b].gather(1, g)
+        new_n[b] = keep.shape[1]
+    layer.kc, layer.vc, layer.ks, layer.n = kc, vc, kc, new_n
+
+
+def _nsel(spec, n, block):
+    return spec.blocks_at(int(n.max()), block)
+
+
+def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function. query [B, Hq, Tq, D]; key/value: the new tokens' cached
+    k/v [B, Hkv, Tq, D] (the HF cache is emptied after each call). Returns ([B, Tq, Hq, D], None)."""
+    run = _ACTIVE
+    if run is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' called outside eval.engine generation")
+    spec, i = run.spec, module.layer_idx
+    B, Hq, Tq, D = query.shape
+    scale = scaling if scaling is not None else D ** -0.5
+    kc_new, vc_new, ks_new = run.new_kv(module, key, value)
+    run._empty_hf_layer(i)
+
+    if i not in run.layers:  # prefill: the buffers start here
+        if Tq == 1:
+            raise RuntimeError("first forward of a generation must be the prompt")
+        L = run.capacity
+        shape = (B, kc_new.shape[1], L, D)
+        kc, vc = kc_new.new_zeros(shape), vc_new.new_zeros(shape)
+        kc[:, :, :Tq], vc[:, :, :Tq] = kc_new, vc_new
+        if ks_new is kc_new:
+            ksel = kc
+        else:
+            ksel = ks_new.new_zeros(shape)
+            ksel[:, :, :Tq] = ks_new
+        layer = run.layers[i] = _Layer(kc, vc, ksel, n=run.lengths.clone())
+        qk, qv = kc[:, :, :Tq], vc[:, :, :Tq]
+        if spec.method == "moba":
+            topk = _nsel(spec, layer.n, spec.moba_block)
+            out = ks.moba_prefill(query, qk, qv, spec.moba_block, topk, scale=scale)
+        elif spec.method == "dilated":
+            out = _dilated_prefill(query, qk, qv, scale, spec.dilated_chunk(int(layer.n.max())),
+                                   spec.dilated_window, spec.dilated_prefix)
+        else:
+            out = _sdpa(query, qk, qv, scale)
+        if spec.method == "snapkv":
+            _snapkv_compress(spec, run, layer, query, scale)
+        _build_meta(spec, layer, i)
+        return out.transpose(1, 2).contiguous(), None
+
+    # decoding: one new token per row, appended at the row's own position
+    if Tq != 1:
+        raise RuntimeError("after the prompt, decode one token at a time")
+    layer = run.layers[i]
+    layer.n = layer.n + 1
+    n, rows = layer.n, torch.arange(B, device=query.device)
+    layer.kc[rows, :, n - 1] = kc_new[:, :, 0]
+    layer.vc[rows, :, n - 1] = vc_new[:, :, 0]
+    if layer.ks is not layer.kc:
+        layer.ks[rows, :, n - 1] = ks_new[:, :, 0]
+    T = int(n.max())
+    q = query[:, :, 0]
+    k, v = layer.kc[:, :, :T], layer.vc[:, :, :T]
+    m = spec.method
+    if m == "dense" or (m == "quest" and i < spec.quest_dense_layers) or (m == "random" and i < spec.random_dense_layers) \
+            or m == "snapkv":
+        out = _dense_decode(q, k, v, n, scale)
+    elif m == "dilated":
+        out = ks.dilated_decode(q, k, v, spec.dilated_chunk(T), spec.dilated_window, spec.dilated_prefix,
+                                seq_len=n, scale=scale)
+    elif m == "quest":
+        _refresh(ks.page_minmax, layer.ks, layer.meta, n, spec.page_size)
+        P = -(-T // spec.page_size)
+        kmin, kmax = (x[:, :, :P] for x in layer.meta)
+        idx = quest_select(q, kmin, kmax, n, spec.page_size, _nsel(spec, n, spec.page_size),
+                           spec.quest_force_current, spec.per_query_head)
+        out = ks.block_sparse_decode(q, k, v, idx, spec.page_size, seq_len=n, scale=scale)
+    elif m == "moba":
+        _refresh(ks.block_means, layer.ks, layer.meta, n, spec.moba_block)
+        NB = -(-T // spec.moba_block)
+        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, _nsel(spec, n, spec.moba_block),
+                          spec.per_query_head)
+        out = ks.block_sparse_decode(q, k, v, idx, spec.moba_block, seq_len=n, scale=scale)
+    elif m == "random":
+        H = Hq if spec.per_query_head else k.shape[1]
+        NB = -(-T // spec.random_block)
+        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, _nsel(spec, n, spec.random_block),
+                            spec.random_force_current)
+        out = ks.block_sparse_decode(q, k, v, idx, spec.random_block, seq_len=n, scale=scale)
+    else:  # pragma: no cover - MethodSpec validates the name
+        raise SpecError(f"unknown method {m!r}")
+    return out[:, None].contiguous(), None  # [B, 1, Hq, D]
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+def _register():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, sparse_attention)
+
+
+def _make_cache(model):
+    if is_memory_model(model):
+        from ratplus_megatron.hf import Olmo2MemoryCache
+
+        return Olmo2MemoryCache(config=model.config)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+class Engine:
+    """Greedy batched decoding of token prompts with one ``MethodSpec`` at a time."""
+
+    def __init__(self, model, tokenizer=None, eos_token_ids=None):
+        _register()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.memory = is_memory_model(model)
+        eos = set()
+        for src in (eos_token_ids, getattr(model.generation_config, "eos_token_id", None),
+                    getattr(tokenizer, "eos_token_id", None)):
+            if src is None:
+                continue
+            eos.update([src] if isinstance(src, int) else list(src))
+        self.eos = sorted(eos)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self._wrapped = False
+        model.set_attn_implementation(ATTN_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="bf16", device="cpu", tokenizer=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import ratplus_megatron.hf  # noqa: F401  registers the memory model with the Auto classes
+
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+        return cls(model, tok)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def check_source(self, source: KVSource) -> None:
+        if source.uses_mem and not self.memory:
+            raise SpecError(f"K/V source {source.label!r} needs a memory model (K~/V~); "
+                            f"{type(self.model).__name__} has plain K/V only: use --kv-source plain")
+
+    def _wrap_memory(self):
+        """Capture each memory layer's pre-scan k/v (the plain source) into the active run."""
+        if self._wrapped:
+            return
+        for mod in self.model.modules():
+            if hasattr(mod, "apply_memory") and not hasattr(mod, "_niah_orig_apply_memory"):
+                orig = mod.apply_memory
+
+                def wrapped(hidden_states, key_states, value_states, *a, _orig=orig, _mod=mod, **kw):
+                    run = _ACTIVE
+                    if run is not None and run.spec.source.uses_plain:
+                        run.captured[_mod.layer_idx] = (key_states, value_states)
+                    return _orig(hidden_states, key_states, value_states, *a, **kw)
+
+                mod._niah_orig_apply_memory = orig
+                mod.apply_memory = wrapped
+        self._wrapped = True
+
+    def _logits(self, h):
+        return self.model.get_output_embeddings()(h).float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], spec: MethodSpec, max_new_tokens: int = 128,
+                 return_logits: bool = False) -> list[dict]:
+        """Greedy continuations of token-id prompts. Returns per prompt {'tokens': [...]} (EOS
+        excluded) and, with return_logits, 'logits' [steps, vocab] fp32 of the decoded steps."""
+        global _ACTIVE
+        self.check_source(spec.source)
+        if spec.source.uses_plain and self.memory:
+            self._wrap_memory()
+        dev = self.device
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        if int(lens.min()) < 1:
+            raise ValueError("empty prompt")
+        for n in lens.tolist():
+            spec.check(n)
+        T = int(lens.max())
+        block = math.lcm(spec.page_size, spec.moba_block, spec.random_block)
+        capacity = -(-(T + max_new_tokens) // block) * block
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, device=dev)
+        mask = (torch.arange(T, device=dev)[None, :] < lens[:, None]).long()
+        positions = torch.arange(T, device=dev)[None].expand(B, T)
+        gen = torch.Generator(device=dev).manual_seed(spec.seed)
+        cache = _make_cache(self.model)
+        run = _Run(spec, self.model, cache, capacity, lens.clone(), positions, self.memory, gen)
+        decoder = self.model.get_decoder()
+        out_tokens = [[] for _ in range(B)]
+        out_logits = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        eos = torch.tensor(self.eos, device=dev, dtype=torch.long)
+        _ACTIVE = run
+        try:
+            h = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True).last_hidden_state
+            logits = self._logits(h[torch.arange(B, device=dev), lens - 1])
+            cur = lens.clone()
+            for step in range(max_new_tokens):
+                nxt = logits.argmax(-1)
+                for b in range(B):
+                    if not done[b]:
+                        if return_logits:
+                            out_logits[b].append(logits[b].cpu())
+                        if not bool(torch.isin(nxt[b], eos)):
+                            out_tokens[b].append(int(nxt[b]))
+                done |= torch.isin(nxt, eos)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                run.positions = cur[:, None]
+                run.rope = None
+                cur = cur + 1
+                run.lengths = cur.clone()
+                h = decoder(input_ids=nxt[:, None], position_ids=run.positions, past_key_values=cache,
+                            use_cache=True).last_hidden_state
+                logits = self._logits(h[:, -1])
+        finally:
+            _ACTIVE = None
+        res = []
+        for b in range(B):
+            r = {"tokens": out_tokens[b]}
+            if return_logits:
+                r["logits"] = torch.stack(out_logits[b]) if out_logits[b] else torch.empty(0)
+            res.append(r)
+        return res
+
+    def generate_text(self, texts: list[str], spec: MethodSpec, max_new_tokens: int = 128) -> list[str]:
+        prompts = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        outs = self.generate(prompts, spec, max_new_tokens)
+        return [self.tokenizer.decode(o["tokens"], skip_special_tokens=True) for o in outs]

@@ -1,0 +1,245 @@
+"""RULER NIAH with dense and sparse inference, on attention and memory models.
+
+    python eval/niah.py --model HF_DIR_OR_ID --tasks all --lengths 4096 \
+        --methods dense,quest,moba,snapkv,dilated,random --budgets 1/8,1/16,1/32 \
+        --samples 100 --out OUT [--kv-source mem --kv-source plain] [--batch-size 4] \
+        [--dtype bf16] [--device cuda] [--seed 42] [--sft-data]
+
+1. generates the RULER samples with the model's own tokenizer (``eval.ruler``) into
+   ``OUT/data/<length>/<task>.jsonl`` (and, with --sft-data, the train split into OUT/train/);
+2. decodes every method x budget x K/V source greedily (128 new tokens, stop at EOS) with
+   ``eval.engine``, appending predictions to
+   ``OUT/pred/<length>/<method>_<budget>_<source>/<task>.jsonl`` (a rerun skips finished samples);
+3. scores them (RULER's string_match_all by default) and writes ``OUT/summary.json``,
+   ``OUT/summary.md`` and ``OUT/accuracy_vs_budget.png`` (``eval/report.py``).
+
+``dense`` runs once per K/V source (budget 'full'). Method options (Quest page size, MoBA block,
+SnapKV window / pooling, dilated window / prefix, ...) are listed by --help; their meaning and the
+K/V source semantics are in ``eval/engine/spec.py``. Errors (unknown task or method, a budget above
+1 or below one block, a model without a tokenizer, ...) are one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python eval/niah.py` puts eval/ first on sys.path, not the repo root
+    sys.path.insert(0, str(REPO))
+
+from eval.engine.spec import (METHODS, KVSource, MethodSpec, SpecError, parse_budgets,  # noqa: E402
+                              parse_kv_source)
+from eval.ruler.generate import LengthTooSmallError, check_fits, parse_lengths, write_task_file  # noqa: E402
+from eval.ruler.scoring import METRICS  # noqa: E402
+from eval.ruler.tasks import TOKENS_TO_GENERATE, resolve_tasks  # noqa: E402
+
+
+def parse_methods(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(METHODS)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SpecError(f"unknown method(s) {', '.join(unknown)}; known: all, {', '.join(METHODS)}")
+    if not names:
+        raise SpecError("no method given")
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python eval/niah.py",
+                                description="RULER NIAH with dense / dilated / Quest / MoBA / SnapKV / random "
+                                            "sparse inference (see eval/engine/spec.py).")
+    p.add_argument("--model", required=True, help="HF model dir or hub id (with its tokenizer)")
+    p.add_argument("--tasks", default="all", help="'all' or a comma-separated list of RULER NIAH tasks")
+    p.add_argument("--lengths", default="4096", help="comma-separated target lengths (4096,8k,...)")
+    p.add_argument("--methods", default="dense,quest", help=f"comma-separated: {', '.join(METHODS)} (or all)")
+    p.add_argument("--budgets", default="1/16", help="comma-separated fractions (1/16, 0.0625) or token counts (512)")
+    p.add_argument("--samples", type=int, default=100, help="samples per task and length (RULER: 500)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--sft-data", action="store_true", help="also write the train split (SFT data) under OUT/train/")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--kv-source", action="append", default=None,
+                   help="mem | plain | selection=mem|plain,compute=mem|plain; repeat for several "
+                        "(default: mem for memory models, plain otherwise)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-new-tokens", type=int, default=TOKENS_TO_GENERATE)
+    p.add_argument("--metric", default="string_match_all", choices=sorted(METRICS))
+    g = p.add_argument_group("method options")
+    g.add_argument("--page-size", type=int, default=16, help="Quest page size")
+    g.add_argument("--quest-dense-layers", type=int, default=2, help="first N layers dense (Quest and random)")
+    g.add_argument("--quest-no-force-current", action="store_true", help="Quest: do not force the current page")
+    g.add_argument("--per-query-head", action="store_true",
+                   help="Quest/MoBA/random: select per query head (default: per KV head, group queries averaged)")
+    g.add_argument("--moba-block", type=int, default=64, help="MoBA block size (top-k = budget / block)")
+    g.add_argument("--random-block", type=int, default=16, help="random selector block size")
+    g.add_argument("--snap-window", type=int, default=32)
+    g.add_argument("--snap-kernel", type=int, default=7)
+    g.add_argument("--snap-pool", choices=("avg", "max"), default="avg")
+    g.add_argument("--dilated-window", type=int, default=0, help="RAT+ local window W (chunk D = 1/budget)")
+    g.add_argument("--dilated-prefix", type=int, default=0, help="RAT+ initial tokens P")
+    return p
+
+
+def make_specs(args, methods, budgets, sources) -> list[MethodSpec]:
+    specs = []
+    for source in sources:
+        for method in methods:
+            base = MethodSpec(method=method, source=source, page_size=args.page_size,
+                              quest_force_current=not args.quest_no_force_current,
+                              quest_dense_layers=args.quest_dense_layers, moba_block=args.moba_block,
+                              random_block=args.random_block, random_dense_layers=args.quest_dense_layers,
+                              snap_window=args.snap_window, snap_kernel=args.snap_kernel, snap_pool=args.snap_pool,
+                              dilated_window=args.dilated_window, dilated_prefix=args.dilated_prefix,
+                              per_query_head=args.per_query_head, seed=args.seed)
+            for b in budgets:
+                s = base.with_budget(b)
+                if s not in specs:
+                    specs.append(s)
+    return specs
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        import ratplus_megatron.hf  # noqa: F401  (memory-model configs resolve without remote code)
+    except ImportError:
+        pass
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - any failure is one line
+        raise SpecError(f"model {name!r} has no usable tokenizer: {_first_line(e)}") from None
+    if tok is None or not hasattr(tok, "encode"):
+        raise SpecError(f"model {name!r} has no tokenizer")
+    return tok
+
+
+def pred_path(out, length, spec: MethodSpec, task: str) -> Path:
+    return Path(out) / "pred" / str(length) / spec.label / f"{task}.jsonl"
+
+
+def finished_indices(path: Path) -> set[int]:
+    from eval.report import read_jsonl
+
+    return {r["index"] for r in read_jsonl(path) if "index" in r and "pred" in r}
+
+
+def run_task(engine, tokenizer, spec, samples, path: Path, batch_size, max_new, bar) -> None:
+    done = finished_indices(path)
+    todo = [s for s in samples if s["index"] not in done]
+    bar.update(len(samples) - len(todo))
+    if not todo:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with open(path, "a", encoding="utf-8") as f:  # an interrupted last line: end it
+            f.write("\n")
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            prompts = [tokenizer(s["input"] + s["answer_prefix"], add_special_tokens=True)["input_ids"]
+                       for s in batch]
+            outs = engine.generate(prompts, spec, max_new)
+            for s, p, o in zip(batch, prompts, outs):
+                rec = {"index": s["index"], "pred": tokenizer.decode(o["tokens"], skip_special_tokens=True),
+                       "outputs": s["outputs"], "length": s["length"], "prompt_tokens": len(p),
+                       "new_tokens": len(o["tokens"])}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tasks = resolve_tasks(args.tasks)
+        lengths = parse_lengths(args.lengths)
+        methods = parse_methods(args.methods)
+        budgets = parse_budgets(args.budgets)
+        sources = [parse_kv_source(s) for s in args.kv_source] if args.kv_source else None
+        if args.samples < 1:
+            raise SpecError(f"bad --samples {args.samples}: must be at least 1")
+        if args.batch_size < 1:
+            raise SpecError(f"bad --batch-size {args.batch_size}: must be at least 1")
+        # budgets against the longest prompt each length allows (before loading anything big)
+        probe = make_specs(args, methods, budgets, sources or [KVSource("plain", "plain")])
+        for length in lengths:
+            for s in probe:
+                s.check(length - args.max_new_tokens)
+        tokenizer = load_tokenizer(args.model)
+        for length in lengths:
+            for t in tasks:
+                check_fits(t, length, tokenizer, tokens_to_generate=args.max_new_tokens)
+    except (SpecError, LengthTooSmallError, ValueError) as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+
+    import torch
+    from tqdm import tqdm
+
+    from eval.engine import Engine, default_source
+    from eval.report import write_reports
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=tokenizer)
+        sources = sources or [default_source(engine.model)]
+        for s in sources:
+            engine.check_source(s)
+    except SpecError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load model {args.model!r}: {_first_line(e)}", file=sys.stderr)
+        return 2
+    specs = make_specs(args, methods, budgets, sources)
+    out = Path(args.out)
+
+    data: dict[tuple[int, str], list[dict]] = {}
+    splits = ["test"] + (["train"] if args.sft_data else [])
+    with tqdm(total=len(lengths) * len(tasks) * args.samples * len(splits), desc="data", unit="sample",
+              dynamic_ncols=True) as bar:
+        for split in splits:
+            for length in lengths:
+                for t in tasks:
+                    path = write_task_file(t, length, args.samples, tokenizer, out, seed=args.seed, split=split,
+                                           skip_existing=True, on_sample=lambda: bar.update(1))
+                    if split == "test":
+                        from eval.report import read_jsonl
+
+                        data[(length, t.name)] = read_jsonl(path)
+
+    total = len(lengths) * len(tasks) * len(specs) * args.samples
+    try:
+        with tqdm(total=total, desc="niah", unit="sample", dynamic_ncols=True) as bar:
+            for length in lengths:
+                for spec in specs:
+                    for t in tasks:
+                        bar.set_postfix_str(f"{length} {spec.label} {t.name}")
+                        run_task(engine, tokenizer, spec, data[(length, t.name)],
+                                 pred_path(out, length, spec, t.name), args.batch_size, args.max_new_tokens, bar)
+    except SpecError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    summary = write_reports([out], dest=out, metric=args.metric,
+                            extra={"model": args.model, "memory_model": engine.memory, "dtype": args.dtype,
+                                   "seed": args.seed})
+    print(f"{len(summary['runs'])} rows -> {out / 'summary.md'}, {out / 'accuracy_vs_budget.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

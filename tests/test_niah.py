@@ -1,0 +1,297 @@
+"""The NIAH inference engine (eval/engine) and CLI (eval/niah.py) on tiny random models, CPU.
+
+Tiny configs built in code, the tiny BPE tokenizer of data_prep/assets; nothing is downloaded.
+"""
+import json
+import math
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+
+import kernels.sparse as ks
+from eval.engine import Engine, KVSource, MethodSpec, SpecError, parse_budget, parse_kv_source
+from eval.engine.select import moba_select, quest_select, snapkv_keep
+from ratplus_megatron.hf import Olmo2MemoryConfig, Olmo2MemoryForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BPE = REPO / "data_prep" / "assets" / "tiny-bpe"
+TINY = dict(vocab_size=2048, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=None,
+            eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+NEW = 4
+
+
+def make_model(kind, seed=0):
+    """A tiny model with O(1) activations and spread-out logits (default init would hide mistakes)."""
+    torch.manual_seed(seed)
+    if kind == "memory":
+        model = Olmo2MemoryForCausalLM(Olmo2MemoryConfig(**TINY))
+    else:
+        model = Olmo2ForCausalLM(Olmo2Config(**TINY))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, (2.0 if ".g_proj." in name else 1.0) / math.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["attention", "memory"])
+def engine(request):
+    return Engine(make_model(request.param), eos_token_ids=[])
+
+
+def prompts(lengths=(53, 42), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+def spec(method, budget="1", source=None, **kw):
+    opts = dict(page_size=8, moba_block=8, random_block=8, quest_dense_layers=1, random_dense_layers=1,
+                snap_window=8)
+    opts.update(kw)
+    return MethodSpec(method, parse_budget(budget), source or KVSource("plain", "plain"), **opts)
+
+
+def src(engine):
+    return KVSource("mem", "mem") if engine.memory else KVSource("plain", "plain")
+
+
+# ------------------------------------------------------------------------------ engine: exactness
+
+
+_DENSE = {}
+
+
+def dense_of(engine):
+    """The dense reference of prompts() (computed once per engine)."""
+    if id(engine) not in _DENSE:
+        _DENSE[id(engine)] = engine.generate(prompts(), spec("dense", source=src(engine)), NEW, return_logits=True)
+    return _DENSE[id(engine)]
+
+
+def test_dense_matches_hf_generate(engine):
+    ps = prompts()
+    got = dense_of(engine)
+    model = engine.model
+    model.set_attn_implementation("sdpa")
+    try:
+        for p, g in zip(ps, got):
+            ref = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+            assert ref[0, len(p):].tolist() == g["tokens"]
+    finally:
+        model.set_attn_implementation("niah_sparse")
+
+
+@pytest.mark.parametrize("method", ["quest", "moba", "random", "snapkv", "dilated"])
+def test_full_budget_equals_dense(engine, method):
+    ps = prompts()
+    dense = dense_of(engine)
+    for per_q in ((False, True) if method in ("quest", "moba") else (False,)):
+        got = engine.generate(ps, spec(method, source=src(engine), per_query_head=per_q), NEW, return_logits=True)
+        for d, g in zip(dense, got):
+            assert g["tokens"] == d["tokens"]
+            torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
+
+
+def test_dilated_chunk1_token_budget_equals_dense(engine):
+    ps = prompts()
+    dense = dense_of(engine)
+    s = spec("dilated", "42", source=src(engine))  # a token budget about the context: chunk D = 1
+    assert s.dilated_chunk(53) == 1
+    got = engine.generate(ps, s, NEW, return_logits=True)
+    for d, g in zip(dense, got):
+        torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
+
+
+def test_memory_sources(engine):
+    """Selection source does not matter at full budget; plain compute differs from mem compute."""
+    if not engine.memory:
+        with pytest.raises(SpecError, match="memory model"):
+            engine.generate(prompts(), spec("quest", source=KVSource("mem", "mem")), NEW)
+        return
+    ps = prompts()
+    for comp in ("mem", "plain"):
+        dense = engine.generate(ps, spec("dense", source=KVSource(comp, comp)), NEW, return_logits=True)
+        other = "plain" if comp == "mem" else "mem"
+        got = engine.generate(ps, spec("quest", source=KVSource(other, comp)), NEW, return_logits=True)
+        for d, g in zip(dense, got):
+            torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
+    a = engine.generate(ps, spec("dense", source=KVSource("mem", "mem")), NEW, return_logits=True)
+    b = engine.generate(ps, spec("dense", source=KVSource("plain", "plain")), NEW, return_logits=True)
+    assert not torch.allclose(a[0]["logits"], b[0]["logits"])
+    # a sparse budget runs with every source combination
+    for s in ("mem", "plain", "selection=plain,compute=mem", "selection=mem,compute=plain"):
+        out = engine.generate(ps, spec("quest", "1/4", source=parse_kv_source(s)), 3)
+        assert all(len(o["tokens"]) == 3 for o in out)
+
+
+def test_sparse_budgets_run(engine):
+    ps = prompts()
+    for m in ("quest", "moba", "random", "snapkv", "dilated"):
+        out = engine.generate(ps, spec(m, "1/4", source=src(engine)), 3)
+        assert [len(o["tokens"]) for o in out] == [3, 3]
+
+
+# ------------------------------------------------------------------------------ selectors
+
+
+def _planted(T=96, D=16, hkv=2, G=2, page=8, planted=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, hkv, T, D, generator=g) * 0.1
+    q = torch.randn(1, hkv * G, D, generator=g)
+    k[:, :, planted * page : (planted + 1) * page] = 5 * q.view(1, hkv, G, D).mean(2)[:, :, None]
+    return q, k
+
+
+def test_quest_selects_planted_page():
+    q, k = _planted()
+    n = torch.tensor([96])
+    kmin, kmax = ks.page_minmax(k, 8, seq_len=n)
+    for per_q in (False, True):
+        idx = quest_select(q, kmin, kmax, n, 8, nsel=2, force_current=True, per_query_head=per_q)
+        assert idx.shape == (1, 4 if per_q else 2, 2)
+        assert (idx == 3).any(-1).all() and (idx == 11).any(-1).all()  # planted + current page
+    idx = quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False)
+    assert (idx[..., 0] == 3).all()
+
+
+def test_moba_selects_planted_block():
+    q, k = _planted()
+    n = torch.tensor([96])
+    means = ks.block_means(k, 8, seq_len=n)
+    idx = moba_select(q, means, n, 8, nsel=2)
+    assert idx.shape == (1, 2, 2)
+    assert idx[0].tolist() == [[3, 11], [3, 11]]
+
+
+def test_snapkv_keeps_window():
+    g = torch.Generator().manual_seed(0)
+    T, W, C = 64, 8, 24
+    q_win, k = torch.randn(1, 4, W, 16, generator=g), torch.randn(1, 2, T, 16, generator=g)
+    keep = snapkv_keep(q_win, k, C, kernel=7, pool="max")
+    assert keep.shape == (2, C)
+    assert keep[:, -W:].tolist() == [list(range(T - W, T))] * 2
+    assert (keep.diff(dim=-1) > 0).all()
+    assert snapkv_keep(q_win, k, T).shape == (2, T)  # T <= C: everything kept
+
+
+# ------------------------------------------------------------------------------ specs
+
+
+def test_budgets_and_sources():
+    assert parse_budget("1/16").fraction == Fraction(1, 16) and parse_budget("0.25").fraction == Fraction(1, 4)
+    assert parse_budget("512").tokens == 512 and parse_budget("1").full
+    for bad in ("3/2", "1.5", "0", "-1/4", "x"):
+        with pytest.raises(SpecError):
+            parse_budget(bad)
+    with pytest.raises(SpecError, match="below one block"):
+        MethodSpec("quest", parse_budget("1/32")).check(256)  # 8 tokens < one 16-token page
+    with pytest.raises(SpecError, match="above 1"):
+        MethodSpec("quest", parse_budget("4096")).check(1000)
+    MethodSpec("quest", parse_budget("1/16")).check(4096)
+    with pytest.raises(SpecError, match="unknown method"):
+        MethodSpec("bogus")
+    assert parse_kv_source("selection=plain,compute=mem") == KVSource("plain", "mem")
+    assert parse_kv_source("plain").label == "plain"
+    with pytest.raises(SpecError):
+        parse_kv_source("compute=kv")
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-olmo2")
+    tok = AutoTokenizer.from_pretrained(TINY_BPE)
+    model = make_model("attention")
+    model.config.eos_token_id = tok.eos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _cli(argv):
+    sys.path.insert(0, str(REPO / "eval"))
+    try:
+        import niah  # eval/niah.py, as `python eval/niah.py` would import it
+    finally:
+        sys.path.remove(str(REPO / "eval"))
+    return niah.main([str(a) for a in argv])
+
+
+def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_model_dir, "--tasks", "niah_single_1,niah_multikey_2", "--lengths", "512",
+            "--methods", "dense,quest", "--budgets", "1/2,1/4", "--samples", 2, "--out", out, "--batch-size", 2,
+            "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", 4]
+    assert _cli(argv) == 0
+    runs = ["dense_full_plain", "quest_1-2_plain", "quest_1-4_plain"]
+    for task in ("niah_single_1", "niah_multikey_2"):
+        assert (out / "data" / "512" / f"{task}.jsonl").exists()
+        for r in runs:
+            rows = [json.loads(line) for line in (out / "pred" / "512" / r / f"{task}.jsonl").read_text().splitlines()]
+            assert [x["index"] for x in rows] == [0, 1] and all("pred" in x and x["outputs"] for x in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 3 and all(set(r["tasks"]) == {"niah_single_1", "niah_multikey_2"}
+                                             for r in summary["runs"])
+    md = (out / "summary.md").read_text()
+    assert "| quest | 1/4 | plain |" in md and "niah_multikey_2" in md
+    assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun decodes nothing: every sample is already there
+    stamp = {p: p.read_text() for p in (out / "pred").rglob("*.jsonl")}
+    import eval.engine.engine as eng
+
+    calls = []
+    orig = eng.Engine.generate
+    eng.Engine.generate = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    try:
+        assert _cli(argv) == 0
+    finally:
+        eng.Engine.generate = orig
+    assert not calls and {p: p.read_text() for p in stamp} == stamp
+    # an interrupted run (one prediction missing) is completed, not redone
+    f = out / "pred" / "512" / "quest_1-4_plain" / "niah_single_1.jsonl"
+    f.write_text(f.read_text().splitlines()[0] + "\n")
+    eng.Engine.generate = lambda self, prompts, *a, **k: calls.append(len(prompts)) or orig(self, prompts, *a, **k)
+    try:
+        assert _cli(argv) == 0
+    finally:
+        eng.Engine.generate = orig
+    assert calls == [1] and len(f.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--tasks", "niah_bogus"], "unknown task"),
+    (["--methods", "dense,bogus"], "unknown method"),
+    (["--budgets", "3/2"], "above 1"),
+    (["--budgets", "1/64"], "below one block"),
+])
+def test_cli_errors(tiny_model_dir, tmp_path, capsys, extra, msg):
+    argv = ["--model", tiny_model_dir, "--lengths", "512", "--methods", "quest", "--out", tmp_path / "o",
+            "--samples", 1] + extra
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+
+
+def test_cli_subprocess_no_tokenizer(tmp_path):
+    """Run as `python eval/niah.py` from the repo root: a model dir without a tokenizer is exit 2."""
+    d = tmp_path / "no-tok"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "olmo2", **{k: v for k, v in TINY.items()
+                                                                        if k != "rope_parameters"}}))
+    r = subprocess.run([sys.executable, "eval/niah.py", "--model", str(d), "--out", str(tmp_path / "o"),
+                        "--lengths", "512"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "tokenizer" in r.stderr and r.stderr.strip().startswith("error:")
