@@ -379,7 +379,7 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
 
 # decode launch config (BT tokens per tile, warps, pipeline stages, programs per SM);
 # bench/sparse_decode.py sweeps these on the GPU and records the choice.
-DECODE_CFG = dict(bt=64, num_warps=4, num_stages=3, waves=4)
+DECODE_CFG = dict(bt=64, num_warps=4, num_stages=2, waves=8)  # best of the H200 sweep
 
 
 def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=None,
