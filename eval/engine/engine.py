@@ -120,10 +120,9 @@ class _Run:
 
 
 def _sdpa(q, k, v, scale, causal=True, mask=None):
-    G = q.shape[1] // k.shape[1]
-    if G > 1:
-        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    """torch SDPA (GQA without copying K/V); causal when no mask is given."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _dilated_prefill(q, k, v, scale, chunk, window, prefix, rows=2048):

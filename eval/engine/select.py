@@ -17,26 +17,15 @@ def group_mean(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.reshape(B, hkv, Hq // hkv, *q.shape[2:]).mean(2)
 
 
-def sort_index(idx: torch.Tensor) -> torch.Tensor:
-    """Valid (>= 0) entries ascending first, then the -1 padding (int32)."""
-    big = torch.iinfo(torch.int32).max
-    key = torch.where(idx < 0, torch.full_like(idx, big), idx)
-    key = key.sort(dim=-1).values
-    return torch.where(key == big, torch.full_like(key, -1), key).to(torch.int32)
-
-
 def topk_blocks(scores: torch.Tensor, nsel: int, force: torch.Tensor | None = None) -> torch.Tensor:
-    """scores [B, H, NB] fp32 (-inf = not selectable) -> [B, H, nsel] int32 index list.
-    ``force`` [B] long: a block per row always selected (and counted)."""
+    """scores [B, H, NB] fp32 (-inf = not selectable) -> [B, H, nsel] int32 index list (the
+    kernels' ``select_topk``). ``force`` [B] long: a block per row always selected (and counted)."""
     s = scores.float()
     if force is not None:
         s = s.clone()
         rows = torch.arange(s.shape[0], device=s.device)
-        s[rows, :, force] = float("inf")
-    nsel = max(1, min(nsel, s.shape[-1]))
-    val, idx = s.topk(nsel, dim=-1)
-    idx = torch.where(val == float("-inf"), torch.full_like(idx, -1), idx)
-    return sort_index(idx.to(torch.int32))
+        s[rows, :, force] = torch.finfo(torch.float32).max  # largest finite: select_topk keeps it
+    return ks.select_topk(s, max(1, min(nsel, s.shape[-1])))
 
 
 def quest_select(q, kmin, kmax, seq_len, page_size, nsel, force_current=True, per_query_head=False):

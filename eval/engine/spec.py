@@ -213,7 +213,11 @@ class MethodSpec:
         return f"{self.method}_{budget}_{self.source.label}"
 
     def with_budget(self, budget: Budget) -> "MethodSpec":
-        return replace(self, budget=FULL if self.method == "dense" else budget)
+        """This spec at ``budget``; dense has no budget and no selection (its source is the
+        computation's)."""
+        if self.method == "dense":
+            return replace(self, budget=FULL, source=KVSource(self.source.compute, self.source.compute))
+        return replace(self, budget=budget)
 
     def check(self, context: int) -> None:
         """Raise SpecError if the budget does not fit a context of ``context`` tokens."""
