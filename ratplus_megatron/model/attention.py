@@ -6,6 +6,7 @@ and v, before RoPE; everything else (projections, norms, RoPE, core attention) i
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,21 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kernels import memory_scan
+
+
+_EXPLICIT_MASK = False
+
+
+@contextlib.contextmanager
+def explicit_attention_mask():
+    """Inside this block SDPACoreAttention applies the attention_mask given to the model even in
+    causal layers (the mask must then hold causality itself): the trainer's RAT+ dilated pass."""
+    global _EXPLICIT_MASK
+    previous, _EXPLICIT_MASK = _EXPLICIT_MASK, True
+    try:
+        yield
+    finally:
+        _EXPLICIT_MASK = previous
 
 
 class SDPACoreAttention(MegatronModule):
@@ -44,7 +60,7 @@ class SDPACoreAttention(MegatronModule):
             raise NotImplementedError("attention_bias is not supported by SDPACoreAttention")
         mask_type = attn_mask_type or self.attn_mask_type
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        causal = mask_type == AttnMaskType.causal
+        causal = mask_type == AttnMaskType.causal and not (_EXPLICIT_MASK and attention_mask is not None)
         mask = None
         if not causal and attention_mask is not None:
             mask = ~attention_mask  # megatron: True = masked out; SDPA: True = attend

@@ -1,0 +1,160 @@
+"""Checkpoints: megatron dist_checkpointing for model (+ optimizer on GPU), per-rank files for the rest.
+
+Layout of a run directory SAVE:
+
+    SAVE/latest_checkpointed_iteration.txt   the last complete checkpoint's iteration (written last, atomically)
+    SAVE/iter_0000100/                       dist checkpoint: {"model": ..., ["optimizer": ...]}
+    SAVE/iter_0000100/trainer_state.json     iteration, consumed samples, config (human readable)
+    SAVE/iter_0000100/rank_00000.pt          per rank: RNG states (+ the torch optimizer on CPU)
+
+Model tensors keep megatron's global keys whatever the dict nesting, so a training checkpoint is
+also a valid `init_from` (model-only) source, and so is `convert hf-to-mcore`'s output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def iter_dir(save: str, iteration: int) -> str:
+    return os.path.join(save, f"iter_{iteration:07d}")
+
+
+def latest_iteration(save: str | None) -> int | None:
+    if not save:
+        return None
+    path = os.path.join(save, LATEST)
+    if not os.path.isfile(path):
+        return None
+    return int(open(path).read().strip())
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_sharded_state_dict(models) -> dict:
+    if len(models) == 1:
+        return models[0].sharded_state_dict()
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+
+
+def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer: bool, trainer_state: dict,
+         rank: int) -> str:
+    """Write SAVE/iter_XXXXXXX on every rank, then (rank 0) point the latest file at it."""
+    from megatron.core import dist_checkpointing
+
+    path = iter_dir(save_dir, iteration)
+    if rank == 0:
+        if os.path.exists(path):  # left over from a save that died half-way
+            shutil.rmtree(path)
+        os.makedirs(path)
+    torch.distributed.barrier()
+    model_sd = _model_sharded_state_dict(models)
+    state = {"model": model_sd}
+    if megatron_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    dist_checkpointing.save(state, path)
+    local = {"rng": rng_state()}
+    if not megatron_optimizer:
+        local["optimizer"] = optimizer.state_dict()
+    torch.save(local, os.path.join(path, f"rank_{rank:05d}.pt"))
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(trainer_state, indent=1, default=str))
+        _write_atomic(os.path.join(save_dir, LATEST), f"{iteration}\n")
+    torch.distributed.barrier()
+    return path
+
+
+def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer: bool, rank: int) -> dict:
+    """Restore model, optimizer and RNG from SAVE/iter_XXXXXXX; returns its trainer_state."""
+    from megatron.core import dist_checkpointing
+
+    path = iter_dir(save_dir, iteration)
+    model_sd = _model_sharded_state_dict(models)
+    request = {"model": model_sd}
+    if megatron_optimizer:
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    state = dist_checkpointing.load(request, path)
+    _load_model_state(models, state["model"], strict=True)
+    local_file = os.path.join(path, f"rank_{rank:05d}.pt")
+    if not os.path.isfile(local_file):
+        raise RuntimeError(f"{local_file} is missing: resume with the world size the checkpoint was written at "
+                           "(the per-rank RNG/optimizer files do not reshard)")
+    local = torch.load(local_file, weights_only=False)
+    if megatron_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        optimizer.load_state_dict(local["optimizer"])
+    set_rng_state(local["rng"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def _load_model_state(models, state: dict, strict: bool):
+    if len(models) == 1:
+        return models[0].load_state_dict(state, strict=strict)
+    for i, m in enumerate(models):
+        m.load_state_dict(state[f"model{i}"], strict=strict)
+
+
+def load_model_only(path: str, models) -> dict:
+    """Model weights from a dist checkpoint (convert hf-to-mcore's output, or a training checkpoint).
+
+    Tensors the checkpoint lacks (e.g. the memory gate when adding memory to plain OLMo2) keep this
+    model's initialisation. Returns {"fresh": checkpoint keys this model initialised itself,
+    "ignored_from_checkpoint": checkpoint keys this model has no use for, "not_loaded_params":
+    parameter names left at their initialisation}. Optimizer state is not read.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    if os.path.isfile(os.path.join(path, LATEST)):  # a run directory: take its latest checkpoint
+        path = iter_dir(path, int(open(os.path.join(path, LATEST)).read().strip()))
+    if len(models) != 1:
+        raise NotImplementedError("init_from with virtual pipeline stages is not supported")
+    model_sd = models[0].sharded_state_dict()
+    state, missing, unexpected = dist_checkpointing.load(model_sd, path, strict=StrictHandling.RETURN_ALL)
+    # `missing` in megatron's wording are checkpoint keys this model does not ask for ("unexpected"
+    # for us), and vice versa; we report in the model's terms.
+    fresh = sorted(unexpected)
+    ignored = sorted(missing)
+    result = models[0].load_state_dict(state, strict=False)
+    not_loaded = sorted(set(result.missing_keys))
+    return {"fresh": fresh, "ignored_from_checkpoint": ignored, "not_loaded_params": not_loaded}

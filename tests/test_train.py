@@ -1,0 +1,132 @@
+"""The CPU trainer, run as users run it: `python -m ratplus_megatron.train --config ... overrides`.
+
+Data: a small synthetic corpus tokenized with `python data_prep/tokenize.py` and the tiny tokenizer.
+Covers: overfitting with the memory on (+ W&B offline run dir), kill + resume giving the same
+per-step losses as an uninterrupted run, SIGTERM -> checkpoint + requeue marker + exit 0,
+TP=2 through torchrun (with RAT+ joint dense/dilated training), one-line config errors.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+RECIPE = str(REPO / "configs" / "tiny_ratplus_cpu.yaml")
+
+
+def _env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    """A tiny synthetic corpus (4 short documents) that the tiny model can memorise, tokenized by
+    the user-facing command."""
+    from ratplus_megatron.data.synthetic_corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("train_data")
+    write_corpus(str(root / "corpus.jsonl"), 4, seed=3, max_sentences=3, vocab_size=50)
+    proc = subprocess.run([sys.executable, "data_prep/tokenize.py", "--input", str(root / "corpus.jsonl"),
+                           "--tokenizer", "data_prep/assets/tiny-bpe", "--output-prefix", str(root / "tok" / "corpus")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(root / "tok" / "corpus_text_document")
+
+
+def _train(args, *, timeout=300, check=True):
+    proc = subprocess.run([sys.executable, "-m", "ratplus_megatron.train", "--config", RECIPE, *args],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _losses(metrics_file):
+    """{iteration: loss} from a metrics file (a resumed run appends; the last record wins)."""
+    out = {}
+    for line in open(metrics_file):
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["iteration"]] = rec["loss"]
+    return out
+
+
+def _common(data_prefix, iters):
+    return [f"data.prefixes=[{data_prefix}]", f"train.train_iters={iters}", "train.log_interval=1",
+            "train.eval_interval=0", "batch.global_batch_size=4", "batch.micro_batch_size=2",
+            "schedule.warmup_iters=3", "optimizer.lr=1e-2"]
+
+
+def test_overfit_then_sigterm_resume_matches(tmp_path, data_prefix):
+    iters = 30
+    # the uninterrupted run: memory on, W&B offline; it must overfit the corpus
+    full = tmp_path / "full"
+    _train(_common(data_prefix, iters) + [f"checkpoint.save={full}", "wandb.mode=offline"])
+    ref = _losses(full / "metrics.jsonl")
+    assert sorted(ref) == list(range(1, iters + 1))
+    assert ref[1] > 7.0 and ref[iters] < 0.6 * ref[1], ref
+    runs = list((full / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir()), "no offline W&B run written"
+    assert (full / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
+
+    # the same run killed by SIGTERM (Slurm's signal) after a few steps: checkpoint, marker, exit 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ratplus_megatron.train", "--config", RECIPE,
+                             *_common(data_prefix, iters), f"checkpoint.save={run}", "checkpoint.save_interval=5"],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert "REQUEUE" in stdout and (run / "requeue_requested").is_file(), stdout[-2000:]
+    killed_at = int((run / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= killed_at < iters and (run / f"iter_{killed_at:07d}" / "trainer_state.json").is_file()
+
+    # resumed: continues to the end with exactly the uninterrupted run's per-step losses
+    out = _train(_common(data_prefix, iters) + [f"checkpoint.save={run}", "checkpoint.save_interval=5"])
+    assert f"(iteration {killed_at}," in out.stdout
+    assert not (run / "requeue_requested").exists()
+    resumed = _losses(run / "metrics.jsonl")
+    assert sorted(resumed) == list(range(1, iters + 1))
+    diffs = {i: abs(resumed[i] - ref[i]) for i in ref}
+    assert max(diffs.values()) < 1e-6, diffs
+
+
+def test_tp2_torchrun_joint_dilated(tmp_path, data_prefix):
+    run = tmp_path / "tp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ratplus_megatron.train", "--config", RECIPE, *_common(data_prefix, 4),
+           "parallel.tp=2", "joint_dilated.enabled=true", "joint_dilated.chunk=8", "joint_dilated.window=4",
+           f"checkpoint.save={run}", "checkpoint.save_interval=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "tp 2 x pp 1 x dp 1" in proc.stdout
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["iteration"] for r in recs] == [1, 2, 3, 4]
+    assert all("loss_dilated" in r and r["loss"] > 0 for r in recs)
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("optimizer.lrr=1", "unknown config key optimizer.'lrr'"),
+    ("train.train_iters=many", "train.train_iters: expected an integer"),
+    ("data.prefixes=[/nonexistent/x_text_document]", "not found"),
+])
+def test_bad_config_is_one_line_error(override, expect):
+    proc = _train([override], check=False, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
