@@ -130,3 +130,17 @@ def test_bad_config_is_one_line_error(override, expect):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("name", ["olmo2_7b_ratplus_10b", "olmo2_7b_attention_10b", "tiny_ratplus_cpu",
+                                  "tiny_attention_cpu"])
+def test_recipes_parse(name):
+    from ratplus_megatron.train.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+    model = cfg.model.build().validate(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    assert cfg.data.seq_length <= model.max_position_embeddings
+    assert cfg.warmup_iters() < cfg.total_iters()
+    if name.startswith("olmo2_7b"):
+        assert cfg.tokens_per_iter() == 512 * 4096 and cfg.total_iters() == 4769
+        assert model.memory.enabled == ("ratplus" in name)
