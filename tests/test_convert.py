@@ -406,6 +406,7 @@ def _break(kind: str, hf: Path):
 ERRORS = {
     "no-config": (), "no-weights": (), "missing-shard": (), "missing-tensor": (), "wrong-shape": (),
     "architecture": (), "tp": ("--tp", "3"), "tp-kv-heads": ("--tp", "4"), "pp": ("--pp", "3"),
+    "gate-init": ("--gate-init", "identity"),
 }
 MESSAGES = {
     "no-config": "missing {hf}/config.json",
@@ -419,6 +420,7 @@ MESSAGES = {
     "tp-kv-heads": "tensor parallel size 4 does not divide num_kv_heads=2 (the full-width k-norm and the memory "
                    "gate shard by kv heads)",
     "pp": "pipeline parallel size 3 does not divide num_layers=2",
+    "gate-init": "--gate-init only applies together with --memory (adding the memory gate)",
 }
 
 
@@ -449,6 +451,27 @@ def test_mcore_to_hf_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path}/latest_checkpointed_iteration.txt names "
                                                f"iter_0000012, but {tmp_path}/iter_0000012 holds no dist "
                                                "checkpoint (metadata.json)")
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_checkpoint_that_does_not_match_its_config_is_one_line_error(tmp_path, capsys):
+    cfg = tiny_config(MEMORY_CASES["plain"])
+    hf = write_hf_dir(tmp_path / "hf", cfg, random_weights(cfg), tokenizer=False)
+    assert convert("hf-to-mcore", "--hf-dir", hf, "--out-dir", tmp_path / "mc", "--dtype", "fp32") == 0
+    meta = json.loads((tmp_path / "mc" / "ratplus_meta.json").read_text())
+    cases = [({"ffn_hidden_size": 64}, "Global shape mismatch for loaded (torch.Size([2, 192, 64])) and expected "
+                                       "((2, 128, 64)) tensor for key decoder.layers.mlp.linear_fc1.weight"),
+             ({"memory": {**meta["model"]["memory"], "enabled": True}},
+              "lacks decoder.layers.self_attention.linear_gate.weight, which the model config (memory=True, "
+              "gate bias=False, output gate=False) does not match")]
+    capsys.readouterr()
+    for i, (change, message) in enumerate(cases):
+        (tmp_path / f"meta{i}.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
+        assert convert("mcore-to-hf", "--ckpt-dir", tmp_path / "mc", "--out-dir", tmp_path / "out",
+                       "--config", tmp_path / f"meta{i}.json") == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # megatron chats
+        assert len(err) == 1 and err[0].startswith(f"error: checkpoint {tmp_path / 'mc'} ") and message in err[0], err
+        assert not (tmp_path / "out").exists()
 
 
 def test_parse_size():

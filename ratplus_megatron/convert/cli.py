@@ -297,11 +297,13 @@ def hf_to_mcore_command(args) -> Path:
         hf_config = json.loads((hf_dir / "config.json").read_text())
     except ValueError as e:
         raise ConvertError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
+    if getattr(args, "gate_init_given", False) and not args.memory:
+        raise ConvertError("--gate-init only applies together with --memory (adding the memory gate)")
     src = config_from_hf(hf_config)  # what the HF weights hold
     cfg = src
     if args.memory and not src.memory.enabled:
         cfg = dataclasses.replace(src, memory=MemoryConfig(enabled=True, gate_init=args.gate_init))
-    elif args.memory and args.gate_init_given:
+    elif args.memory and getattr(args, "gate_init_given", False):
         print("note: the HF checkpoint already has the memory; --gate-init is ignored", file=sys.stderr)
     cfg.validate(tp=args.tp, pp=args.pp)
     dtype = DTYPES[args.dtype]
@@ -439,11 +441,29 @@ def load_megatron_checkpoint(root: Path, config: str | None = None):
     model = _build_model(cfg, dtype)
     content = dist_checkpointing.load_content_metadata(str(ckpt))
     sharded = model.sharded_state_dict(prefix=prefix, metadata=content)
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    wanted = {v.key for v in nested_values(sharded) if hasattr(v, "key") and "_extra_state" not in v.key}
+    absent = sorted(k for k in wanted if k not in tensors and k + "_w" not in tensors)
+    model_keys = tuple(prefix + p for p in ("embedding.", "decoder.", "output_layer."))
+    surplus = sorted(k for k in tensors if k.startswith(model_keys) and "_extra_state" not in k
+                     and k not in wanted and k.removesuffix("_w").removesuffix("_v") not in wanted)
+    if absent or surplus:
+        what = (f"lacks {', '.join(absent[:3])}" if absent else "") + (" and " if absent and surplus else "") + \
+            (f"has {', '.join(surplus[:3])}" if surplus else "")
+        raise ConvertError(f"checkpoint {ckpt} {what}, which the model config (memory={cfg.memory.enabled}, "
+                           f"gate bias={cfg.memory.has_gate_bias}, output gate={cfg.memory.output_gate}) "
+                           "does not match")
+
     try:
         state = dist_checkpointing.load(sharded, str(ckpt))
-    except CheckpointingException as e:
-        raise ConvertError(f"checkpoint {ckpt} does not match the model of {META_FILE}: "
-                           f"{' '.join(str(e).split())[:400]}") from None
+    except (CheckpointingException, CheckpointException) as e:
+        # torch's CheckpointException carries the rank's traceback: keep megatron's own sentence
+        text = str(e)
+        inner = re.findall(r"CheckpointingException: (.*)", text)
+        reason = inner[-1] if inner else " ".join(text.split())[:400]
+        raise ConvertError(f"checkpoint {ckpt} does not match the model config: {reason}") from None
     # load() also returns the checkpoint's common (non-tensor) state, e.g. a trainer's iteration
     state = {k[len(prefix):]: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
