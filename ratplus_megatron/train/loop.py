@@ -164,6 +164,7 @@ def train(cfg: TrainConfig) -> int:
         t = time.time()
         path = ckpt.save(save, it, ckpt_models, optimizer, megatron_optimizer=cuda,
                          trainer_state=trainer_state, rank=rank)
+        interval.start += time.time() - t  # throughput counts training time only
         log.info(f"saved checkpoint {path} in {time.time() - t:.1f}s")
 
     # ---- 7. the loop
@@ -196,7 +197,9 @@ def train(cfg: TrainConfig) -> int:
                          eta_s=(total_iters - it) * stats["seconds"] / stats["iters"])
             log.metrics(it, stats, kind="train", total=total_iters)
         if cfg.train.eval_interval and (it % cfg.train.eval_interval == 0 or it == total_iters):
+            t = time.time()
             evaluate(it)
+            interval.start += time.time() - t
         if save and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
             save_checkpoint(it)
             saved_at = it
