@@ -614,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="The checkpoint is written from the full model in one process. dist_checkpointing "
                               "stores every tensor\nwith its global shape and reshards on load, so the trainer "
                               "loads it at any TP/PP:\n--tp/--pp only check that those sizes divide the model "
-                              "(heads, kv heads, FFN, vocab, layers).\nMemory: about the model's size in --dtype "
-                              "(7B in bf16: ~15 GB).")
+                              "(heads, kv heads, FFN, vocab, layers).\nMemory: the model once in --dtype plus one "
+                              "tensor (OLMo2-7B + gate in bf16: about 18 GB peak).")
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)")
     a.add_argument("--out-dir", required=True, help="where to write the megatron checkpoint")
     a.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate against (default 1)")
