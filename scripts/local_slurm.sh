@@ -57,6 +57,9 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Job credential lifetime; it is also how long a requeued job waits before it may start again
+# (default 120 s; starting it earlier fails with "Job credential revoked"). Short for the tests.
+AuthInfo=cred_expire=${LOCAL_SLURM_CRED_EXPIRE:-20}
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
