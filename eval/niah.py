@@ -178,11 +178,11 @@ def main(argv=None) -> int:
         probe = make_specs(args, methods, budgets, sources or [KVSource("plain", "plain")])
         for length in lengths:
             for s in probe:
-                s.check(length - args.max_new_tokens)
+                s.check(length - TOKENS_TO_GENERATE)  # RULER's prompts leave 128 tokens for the answer
         tokenizer = load_tokenizer(args.model)
         for length in lengths:
             for t in tasks:
-                check_fits(t, length, tokenizer, tokens_to_generate=args.max_new_tokens)
+                check_fits(t, length, tokenizer)
     except (SpecError, LengthTooSmallError, ValueError) as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ mkdir -p "$work"
 if [ "$size" = ci ]; then
   docs=300; iters=6; samples=1; tasks=niah_single_1,niah_multikey_2; length=384; methods=dense,quest,moba,snapkv,random,dilated
 else
-  docs=3000; iters=60; samples=2; tasks=all; length=512; methods=dense,dilated,quest,moba,snapkv,random
+  docs=3000; iters=60; samples=2; tasks=all; length=1024; methods=dense,dilated,quest,moba,snapkv,random
 fi
 budgets=1/2,1/4
 step() { printf '\n== %s\n' "$*"; }
