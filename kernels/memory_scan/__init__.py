@@ -6,28 +6,11 @@ for tests); "torch" forces the twins.
 """
 from __future__ import annotations
 
+from .._dispatch import use_triton as _use_triton
 from .naive import memory_scan_loop, memory_scan_step_torch, memory_scan_torch
 
 __all__ = ["memory_scan", "memory_scan_step", "memory_scan_loop", "memory_scan_torch",
            "memory_scan_step_torch"]
-
-_BACKENDS = ("auto", "triton", "torch")
-
-
-def _use_triton(backend: str, *tensors) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if not all(t.is_cuda for t in tensors):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def memory_scan(g_logits, k, v, initial_state=None, cu_seqlens=None, output_final_state=False,

@@ -11,29 +11,12 @@ defaults to dim ** -0.5. Conventions (seq_len, -1 padding, empty pages) are in n
 from __future__ import annotations
 
 from . import naive
+from .._dispatch import use_triton as _use_triton
 from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
 
 __all__ = ["page_minmax", "quest_scores", "block_means", "moba_gate_topk", "block_sparse_decode",
            "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
            "block_sparse_mask", "dilated_mask", "select_topk"]
-
-_BACKENDS = ("auto", "triton", "torch")
-
-
-def _use_triton(backend: str, *tensors) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if not all(t.is_cuda for t in tensors if t is not None and hasattr(t, "is_cuda")):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _ops():
