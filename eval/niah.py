@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--page-size", type=int, default=16, help="Quest page size")
     g.add_argument("--quest-dense-layers", type=int, default=2, help="first N layers dense (Quest and random)")
     g.add_argument("--quest-no-force-current", action="store_true", help="Quest: do not force the current page")
+    g.add_argument("--quest-min-pages", type=int, default=0,
+                   help="Quest: keep at least N pages (default 0: the budget alone). Quest's evaluation "
+                        "variant: --quest-no-force-current --quest-min-pages 3")
     g.add_argument("--per-query-head", action="store_true",
                    help="Quest/MoBA/random: select per query head (default: per KV head, group queries averaged)")
     g.add_argument("--moba-block", type=int, default=64, help="MoBA block size (top-k = budget / block)")
@@ -93,7 +96,8 @@ def make_specs(args, methods, budgets, sources) -> list[MethodSpec]:
         for method in methods:
             base = MethodSpec(method=method, source=source, page_size=args.page_size,
                               quest_force_current=not args.quest_no_force_current,
-                              quest_dense_layers=args.quest_dense_layers, moba_block=args.moba_block,
+                              quest_dense_layers=args.quest_dense_layers, quest_min_pages=args.quest_min_pages,
+                              moba_block=args.moba_block,
                               random_block=args.random_block, random_dense_layers=args.quest_dense_layers,
                               snap_window=args.snap_window, snap_kernel=args.snap_kernel, snap_pool=args.snap_pool,
                               dilated_window=args.dilated_window, dilated_prefix=args.dilated_prefix,

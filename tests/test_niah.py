@@ -134,6 +134,26 @@ def test_memory_sources(engine):
         assert all(len(o["tokens"]) == 3 for o in out)
 
 
+def test_quest_eval_variant(engine):
+    """Quest's evaluation variant (no forced page, at least 3 pages): a 2-page budget attends 3
+    pages, i.e. equals a 3-page budget; at full budget it equals dense."""
+    ps = prompts()
+    ev = dict(quest_force_current=False, quest_min_pages=3)
+    a = engine.generate(ps, spec("quest", "16", source=src(engine), **ev), NEW, return_logits=True)
+    b = engine.generate(ps, spec("quest", "24", source=src(engine), quest_force_current=False), NEW,
+                        return_logits=True)
+    c = engine.generate(ps, spec("quest", "16", source=src(engine), quest_force_current=False), NEW,
+                        return_logits=True)
+    for x, y, z in zip(a, b, c):
+        assert x["tokens"] == y["tokens"]
+        torch.testing.assert_close(x["logits"], y["logits"], atol=0, rtol=0)
+        assert not torch.equal(x["logits"], z["logits"])  # min_pages did change the 2-page run
+    full = engine.generate(ps, spec("quest", source=src(engine), **ev), NEW, return_logits=True)
+    for d, g in zip(dense_of(engine), full):
+        assert g["tokens"] == d["tokens"]
+        torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
+
+
 def test_sparse_budgets_run(engine):
     ps = prompts()
     for m in ("quest", "moba", "random", "snapkv", "dilated"):
@@ -162,6 +182,23 @@ def test_quest_selects_planted_page():
         assert (idx == 3).any(-1).all() and (idx == 11).any(-1).all()  # planted + current page
     idx = quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False)
     assert (idx[..., 0] == 3).all()
+
+
+def test_quest_min_pages_selector():
+    q, k = _planted()
+    n = torch.tensor([96, 12])
+    k = k.expand(2, -1, -1, -1).contiguous()
+    q = q.expand(2, -1, -1).contiguous()
+    kmin, kmax = ks.page_minmax(k, 8, seq_len=n)
+    for per_q in (False, True):
+        idx = quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False, per_query_head=per_q, min_pages=3)
+        assert idx.shape == (2, 4 if per_q else 2, 3)
+        assert ((idx[0] >= 0).sum(-1) == 3).all() and (idx[0] == 3).any(-1).all()  # 3 pages, planted kept
+        assert (idx[1] == torch.tensor([0, 1, -1], dtype=idx.dtype)).all()  # only 2 pages exist: both
+        # without min_pages the budget alone (1 page), with it never fewer than the budget
+        assert quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False, per_query_head=per_q).shape[-1] == 1
+        assert quest_select(q, kmin, kmax, n, 8, nsel=5, force_current=False, per_query_head=per_q,
+                            min_pages=3).shape[-1] == 5
 
 
 def test_moba_selects_planted_block():
@@ -295,3 +332,16 @@ def test_cli_subprocess_no_tokenizer(tmp_path):
                         "--lengths", "512"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "tokenizer" in r.stderr and r.stderr.strip().startswith("error:")
+
+
+def test_cli_quest_eval_variant_flags():
+    from eval.niah import build_parser, make_specs
+    from eval.engine.spec import parse_budgets
+
+    args = build_parser().parse_args(["--model", "x", "--out", "y"])
+    (d,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
+    assert d.quest_force_current and d.quest_min_pages == 0  # today's default: Quest's fast version
+    args = build_parser().parse_args(["--model", "x", "--out", "y", "--quest-no-force-current",
+                                      "--quest-min-pages", "3"])
+    (e,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
+    assert not e.quest_force_current and e.quest_min_pages == 3

@@ -269,7 +269,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         P = -(-T // spec.page_size)
         kmin, kmax = (x[:, :, :P] for x in layer.meta)
         idx = quest_select(q, kmin, kmax, n, spec.page_size, _nsel(spec, n, spec.page_size),
-                           spec.quest_force_current, spec.per_query_head)
+                           spec.quest_force_current, spec.per_query_head, spec.quest_min_pages)
         out = ks.block_sparse_decode(q, k, v, idx, spec.page_size, seq_len=n, scale=scale)
     elif m == "moba":
         _refresh(ks.block_means, layer.ks, layer.meta, n, spec.moba_block)

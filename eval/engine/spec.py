@@ -168,6 +168,9 @@ class MethodSpec:
     page_size: int = 16
     quest_force_current: bool = True
     quest_dense_layers: int = 2
+    # at least this many pages are kept (capped by the pages that exist); 0 = the budget alone.
+    # Quest's evaluation variant: quest_force_current=False, quest_min_pages=3
+    quest_min_pages: int = 0
     # MoBA
     moba_block: int = 64
     # random (the selector ablation: Quest's pages and dense layers, random choice)
@@ -196,6 +199,8 @@ class MethodSpec:
         for name in ("page_size", "moba_block", "random_block", "snap_window"):
             if getattr(self, name) < 1:
                 raise SpecError(f"bad {name} {getattr(self, name)}: must be positive")
+        if self.quest_min_pages < 0:
+            raise SpecError(f"bad quest_min_pages {self.quest_min_pages}: must be >= 0")
         if self.dilated_window < 0 or self.dilated_prefix < 0:
             raise SpecError("dilated window and prefix must be >= 0")
 
