@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Quest: keep at least N pages (default 0: the budget alone). Quest's evaluation "
                         "variant: --quest-no-force-current --quest-min-pages 3")
     g.add_argument("--per-query-head", action="store_true",
-                   help="Quest/MoBA/random: select per query head (default: per KV head, group queries averaged)")
+                   help="Quest/MoBA/random/SnapKV: select per query head (default: per KV head, group queries "
+                        "averaged; SnapKV then repeats K/V to the query heads, as the original)")
     g.add_argument("--moba-block", type=int, default=64, help="MoBA block size (top-k = budget / block)")
     g.add_argument("--random-block", type=int, default=16, help="random selector block size")
     g.add_argument("--snap-window", type=int, default=32)

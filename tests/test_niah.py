@@ -95,7 +95,7 @@ def test_dense_matches_hf_generate(engine):
 def test_full_budget_equals_dense(engine, method):
     ps = prompts()
     dense = dense_of(engine)
-    for per_q in ((False, True) if method in ("quest", "moba") else (False,)):
+    for per_q in ((False, True) if method in ("quest", "moba", "snapkv") else (False,)):
         got = engine.generate(ps, spec(method, source=src(engine), per_query_head=per_q), NEW, return_logits=True)
         for d, g in zip(dense, got):
             assert g["tokens"] == d["tokens"]
@@ -219,6 +219,29 @@ def test_snapkv_keeps_window():
     assert keep[:, -W:].tolist() == [list(range(T - W, T))] * 2
     assert (keep.diff(dim=-1) > 0).all()
     assert snapkv_keep(q_win, k, T).shape == (2, T)  # T <= C: everything kept
+    # per query head (G = 2): one set per query head, window kept, ascending
+    keep = snapkv_keep(q_win, k, C, kernel=7, pool="max", per_query_head=True)
+    assert keep.shape == (4, C)
+    assert keep[:, -W:].tolist() == [list(range(T - W, T))] * 4
+    assert (keep.diff(dim=-1) > 0).all()
+    assert snapkv_keep(q_win, k, T, per_query_head=True).shape == (4, T)
+    # query heads of a group with equal window queries choose what the group average chooses
+    q_same = q_win[:, :2].reshape(1, 2, 1, W, 16).expand(1, 2, 2, W, 16).reshape(1, 4, W, 16)
+    kv = snapkv_keep(q_same, k, C, kernel=7, pool="max")
+    qh = snapkv_keep(q_same, k, C, kernel=7, pool="max", per_query_head=True)
+    assert torch.equal(qh, kv.repeat_interleave(2, 0))
+
+
+def test_snapkv_per_query_head_engine(engine):
+    """G = 2: the per-query-head cache (K/V repeated to Hq heads) runs at a sparse budget and
+    differs from the group-averaged selection; full budget equals dense is in
+    test_full_budget_equals_dense."""
+    ps = prompts()
+    a = engine.generate(ps, spec("snapkv", "1/2", source=src(engine), per_query_head=True), NEW, return_logits=True)
+    b = engine.generate(ps, spec("snapkv", "1/2", source=src(engine)), NEW, return_logits=True)
+    assert [len(o["tokens"]) for o in a] == [NEW, NEW]
+    assert all(torch.isfinite(o["logits"]).all() for o in a)
+    assert not torch.equal(a[0]["logits"], b[0]["logits"])
 
 
 # ------------------------------------------------------------------------------ specs

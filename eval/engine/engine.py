@@ -179,24 +179,32 @@ def _build_meta(spec, layer: _Layer, layer_idx: int):
 
 
 def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
-    """Keep top C - W prompt tokens (by window votes) + the window, per row and KV head."""
+    """Keep top C - W prompt tokens (by window votes) + the window, per row and KV head (or, with
+    ``per_query_head``, per query head: K/V are repeated to Hq heads first, as the original SnapKV
+    does, so the kept cache has Hq heads and decoding appends each new token to every head)."""
     B, Hkv, L, D = layer.kc.shape
+    G = query.shape[1] // Hkv if spec.per_query_head else 1
+    H = Hkv * G
     n = layer.n
-    kc, vc = torch.zeros_like(layer.kc), torch.zeros_like(layer.vc)
+    kc = layer.kc.new_zeros((B, H, L, D))
+    vc = layer.vc.new_zeros((B, H, L, D))
     new_n = n.clone()
     W = spec.snap_window
     for b in range(B):
         nb = int(n[b])
         cap = spec.snap_capacity(nb)
+        kb, vb = layer.kc[b], layer.vc[b]
+        if G > 1:
+            kb, vb = kb.repeat_interleave(G, 0), vb.repeat_interleave(G, 0)  # query head h reads h // G
         if nb <= cap:
-            kc[b], vc[b] = layer.kc[b], layer.vc[b]
+            kc[b], vc[b] = kb, vb
             continue
         q_win = query[b : b + 1, :, nb - W : nb]
         keep = snapkv_keep(q_win, layer.ks[b : b + 1, :, :nb], cap, spec.snap_kernel, spec.snap_pool, scale,
-                           spec.per_query_head)  # [Hkv, C]
-        g = keep[:, :, None].expand(Hkv, keep.shape[1], D)
-        kc[b, :, : keep.shape[1]] = layer.kc[b].gather(1, g)
-        vc[b, :, : keep.shape[1]] = layer.vc[b].gather(1, g)
+                           spec.per_query_head)  # [H, C]
+        g = keep[:, :, None].expand(H, keep.shape[1], D)
+        kc[b, :, : keep.shape[1]] = kb.gather(1, g)
+        vc[b, :, : keep.shape[1]] = vb.gather(1, g)
         new_n[b] = keep.shape[1]
     layer.kc, layer.vc, layer.ks, layer.n = kc, vc, kc, new_n
 
@@ -250,6 +258,9 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer = run.layers[i]
     layer.n = layer.n + 1
     n, rows = layer.n, torch.arange(B, device=query.device)
+    if layer.kc.shape[1] != kc_new.shape[1]:  # SnapKV per query head: the kept cache has Hq heads
+        G = layer.kc.shape[1] // kc_new.shape[1]
+        kc_new, vc_new = kc_new.repeat_interleave(G, 1), vc_new.repeat_interleave(G, 1)
     layer.kc[rows, :, n - 1] = kc_new[:, :, 0]
     layer.vc[rows, :, n - 1] = vc_new[:, :, 0]
     if layer.ks is not layer.kc:

@@ -65,26 +65,27 @@ def random_select(generator, shape, seq_len, block_size, nsel, force_current=Tru
 
 
 def snapkv_keep(q_win, k, capacity, kernel=7, pool="avg", scale=None, per_query_head=False):
-    """SnapKV for one prompt: indices [Hkv, C] (ascending) of the tokens to keep.
+    """SnapKV for one prompt: indices [Hkv, C] (or [Hq, C] per query head), ascending, of the
+    tokens to keep.
 
     q_win [1, Hq, W, D]: the last W prompt queries; k [1, Hkv, T, D]: the prompt's keys.
     Votes (softmax of the window queries over all keys, summed over the window) of the prefix
-    T - W are averaged over each KV head's query group, smoothed by a 1-D pool, and the top
-    C - W prefix tokens kept together with the whole window. T <= C keeps everything.
+    T - W are averaged over each KV head's query group (kvpress; default) or kept per query head
+    (``per_query_head``: the original SnapKV, whose K/V are repeated to Hq heads first), smoothed
+    by a 1-D pool, and the top C - W prefix tokens kept together with the whole window. T <= C
+    keeps everything.
     """
     T, W = k.shape[2], q_win.shape[2]
-    hkv = k.shape[1]
+    h = q_win.shape[1] if per_query_head else k.shape[1]
     if T <= capacity:
-        return torch.arange(T, device=k.device).expand(hkv, T)
-    if per_query_head:
-        raise NotImplementedError("SnapKV per query head would need a per-query-head cache")
+        return torch.arange(T, device=k.device).expand(h, T)
     votes = ks.snapkv_votes(q_win, k, scale=scale, window_causal=True)  # [1, Hq, T]
-    votes = group_mean(votes, hkv)[0, :, : T - W]  # [Hkv, T - W]
+    votes = (votes if per_query_head else group_mean(votes, h))[0, :, : T - W]  # [h, T - W]
     pad = kernel // 2
     if pool == "avg":
         votes = F.avg_pool1d(votes[:, None], kernel, stride=1, padding=pad)[:, 0]
     else:
         votes = F.max_pool1d(votes[:, None], kernel, stride=1, padding=pad)[:, 0]
     top = votes.topk(capacity - W, dim=-1).indices.sort(dim=-1).values
-    window = torch.arange(T - W, T, device=k.device).expand(hkv, W)
+    window = torch.arange(T - W, T, device=k.device).expand(h, W)
     return torch.cat([top, window], dim=-1)
