@@ -49,6 +49,12 @@ def engine(request):
     return Engine(make_model(request.param), eos_token_ids=[])
 
 
+@pytest.fixture(scope="module")
+def attn_engine():
+    """The attention model alone, for engine tests whose logic does not depend on the K/V source."""
+    return Engine(make_model("attention"), eos_token_ids=[])
+
+
 def prompts(lengths=(53, 42), seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths]
@@ -134,24 +140,69 @@ def test_memory_sources(engine):
         assert all(len(o["tokens"]) == 3 for o in out)
 
 
-def test_quest_eval_variant(engine):
+def test_quest_eval_variant(attn_engine):
     """Quest's evaluation variant (no forced page, at least 3 pages): a 2-page budget attends 3
     pages, i.e. equals a 3-page budget; at full budget it equals dense."""
     ps = prompts()
     ev = dict(quest_force_current=False, quest_min_pages=3)
-    a = engine.generate(ps, spec("quest", "16", source=src(engine), **ev), NEW, return_logits=True)
-    b = engine.generate(ps, spec("quest", "24", source=src(engine), quest_force_current=False), NEW,
+    a = attn_engine.generate(ps, spec("quest", "16", source=src(attn_engine), **ev), NEW, return_logits=True)
+    b = attn_engine.generate(ps, spec("quest", "24", source=src(attn_engine), quest_force_current=False), NEW,
                         return_logits=True)
-    c = engine.generate(ps, spec("quest", "16", source=src(engine), quest_force_current=False), NEW,
-                        return_logits=True)
-    for x, y, z in zip(a, b, c):
+    for x, y in zip(a, b):
         assert x["tokens"] == y["tokens"]
         torch.testing.assert_close(x["logits"], y["logits"], atol=0, rtol=0)
-        assert not torch.equal(x["logits"], z["logits"])  # min_pages did change the 2-page run
-    full = engine.generate(ps, spec("quest", source=src(engine), **ev), NEW, return_logits=True)
-    for d, g in zip(dense_of(engine), full):
+    full = attn_engine.generate(ps, spec("quest", source=src(attn_engine), **ev), NEW, return_logits=True)
+    for d, g in zip(dense_of(attn_engine), full):
         assert g["tokens"] == d["tokens"]
         torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
+
+
+def _recompute_meta(spec, layer, n):
+    """The reference: Quest/MoBA metadata recomputed over the whole cache, [B, Hkv, n_blocks, D]."""
+    T = int(n.max())
+    if spec.method == "quest":
+        return ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n)
+    return (ks.block_means(layer.ks[:, :, :T], spec.moba_block, seq_len=n),)
+
+
+def test_incremental_metadata_equals_recompute(attn_engine, monkeypatch):
+    """The decode loop's incremental page min/max and block means equal a recompute over the
+    whole cache at every step and layer, and generation matches a run that recomputes."""
+    import eval.engine.engine as eng
+
+    incremental = eng._update_meta
+    steps = []
+
+    def checked(spec_, layer, n):
+        incremental(spec_, layer, n)
+        for m, r in zip(layer.meta, _recompute_meta(spec_, layer, n)):
+            P = r.shape[2]
+            if spec_.method == "quest":
+                assert torch.equal(m[:, :, :P], r)
+            else:
+                torch.testing.assert_close(m[:, :, :P], r, atol=1e-6, rtol=1e-6)
+            assert (m[:, :, P:] == 0).all()  # pages/blocks ahead stay empty
+        steps.append(spec_.method)
+
+    def recompute(spec_, layer, n):
+        for m, r in zip(layer.meta, _recompute_meta(spec_, layer, n)):
+            m.zero_()
+            m[:, :, : r.shape[2]] = r
+
+    ps, new = prompts(), 8  # 53 + 8 and 42 + 8 tokens: page/block boundaries 56 and 48 crossed
+    for method in ("quest", "moba"):
+        s = spec(method, "1/2", source=src(attn_engine))
+        monkeypatch.setattr(eng, "_update_meta", checked)
+        a = attn_engine.generate(ps, s, new, return_logits=True)
+        if method == "quest":  # metadata bit-equal to the recompute at every step: same run
+            continue
+        monkeypatch.setattr(eng, "_update_meta", recompute)  # means: equal up to fp32 rounding
+        b = attn_engine.generate(ps, s, new, return_logits=True)
+        for x, y in zip(a, b):
+            assert x["tokens"] == y["tokens"]
+            torch.testing.assert_close(x["logits"], y["logits"], atol=1e-5, rtol=1e-5)
+    assert steps.count("quest") == (new - 1) * (TINY["num_hidden_layers"] - 1)  # 1 dense layer
+    assert steps.count("moba") == (new - 1) * TINY["num_hidden_layers"]
 
 
 def test_sparse_budgets_run(engine):
@@ -232,14 +283,15 @@ def test_snapkv_keeps_window():
     assert torch.equal(qh, kv.repeat_interleave(2, 0))
 
 
-def test_snapkv_per_query_head_engine(engine):
+def test_snapkv_per_query_head_engine(attn_engine):
     """G = 2: the per-query-head cache (K/V repeated to Hq heads) runs at a sparse budget and
     differs from the group-averaged selection; full budget equals dense is in
     test_full_budget_equals_dense."""
     ps = prompts()
-    a = engine.generate(ps, spec("snapkv", "1/2", source=src(engine), per_query_head=True), NEW, return_logits=True)
-    b = engine.generate(ps, spec("snapkv", "1/2", source=src(engine)), NEW, return_logits=True)
-    assert [len(o["tokens"]) for o in a] == [NEW, NEW]
+    a = attn_engine.generate(ps, spec("snapkv", "1/2", source=src(attn_engine), per_query_head=True), 3,
+                             return_logits=True)
+    b = attn_engine.generate(ps, spec("snapkv", "1/2", source=src(attn_engine)), 3, return_logits=True)
+    assert [len(o["tokens"]) for o in a] == [3, 3]
     assert all(torch.isfinite(o["logits"]).all() for o in a)
     assert not torch.equal(a[0]["logits"], b[0]["logits"])
 

@@ -113,6 +113,30 @@ def test_block_means(backend, dtype):
             assert _rel(m[b, :, n], ref) < 1e-5 or s1 <= s0 and (m[b, :, n] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_metadata_update_equals_recompute(backend, dtype):
+    """Decoding's incremental page min/max and block means, one key per row per step, equal the
+    metadata recomputed from scratch (rows at and around page boundaries, empty pages ahead)."""
+    B, H, T, D, page = 5, 2, 32, 24, 8
+    k = _rand(B, H, T, D, dtype=dtype, seed=7)
+    g = torch.Generator().manual_seed(3)
+    start = torch.tensor([1, 7, 8, 16, int(torch.randint(2, 20, (1,), generator=g))], device=DEV)
+    kmin, kmax = naive.page_minmax_torch(k, page, start)
+    means = naive.block_means_torch(k, page, start)
+    rows = torch.arange(B, device=DEV)
+    for step in range(T - int(start.max())):
+        pos = start + step
+        out = sp.page_minmax_update(kmin, kmax, k[rows, :, pos], pos, page, backend=backend)
+        assert out[0] is kmin and out[1] is kmax
+        assert sp.block_means_update(means, k[rows, :, pos], pos, page, backend=backend) is means
+        rmin, rmax = naive.page_minmax_torch(k, page, pos + 1)
+        assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax), step
+        ref = naive.block_means_torch(k, page, pos + 1)
+        torch.testing.assert_close(means, ref, atol=1e-5, rtol=1e-5)
+    assert kmin.dtype == dtype and means.dtype == torch.float32
+
+
 # --------------------------------------------------------------------------------------------
 # MoBA gate
 

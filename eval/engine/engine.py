@@ -12,7 +12,8 @@ How it works
       MoBA's per-token block attention (``moba_prefill``) or RAT+'s dilated mask (dilated); then
       builds the selector's metadata (Quest page min/max, MoBA block means) or compresses the
       cache (SnapKV);
-    * decoding (one query token): refreshes the current page/block's metadata, selects, and calls
+    * decoding (one query token): folds the new key into its page/block's metadata
+      (``page_minmax_update`` / ``block_means_update``, O(1) per step), selects, and calls
       ``block_sparse_decode`` / ``dilated_decode`` / dense decoding on the buffers.
 
     Prompts are right-padded; every kernel gets each row's valid length (``seq_len``), and
@@ -146,18 +147,16 @@ def _dense_decode(q, k, v, n, scale):
     return _sdpa(q[:, :, None], k, v, scale, causal=False, mask=mask)[:, :, 0]
 
 
-def _refresh(fn, buf, meta, n, block):
-    """Recompute, with the kernel ``fn``, the metadata of the block holding token n-1 of each row."""
-    B, H, L, D = buf.shape
-    blk = (n - 1) // block  # [B]
-    start = blk * block
-    idx = (start[:, None] + torch.arange(block, device=buf.device)[None, :]).clamp_max(L - 1)
-    gathered = buf.gather(2, idx[:, None, :, None].expand(B, H, block, D))
-    out = fn(gathered, block, n - start)
-    out = out if isinstance(out, tuple) else (out,)
-    rows = torch.arange(B, device=buf.device)
-    for m, o in zip(meta, out):
-        m[rows, :, blk] = o[:, :, 0].to(m.dtype)
+def _update_meta(spec, layer: _Layer, n):
+    """Fold each row's new selection key (at position n - 1) into the metadata of its page/block,
+    in place: ``page_minmax_update`` (Quest) or ``block_means_update`` (MoBA). O(B * H * D) per
+    step; equal to recomputing the metadata over the cache (the tests check it against that)."""
+    pos = n - 1
+    k_new = layer.ks[torch.arange(n.shape[0], device=n.device), :, pos]  # [B, Hkv, D]
+    if spec.method == "quest":
+        ks.page_minmax_update(*layer.meta, k_new, pos, spec.page_size)
+    else:
+        ks.block_means_update(layer.meta[0], k_new, pos, spec.moba_block)
 
 
 def _build_meta(spec, layer: _Layer, layer_idx: int):
@@ -276,14 +275,14 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = ks.dilated_decode(q, k, v, spec.dilated_chunk(T), spec.dilated_window, spec.dilated_prefix,
                                 seq_len=n, scale=scale)
     elif m == "quest":
-        _refresh(ks.page_minmax, layer.ks, layer.meta, n, spec.page_size)
+        _update_meta(spec, layer, n)
         P = -(-T // spec.page_size)
         kmin, kmax = (x[:, :, :P] for x in layer.meta)
         idx = quest_select(q, kmin, kmax, n, spec.page_size, _nsel(spec, n, spec.page_size),
                            spec.quest_force_current, spec.per_query_head, spec.quest_min_pages)
         out = ks.block_sparse_decode(q, k, v, idx, spec.page_size, seq_len=n, scale=scale)
     elif m == "moba":
-        _refresh(ks.block_means, layer.ks, layer.meta, n, spec.moba_block)
+        _update_meta(spec, layer, n)
         NB = -(-T // spec.moba_block)
         idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, _nsel(spec, n, spec.moba_block),
                           spec.per_query_head)

@@ -14,7 +14,7 @@ from . import naive
 from .._dispatch import use_triton as _use_triton
 from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
 
-__all__ = ["page_minmax", "quest_scores", "block_means", "moba_gate_topk", "block_sparse_decode",
+__all__ = ["page_minmax", "page_minmax_update", "quest_scores", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
            "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
            "block_sparse_mask", "dilated_mask", "select_topk"]
 
@@ -29,6 +29,16 @@ def page_minmax(k, page_size, seq_len=None, backend: str = "auto"):
     if _use_triton(backend, k):
         return _ops().page_minmax(k, page_size, seq_len)
     return naive.page_minmax_torch(k, page_size, seq_len)
+
+
+def page_minmax_update(kmin, kmax, k_new, pos, page_size, backend: str = "auto"):
+    """Decoding's incremental Quest metadata, in place: k_new [B, Hkv, D] is the key at absolute
+    position pos [B] (int); its page's kmin/kmax ([B, Hkv, P, D]) take the element-wise min/max
+    with it, or become k_new when it starts the page (pos % page_size == 0). Returns (kmin, kmax),
+    equal to ``page_minmax`` recomputed over the cache."""
+    if _use_triton(backend, kmin, kmax, k_new):
+        return _ops().page_minmax_update(kmin, kmax, k_new, pos, page_size)
+    return naive.page_minmax_update_torch(kmin, kmax, k_new, pos, page_size)
 
 
 def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, backend: str = "auto"):
@@ -46,6 +56,15 @@ def block_means(k, block_size, seq_len=None, backend: str = "auto"):
     if _use_triton(backend, k):
         return _ops().block_means(k, block_size, seq_len)
     return naive.block_means_torch(k, block_size, seq_len)
+
+
+def block_means_update(kmeans, k_new, pos, block_size, backend: str = "auto"):
+    """Decoding's incremental MoBA metadata, in place: the fp32 mean of the block holding absolute
+    position pos [B] takes in k_new [B, Hkv, D] (running mean over the pos % block_size keys
+    before it). Returns kmeans, equal to ``block_means`` recomputed up to fp32 rounding."""
+    if _use_triton(backend, kmeans, k_new):
+        return _ops().block_means_update(kmeans, k_new, pos, block_size)
+    return naive.block_means_update_torch(kmeans, k_new, pos, block_size)
 
 
 def moba_gate_topk(q, kmeans, block_size, topk, q_pos, backend: str = "auto"):

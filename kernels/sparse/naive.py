@@ -94,6 +94,43 @@ def block_means_torch(k, block_size, seq_len=None):
 
 
 # --------------------------------------------------------------------------------------------
+# incremental metadata (decoding: one new key per row)
+
+
+def _update_rows(meta, pos, block_size):
+    B = meta.shape[0]
+    pos = torch.as_tensor(pos, device=meta.device).long().reshape(-1)
+    if pos.numel() == 1 and B > 1:
+        pos = pos.expand(B)
+    rows = torch.arange(B, device=meta.device)
+    return rows, pos // block_size, (pos % block_size)
+
+
+def page_minmax_update_torch(kmin, kmax, k_new, pos, page_size):
+    """In place: fold k_new [B, Hkv, D] (the key at absolute position pos [B]) into its page's
+    min/max ([B, Hkv, P, D]). A key that starts a page (pos % page == 0) replaces the page's
+    entries (empty pages hold zeros). Returns (kmin, kmax)."""
+    rows, p, off = _update_rows(kmin, pos, page_size)
+    first = (off == 0)[:, None, None]
+    kn = k_new.to(kmin.dtype)
+    kmin[rows, :, p] = torch.where(first, kn, torch.minimum(kmin[rows, :, p], kn))
+    kmax[rows, :, p] = torch.where(first, kn, torch.maximum(kmax[rows, :, p], kn))
+    return kmin, kmax
+
+
+def block_means_update_torch(kmeans, k_new, pos, block_size):
+    """In place: fold k_new [B, Hkv, D] (at absolute position pos [B]) into its block's fp32 mean
+    ([B, Hkv, NB, D]): m <- (m * c + k) / (c + 1) with c = pos % block keys already in the block
+    (c = 0: m <- k). Equals block_means over the block up to fp32 rounding. Returns kmeans."""
+    rows, blk, off = _update_rows(kmeans, pos, block_size)
+    c = off.to(torch.float32)[:, None, None]
+    kn = k_new.to(torch.float32)
+    m = kmeans[rows, :, blk].float()
+    kmeans[rows, :, blk] = torch.where(c == 0, kn, (m * c + kn) / (c + 1)).to(kmeans.dtype)
+    return kmeans
+
+
+# --------------------------------------------------------------------------------------------
 # MoBA gate
 
 

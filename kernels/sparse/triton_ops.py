@@ -2,6 +2,8 @@
 
 * ``_meta_kernel``: one program per (row, page/block): min/max (Quest metadata) or fp32 mean
   (MoBA block representative) over the valid keys, the page walked in tiles of BT tokens.
+* ``_meta_update_kernel``: decoding's incremental metadata, one program per (row, head): folds
+  the new key into the min/max or running fp32 mean of the page/block holding its position.
 * ``_quest_kernel``: one program per (query head, tile of pages): the channel-wise upper bound.
 * ``_gate_topk_kernel``: MoBA selection for one query row: mask non-past blocks, pick the
   top (topk-1) by repeated arg-max (ties to the lower block), add the own block, write the chosen
@@ -146,6 +148,54 @@ def page_minmax(k, page_size, seq_len=None):
 
 def block_means(k, block_size, seq_len=None):
     return _meta(k, block_size, seq_len, mean=True)
+
+
+@triton.jit
+def _meta_update_kernel(k_ptr, pos_ptr, o1_ptr, o2_ptr, H, D, PAGE,
+                        skb, skh, skd, sob, soh, sop, sod,
+                        MEAN: tl.constexpr, BD: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    hh = bh % H
+    pos = tl.load(pos_ptr + b)
+    p = pos // PAGE
+    c = pos - p * PAGE
+    d = tl.arange(0, BD)
+    dm = d < D
+    x = tl.load(k_ptr + b.to(tl.int64) * skb + hh.to(tl.int64) * skh + d * skd, mask=dm, other=0.).to(tl.float32)
+    o = b.to(tl.int64) * sob + hh.to(tl.int64) * soh + p.to(tl.int64) * sop + d * sod
+    if MEAN:
+        m = tl.load(o1_ptr + o, mask=dm, other=0.).to(tl.float32)
+        cf = c.to(tl.float32)
+        new = tl.where(c == 0, x, (m * cf + x) / (cf + 1.0))
+        tl.store(o1_ptr + o, new.to(o1_ptr.dtype.element_ty), mask=dm)
+    else:
+        lo = tl.load(o1_ptr + o, mask=dm, other=0.).to(tl.float32)
+        hi = tl.load(o2_ptr + o, mask=dm, other=0.).to(tl.float32)
+        lo = tl.where(c == 0, x, tl.minimum(lo, x))
+        hi = tl.where(c == 0, x, tl.maximum(hi, x))
+        tl.store(o1_ptr + o, lo.to(o1_ptr.dtype.element_ty), mask=dm)
+        tl.store(o2_ptr + o, hi.to(o2_ptr.dtype.element_ty), mask=dm)
+
+
+def _meta_update(o1, o2, k_new, pos, page, mean):
+    B, H, NP, D = o1.shape
+    if k_new.shape != (B, H, D):
+        raise ValueError(f"k_new {tuple(k_new.shape)} does not match metadata {tuple(o1.shape)}")
+    if not mean and o2.stride() != o1.stride():
+        raise ValueError("kmin and kmax need the same strides")
+    p = _seq_len(pos, B, 0, o1.device).to(torch.int32).contiguous()
+    _meta_update_kernel[(B * H,)](k_new, p, o1, o2, H, D, page, *k_new.stride(), *o1.stride(),
+                                  MEAN=mean, BD=_p2(D))
+    return o1 if mean else (o1, o2)
+
+
+def page_minmax_update(kmin, kmax, k_new, pos, page_size):
+    return _meta_update(kmin, kmax, k_new, pos, page_size, mean=False)
+
+
+def block_means_update(kmeans, k_new, pos, block_size):
+    return _meta_update(kmeans, kmeans, k_new, pos, block_size, mean=True)
 
 
 # --------------------------------------------------------------------------------------------
