@@ -184,8 +184,9 @@ class MethodSpec:
     # dilated (RAT+): window W and prefix P; the chunk D comes from the budget
     dilated_window: int = 0
     dilated_prefix: int = 0
-    # selection granularity under GQA for Quest / MoBA / random: per KV head (group queries
-    # averaged, one index list per KV head) or per query head
+    # selection granularity under GQA for Quest / MoBA / random / SnapKV: per KV head (group
+    # queries or votes averaged, one index list per KV head) or per query head (SnapKV: K/V
+    # repeated to the query heads before compression, as the original SnapKV)
     per_query_head: bool = False
     seed: int = 42
 
