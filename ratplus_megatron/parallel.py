@@ -25,21 +25,21 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's or Slurm's variables; (0, 1, 0) otherwise.
+def distributed_env() -> tuple[int, int, int, str]:
+    """(rank, world size, local rank, init method) from torchrun's or Slurm's variables, else one process.
 
-    Also sets MASTER_ADDR/MASTER_PORT when Slurm launched the tasks directly (srun, no torchrun).
+    Reads the environment and never writes it: a rendezvous address chosen here must not leak into
+    child processes (an ``sbatch --export=ALL`` from this process would inherit our own port).
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
-    return 0, 1, 0
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun started the tasks, no torchrun
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                f"tcp://{addr}:{port}")
+    return 0, 1, 0, f"tcp://127.0.0.1:{_free_port()}"
 
 
 def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> tuple[int, int]:
@@ -49,7 +49,7 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | Non
     """
     from megatron.core import parallel_state
 
-    rank, world, local_rank = distributed_env()
+    rank, world, local_rank, init_method = distributed_env()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tensor x pipeline parallel = {tp} x {pp}")
     cuda = torch.cuda.is_available()
@@ -59,7 +59,7 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | Non
         cpu_compat.apply()
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend or ("nccl" if cuda else "gloo"),
-                                             rank=rank, world_size=world)
+                                             init_method=init_method, rank=rank, world_size=world)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                  pipeline_model_parallel_size=pp)

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         from ..parallel import distributed_env
 
-        _, world, _ = distributed_env()
+        _, world, _, _ = distributed_env()
         cfg.validate(world_size=world)
         return train(cfg)
     except TrainConfigError as e:  # found before or during setup: one line, exit code 2
