@@ -420,3 +420,14 @@ def test_cli_quest_eval_variant_flags():
                                       "--quest-min-pages", "3"])
     (e,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
     assert not e.quest_force_current and e.quest_min_pages == 3
+
+
+def test_variants_write_to_their_own_folders():
+    """Quest's evaluation variant and per-query-head selection must not reuse another run's predictions."""
+    from eval.engine.spec import MethodSpec
+
+    labels = {MethodSpec("quest").label, MethodSpec("quest", quest_force_current=False, quest_min_pages=3).label,
+              MethodSpec("quest", per_query_head=True).label, MethodSpec("snapkv", per_query_head=True).label,
+              MethodSpec("snapkv").label}
+    assert len(labels) == 5
+    assert MethodSpec("quest").label == "quest_full_plain"  # defaults keep their paths

@@ -215,8 +215,22 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
+        """'<method>[+variant]_<budget>_<source>': the run's output folder, so variants never share one."""
         budget = "full" if self.method == "dense" else self.budget.label
-        return f"{self.method}_{budget}_{self.source.label}"
+        return f"{self.method}{''.join('+' + t for t in self.variant_tags)}_{budget}_{self.source.label}"
+
+    @property
+    def variant_tags(self) -> list[str]:
+        """Non-default selection rules that make a different method: Quest's evaluation variant
+        (no forced current page, a page minimum) and per-query-head selection under GQA."""
+        tags = []
+        if self.method == "quest" and not self.quest_force_current:
+            tags.append("nocur")
+        if self.method == "quest" and self.quest_min_pages:
+            tags.append(f"min{self.quest_min_pages}")
+        if self.method in ("quest", "moba", "random", "snapkv") and self.per_query_head:
+            tags.append("qhead")
+        return tags
 
     def with_budget(self, budget: Budget) -> "MethodSpec":
         """This spec at ``budget``; dense has no budget and no selection (its source is the
