@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, Olmo2For
 
 from ratplus_megatron.hf import Olmo2MemoryCache, Olmo2MemoryConfig, Olmo2MemoryForCausalLM
 from ratplus_megatron.hf import modeling_olmo2_memory as modeling
+from tiny_models import init_unit_scale_
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -31,15 +32,7 @@ def make_model(seed=0, attn="sdpa", **overrides):
     config = Olmo2MemoryConfig(**{**TINY, **overrides})
     model = Olmo2MemoryForCausalLM(config).eval()
     model.set_attn_implementation(attn)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 1.0)
-            else:  # linears: unit gain; gate logits get std ~2
-                gain = 2.0 if (".g_proj." in name or ".og_proj." in name) else 1.0
-                p.normal_(0.0, gain / math.sqrt(p.shape[-1]) if p.dim() == 2 else gain)
+    init_unit_scale_(model)
     return model
 
 

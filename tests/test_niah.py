@@ -3,7 +3,6 @@
 Tiny configs built in code, the tiny BPE tokenizer of data_prep/assets; nothing is downloaded.
 """
 import json
-import math
 import subprocess
 import sys
 from fractions import Fraction
@@ -17,6 +16,7 @@ import kernels.sparse as ks
 from eval.engine import Engine, KVSource, MethodSpec, SpecError, parse_budget, parse_kv_source
 from eval.engine.select import moba_select, quest_select, snapkv_keep
 from ratplus_megatron.hf import Olmo2MemoryConfig, Olmo2MemoryForCausalLM
+from tiny_models import init_unit_scale_
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BPE = REPO / "data_prep" / "assets" / "tiny-bpe"
@@ -33,14 +33,7 @@ def make_model(kind, seed=0):
         model = Olmo2MemoryForCausalLM(Olmo2MemoryConfig(**TINY))
     else:
         model = Olmo2ForCausalLM(Olmo2Config(**TINY))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, (2.0 if ".g_proj." in name else 1.0) / math.sqrt(p.shape[-1]))
+    init_unit_scale_(model)
     return model.eval()
 
 
