@@ -22,6 +22,11 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 VARIANTS = [dict(kernel=kn, schedule=sc) for kn in ("rows", "scan") for sc in ("loop", "chained")]
 VARIANT_IDS = [f"{v['kernel']}-{v['schedule']}" for v in VARIANTS]
 ROWS = VARIANTS[:2]
+# forward-only "wide" kernels (the backward runs its defaults); CT=16 gives several chunks and,
+# with BT=8, two tiles per chunk on the shapes below
+WIDE = [dict(kernel="chunk", CT=16, BH=2), dict(kernel="chunklb", CT=16, BH=2)]
+VARIANTS += WIDE
+VARIANT_IDS += ["chunk", "chunklb"]
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
@@ -248,3 +253,70 @@ def test_decode_step_matches_scan(dtype):
     tk, tv, ts = memory_scan_step(x[0][:, 0], x[1][:, 0], x[2][:, 0],
                                   tuple(s.float().to(DEV) for s in h0), backend="torch")
     assert _rel(outs[0][0], tk) < tol
+
+
+# ---------------------------------------------------------------------------------------------
+# wide forward kernels: tile shapes, several chunks and tiles, packed sequences, fp16
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
+@pytest.mark.parametrize("cfg", [dict(BT=4, CT=8, BH=2, BD=8), dict(BT=2, CT=8, BH=4),
+                                 dict(BT=8, CT=64, BH=1, BD=16)],
+                         ids=["BT4-CT8-BH2-BD8", "BT2-CT8-BH4", "BT8-CT64-BH1-BD16"])
+def test_wide_forward_tiles(kernel, cfg):
+    # H=3 heads with BH=2 or 4 leaves masked heads; D=24 is not a power of two
+    B, T, H, D = 2, 45, 3, 24
+    z, k, v, h0 = _inputs(B, T, H, D, seed=21)
+    x = [t.to(DEV, torch.float32) for t in (z, k, v)]
+    ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
+    out = memory_scan_fused(*x, tuple(s.float().to(DEV) for s in h0), output_final_state=True,
+                            kernel=kernel, **cfg)
+    _check_fwd(out, ref, torch.float32)
+    # fp16 in and out, no initial state
+    x16 = [t.to(torch.float16) for t in x]
+    ref16 = memory_scan_loop(*(t.double().cpu() for t in x16), output_final_state=True)
+    out16 = memory_scan_fused(*x16, output_final_state=True, kernel=kernel, **cfg)
+    _check_fwd(out16, ref16, torch.float16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
+@pytest.mark.parametrize("gate_shift", [-12.0, 12.0])
+def test_wide_gates_near_0_and_1(kernel, gate_shift):
+    z, k, v, h0 = _inputs(2, 33, 2, 8, gate_shift=gate_shift, gate_scale=1.0)
+    ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
+    out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
+                            tuple(s.float().to(DEV) for s in h0), output_final_state=True,
+                            kernel=kernel, BT=4, CT=8, BD=8, BH=2)
+    _check_fwd(out, ref, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
+def test_wide_packed_sequences_across_chunks(kernel):
+    # sequence bounds fall inside tiles, on tile and chunk edges, and span several chunks
+    cu = [0, 3, 3, 8, 9, 24, 41, 50]
+    N, T, H, D = len(cu) - 1, cu[-1], 2, 8
+    z, k, v, h0 = _inputs(1, T, H, D, n_states=N, seed=9)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
+    out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
+                            tuple(s.float().to(DEV) for s in h0), cu_seqlens=cu_t.to(DEV),
+                            output_final_state=True, kernel=kernel, BT=4, CT=8, BD=8, BH=2)
+    _check_fwd(out, ref, torch.float32)
+
+
+@needs_kernels
+def test_wide_default_switch(monkeypatch):
+    """The module-level default forward kernel is what the public op runs."""
+    from kernels.memory_scan import fused
+    z, k, v, h0 = _inputs(1, 20, 2, 8, seed=4)
+    x = [t.float().to(DEV) for t in (z, k, v)]
+    ref = memory_scan_loop(z, k, v)
+    seen = []
+    real = fused._wide_fwd
+    monkeypatch.setattr(fused, "_wide_fwd", lambda *a: seen.append(a[-2]) or real(*a))
+    monkeypatch.setitem(fused._DEFAULTS, "fwd_kernel", "chunk")
+    _check_fwd(memory_scan(*x, backend="triton"), ref, torch.float32)
+    assert seen == ["chunk"]

@@ -445,7 +445,9 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 # one measured there; forward: chained BT32 BD64 w2 was fastest at batch 1 and 8; backward:
 # BT64 BD32 w4, chained at batch 1 and loop at batch 8 (chain_below = 4 x SMs channel blocks).
 # The "rows" kernels pass every CPU test and ran on the GPU (forward) but are not yet timed there.
-_DEFAULTS = {"kernel": "scan", "schedule": "auto", "chain_below": 4}
+# fwd_kernel: the forward's kernel when opts name none ('scan' | 'rows' | 'chunk' | 'chunklb');
+# the wide kernels ('chunk', 'chunklb', forward only) are not the default until timed on the GPU.
+_DEFAULTS = {"kernel": "scan", "fwd_kernel": "scan", "schedule": "auto", "chain_below": 4}
 _KERNEL_DEFAULTS = {
     ("rows", "fwd"): {"BT": 16, "BD": 32, "num_warps": 1},
     ("rows", "bwd"): {"BT": 16, "BD": 32, "num_warps": 1},
@@ -478,6 +480,8 @@ def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
 
 def _plan(batch: int, T: int, H: int, D: int, device, opts: dict, direction: str):
     given = {k: v for k, v in opts.items() if v is not None}
+    if direction == "bwd" and given.get("kernel") in _WIDE_KERNELS:
+        given = {}  # forward-only kernels: the backward takes its own defaults
     kernel = given.get("kernel", _DEFAULTS["kernel"])
     if (kernel, direction) not in _KERNEL_DEFAULTS:
         raise ValueError(f"kernel must be 'scan' or 'rows', got {kernel!r}")
@@ -539,7 +543,12 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     B, T, H, D = k.shape
     dev = k.device
     cu, seq_idx, N, empty = _varlen_index(cu_seqlens, B, T, dev)
-    BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts, "fwd")
+    fkernel = opts.get("kernel") or _DEFAULTS["fwd_kernel"]
+    wide = fkernel in _WIDE_KERNELS
+    if wide:
+        opts = {**opts, "kernel": fkernel}
+    else:
+        BT, BD, NDB, NCH, NT, chained, warps, rows = _plan(B, T, H, D, dev, opts, "fwd")
     ok = _empty_like_layout(k)
     ov = _empty_like_layout(v)
     has_h0 = h0k is not None
@@ -553,7 +562,10 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         alloc = torch.zeros if (cu_seqlens is not None or T == 0) else torch.empty
         hTk = alloc(N, H, D, dtype=torch.float32, device=dev)
         hTv = alloc(N, H, D, dtype=torch.float32, device=dev)
-    if T > 0:
+    if T > 0 and wide:
+        _wide_fwd(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, has_h0,
+                  cu_seqlens is not None, fkernel, opts)
+    elif T > 0:
         flags, ws_agg, ws_inc = _workspace(dev, chained, NT, NCH, BD)
         grid = (NCH * NT,) if chained else (NCH,)
         kern = _fwd_rows_kernel if rows else _fwd_kernel
@@ -949,3 +961,278 @@ def _bwd_rows_kernel(z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh
                                        sgkt, sgkd, sgvt, sgvd, dhTk, dhTv, dh0k, dh0v, cu, seq_idx,
                                        NT - 1 - co, b, hh, H, T, D, d, dm, uk, uv, BT, HAS_H0,
                                        HAS_DFINAL, VARLEN)
+
+
+# --------------------------------------------------------------------------------------------
+# "wide" forward kernels (issue 3, after run 3): time inside each thread.
+#
+# A program's lanes are BH heads x BD channels of one batch row, flattened (L = BH * BD lanes,
+# each head's BD channels contiguous in memory). A tile is [BT, L]: with L >= 8 * 32 * num_warps
+# (bf16) the compiler spreads the threads over the lanes only, so the BT rows of a lane sit in
+# one thread and ``tl.associative_scan`` over time is a plain per-thread FMA chain (no shuffles,
+# no shared memory); narrower tiles put a few threads along time (one or two shuffle rounds).
+# A program owns a *chunk* of CT = NSUB * BT steps and walks its NSUB tiles in order, carrying
+# the state in registers; chunks are tied together in one of two ways:
+#
+# * ``chunk`` (three launches, no atomics): (1) each chunk's affine aggregate (reads z, k, v),
+#   (2) a scan over the chunk aggregates per lane (tiny), (3) each chunk again from its carry,
+#   writing the outputs (reads z, k, v, writes k~, v~): 8 tensors of traffic instead of 5.
+# * ``chunklb`` (one launch): programs take time-major tickets; pass A computes the chunk
+#   aggregate and publishes it, a decoupled look-back (``_lookback`` above, per lane) gives the
+#   carry, the inclusive state is published at once, then pass B re-reads the chunk (the program
+#   just read it: mostly L2 hits) and writes. Chains are NC = T / CT chunks long, not T / BT.
+
+
+@triton.jit
+def _wide_lanes(j, H, D, NDB, NHG, BH: tl.constexpr, BD: tl.constexpr):
+    """Channel block j -> (batch, per-lane head, per-lane channel, lane mask, lane index)."""
+    db = j % NDB
+    rest = j // NDB
+    hg = rest % NHG
+    b = rest // NHG
+    lane = tl.arange(0, BH * BD)
+    hh = hg * BH + lane // BD
+    d = db * BD + lane % BD
+    lm = (hh < H) & (d < D)
+    return b, hh, d, lm, lane
+
+
+@triton.jit
+def _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx, t0, b, hh, H, T, D,
+               d, lm, BT: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Scan of the [BT, L] tile starting at step t0: (A, Bk, Bv, n, is_end, t, io), h = A h_in + B."""
+    r = tl.arange(0, BT)
+    t = t0.to(tl.int64) + r
+    tm = t < T
+    io = tm[:, None] & lm[None, :]
+    zl = tl.load(z + (oz[None, :] + t[:, None] * szt), mask=io, other=0.).to(tl.float32)
+    kx = tl.load(k + (okx[None, :] + t[:, None] * skt), mask=io, other=0.).to(tl.float32)
+    vx = tl.load(v + (ovx[None, :] + t[:, None] * svt), mask=io, other=0.).to(tl.float32)
+    g = tl.sigmoid(zl)
+    omg = tl.sigmoid(-zl)
+    n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
+    bk = omg * kx
+    bv = omg * vx
+    if HAS_H0:
+        sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
+        smask = is_start[:, None] & lm[None, :]
+        bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
+        bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
+    a = tl.where(is_start[:, None], 0., g)
+    a = tl.where(tm[:, None], a, 1.)  # rows past the end: identity, the last row holds the state
+    bk = tl.where(tm[:, None], bk, 0.)
+    bv = tl.where(tm[:, None], bv, 0.)
+    A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
+    return A, Bk, Bv, n, is_end, t, io
+
+
+@triton.jit
+def _wide_chunk_agg(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx, c, b, hh, H, T,
+                    D, d, lm, L: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr,
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Affine aggregate (A, Bk, Bv) of chunk c, each [L]: state after = A * state before + B."""
+    r = tl.arange(0, BT)
+    ga = tl.full([L], 1.0, tl.float32)
+    gk = tl.zeros([L], tl.float32)
+    gv = tl.zeros([L], tl.float32)
+    for s in range(0, NSUB):
+        A, Bk, Bv, n, is_end, t, io = _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v,
+                                                 cu, seq_idx, (c * NSUB + s) * BT, b, hh, H, T,
+                                                 D, d, lm, BT, HAS_H0, VARLEN)
+        ta = _row(A, r, BT - 1)
+        gk = ta * gk + _row(Bk, r, BT - 1)
+        gv = ta * gv + _row(Bv, r, BT - 1)
+        ga = ta * ga
+    return ga, gk, gv
+
+
+@triton.jit
+def _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt, h0k, h0v,
+                    hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT: tl.constexpr,
+                    NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Chunk c from the carry (hk, hv): writes k~, v~ and the final states that end inside it."""
+    r = tl.arange(0, BT)
+    for s in range(0, NSUB):
+        A, Bk, Bv, n, is_end, t, io = _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v,
+                                                 cu, seq_idx, (c * NSUB + s) * BT, b, hh, H, T,
+                                                 D, d, lm, BT, HAS_H0, VARLEN)
+        xk = A * hk[None, :] + Bk
+        xv = A * hv[None, :] + Bv
+        tl.store(ok + (ook[None, :] + t[:, None] * sokt), xk.to(ok.dtype.element_ty), mask=io)
+        tl.store(ov + (oov[None, :] + t[:, None] * sovt), xv.to(ov.dtype.element_ty), mask=io)
+        sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
+        fmask = is_end[:, None] & lm[None, :]
+        tl.store(hTk + sidx, xk, mask=fmask)
+        tl.store(hTv + sidx, xv, mask=fmask)
+        hk = _row(xk, r, BT - 1)
+        hv = _row(xv, r, BT - 1)
+    return hk, hv
+
+
+@triton.jit
+def _wide_offsets(b, hh, d, sb, sh, sd):
+    return b.to(tl.int64) * sb + hh.to(tl.int64) * sh + d.to(tl.int64) * sd
+
+
+@triton.jit
+def _wide_agg_kernel(z, k, v, h0k, h0v, cu, seq_idx, ws, T, H, D, NDB, NHG, NCHB, NC,
+                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                     BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Launch 1 of ``chunk``: grid (channel blocks, NC - 1); ws[3, NC, NCHB, L] gets aggregates."""
+    j = tl.program_id(0)
+    c = tl.program_id(1)
+    L: tl.constexpr = BH * BD
+    b, hh, d, lm, lane = _wide_lanes(j, H, D, NDB, NHG, BH, BD)
+    ga, gk, gv = _wide_chunk_agg(z, k, v, _wide_offsets(b, hh, d, szb, szh, szd),
+                                 _wide_offsets(b, hh, d, skb, skh, skd),
+                                 _wide_offsets(b, hh, d, svb, svh, svd), szt, skt, svt, h0k, h0v,
+                                 cu, seq_idx, c, b, hh, H, T, D, d, lm, L, BT, NSUB, HAS_H0,
+                                 VARLEN)
+    plane = NC.to(tl.int64) * NCHB * L
+    o = (c.to(tl.int64) * NCHB + j) * L + lane
+    tl.store(ws + o, ga)
+    tl.store(ws + plane + o, gk)
+    tl.store(ws + 2 * plane + o, gv)
+
+
+@triton.jit
+def _wide_carry_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
+    """Launch 2 of ``chunk``: per lane, the inclusive states of chunks 0..NC-2 (in place of the
+    aggregates' B planes). M = lanes per chunk; blocks of NCB chunks, scanned in order."""
+    col = tl.program_id(0) * CH + tl.arange(0, CH)
+    cm = col < M
+    plane = NC.to(tl.int64) * M
+    rr = tl.arange(0, NCB)
+    hk = tl.zeros([CH], tl.float32)
+    hv = tl.zeros([CH], tl.float32)
+    nblk = tl.cdiv(NC - 1, NCB)
+    i = 0
+    while i < nblk:
+        cc = (i * NCB + rr).to(tl.int64)
+        m = (cc < NC - 1)[:, None] & cm[None, :]
+        o = cc[:, None] * M + col[None, :]
+        a = tl.load(ws + o, mask=m, other=1.)
+        bk = tl.load(ws + plane + o, mask=m, other=0.)
+        bv = tl.load(ws + 2 * plane + o, mask=m, other=0.)
+        A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
+        xk = A * hk[None, :] + Bk
+        xv = A * hv[None, :] + Bv
+        tl.store(ws + plane + o, xk, mask=m)
+        tl.store(ws + 2 * plane + o, xv, mask=m)
+        hk = _row(xk, rr, NCB - 1)
+        hv = _row(xv, rr, NCB - 1)
+        i += 1
+
+
+@triton.jit
+def _wide_out_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws, T, H, D, NDB, NHG,
+                     NCHB, NC, szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                     BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Launch 3 of ``chunk``: grid (channel blocks, NC); chunk c starts from chunk c-1's state."""
+    j = tl.program_id(0)
+    c = tl.program_id(1)
+    L: tl.constexpr = BH * BD
+    b, hh, d, lm, lane = _wide_lanes(j, H, D, NDB, NHG, BH, BD)
+    plane = NC.to(tl.int64) * NCHB * L
+    o = ((c - 1).to(tl.int64) * NCHB + j) * L + lane
+    cm = (lane < L) & (c > 0)
+    hk = tl.load(ws + plane + o, mask=cm, other=0.)
+    hv = tl.load(ws + 2 * plane + o, mask=cm, other=0.)
+    _wide_chunk_out(z, k, v, ok, ov, _wide_offsets(b, hh, d, szb, szh, szd),
+                    _wide_offsets(b, hh, d, skb, skh, skd), _wide_offsets(b, hh, d, svb, svh, svd),
+                    _wide_offsets(b, hh, d, sokb, sokh, sokd),
+                    _wide_offsets(b, hh, d, sovb, sovh, sovd), szt, skt, svt, sokt, sovt,
+                    h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT, NSUB,
+                    HAS_H0, VARLEN)
+
+
+@triton.jit
+def _wide_lb_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_agg, ws_inc,
+                    T, H, D, NDB, NHG, NCHB, NC,
+                    szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                    sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                    BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """``chunklb``: one program per (chunk, channel block), chained by decoupled look-back."""
+    L: tl.constexpr = BH * BD
+    tid = tl.atomic_add(flags + NC * NCHB * L, 1)  # ticket counter after the per-lane flags
+    c = tid // NCHB
+    j = tid % NCHB
+    b, hh, d, lm, lane = _wide_lanes(j, H, D, NDB, NHG, BH, BD)
+    oz = _wide_offsets(b, hh, d, szb, szh, szd)
+    okx = _wide_offsets(b, hh, d, skb, skh, skd)
+    ovx = _wide_offsets(b, hh, d, svb, svh, svd)
+    ps = tid.to(tl.int64) * L + lane
+    hk = tl.zeros([L], tl.float32)
+    hv = tl.zeros([L], tl.float32)
+    if c < NC - 1:
+        ga, gk, gv = _wide_chunk_agg(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx,
+                                     c, b, hh, H, T, D, d, lm, L, BT, NSUB, HAS_H0, VARLEN)
+        if c > 0:
+            tl.store(ws_agg + 3 * ps, ga)
+            tl.store(ws_agg + 3 * ps + 1, gk)
+            tl.store(ws_agg + 3 * ps + 2, gv)
+            tl.atomic_xchg(flags + ps, 1, sem="release")
+            hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
+        tl.store(ws_inc + 2 * ps, ga * hk + gk)
+        tl.store(ws_inc + 2 * ps + 1, ga * hv + gv)
+        tl.atomic_xchg(flags + ps, 2, sem="release")
+    elif c > 0:
+        hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
+    _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, _wide_offsets(b, hh, d, sokb, sokh, sokd),
+                    _wide_offsets(b, hh, d, sovb, sovh, sovd), szt, skt, svt, sokt, sovt,
+                    h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT, NSUB,
+                    HAS_H0, VARLEN)
+
+
+_WIDE_KERNELS = ("chunk", "chunklb")
+
+
+def _wide_plan(B: int, T: int, H: int, D: int, device, cfg: dict):
+    """(BT, BD, BH, NSUB, NDB, NHG, NCHB, NC) for the wide kernels. CT 'auto' (or None) picks a
+    power of two so that there are about 8 programs per SM (fewer, longer chunks beyond that)."""
+    BD = min(cfg.get("BD") or 128, triton.next_power_of_2(D))
+    BH = max(1, min(cfg.get("BH") or 2, triton.next_power_of_2(H)))
+    BT = cfg.get("BT") or 4
+    NDB = triton.cdiv(D, BD)
+    NHG = triton.cdiv(H, BH)
+    NCHB = B * NHG * NDB
+    CT = cfg.get("CT")
+    if CT in (None, "auto"):
+        want = triton.cdiv(T * NCHB, 8 * _num_sms(device))
+        CT = min(max(triton.next_power_of_2(max(want, 1)), BT), 512)
+    CT = max(BT, (CT // BT) * BT)
+    NSUB = CT // BT
+    NC = max(1, triton.cdiv(T, CT))
+    return BT, BD, BH, NSUB, NDB, NHG, NCHB, NC
+
+
+def _wide_fwd(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, has_h0, varlen, kernel, cfg):
+    B, T, H, D = k.shape
+    dev = k.device
+    BT, BD, BH, NSUB, NDB, NHG, NCHB, NC = _wide_plan(B, T, H, D, dev, cfg)
+    L = BH * BD
+    warps = cfg.get("num_warps") or max(1, min(4, L // 256))
+    strides = (*_strides4(z), *_strides4(k), *_strides4(v))
+    ostrides = (*_strides4(ok), *_strides4(ov))
+    meta = dict(BT=BT, BD=BD, BH=BH, NSUB=NSUB, HAS_H0=has_h0, VARLEN=varlen, num_warps=warps)
+    if kernel == "chunklb" and NC > 1:
+        flags, ws_agg, ws_inc = _workspace(dev, True, NC, NCHB, L)
+        _wide_lb_kernel[(NC * NCHB,)](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags,
+                                      ws_agg, ws_inc, T, H, D, NDB, NHG, NCHB, NC, *strides,
+                                      *ostrides, **meta)
+        return
+    ws = _dummy(dev, torch.float32)
+    if NC > 1:
+        M = NCHB * L
+        ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
+        _wide_agg_kernel[(NCHB, NC - 1)](z, k, v, h0k, h0v, cu, seq_idx, ws, T, H, D, NDB, NHG,
+                                         NCHB, NC, *strides, **meta)
+        CH = 64
+        NCB = min(64, triton.next_power_of_2(NC - 1))
+        _wide_carry_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4)
+    _wide_out_kernel[(NCHB, NC)](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws, T, H, D,
+                                 NDB, NHG, NCHB, NC, *strides, *ostrides, **meta)
