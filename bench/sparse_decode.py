@@ -280,6 +280,281 @@ def run_snapkv(dev, dtype, B, T, W=64):
     return dict(B=B, T=T, W=W, **out)
 
 
+# --------------------------------------------------------------------------------------------
+# --sweep: every Quest-decode variant x a small launch-config grid, components timed separately
+
+
+def _timer(dev):
+    """Graph-replay median (L2 flushed before each replay) on CUDA; one wall-clock run on CPU
+    (the --smoke path under TRITON_INTERPRET=1, which only exercises the code)."""
+    if dev.type != "cuda":
+        def t_cpu(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return t_cpu
+
+    def t_gpu(fn):
+        import triton.testing as tt
+        fn()
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize()
+        return tt.do_bench(g.replay, warmup=5, rep=25, return_mode="median")
+    return t_gpu
+
+
+def _ref_gather_decode(q, k, v, idx, page):
+    """fp32 reference of block_sparse_decode for per-query-head indices (MHA) without -1:
+    gather the selected pages, softmax over them."""
+    B, H, Dh = q.shape
+    tok = (idx.long()[..., None] * page + torch.arange(page, device=q.device)).flatten(2)
+    tok = tok.clamp(0, k.shape[2] - 1)
+    ks = torch.gather(k, 2, tok[..., None].expand(-1, -1, -1, Dh)).float()
+    vs = torch.gather(v, 2, tok[..., None].expand(-1, -1, -1, Dh)).float()
+    ok = (idx.long()[..., None] >= 0).expand(-1, -1, -1, page).flatten(2)
+    s = torch.einsum("bhd,bhtd->bht", q.float(), ks) * Dh ** -0.5
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    return torch.einsum("bht,bhtd->bhd", p, vs)
+
+
+def _attn_grid(smoke):
+    """(variant, cfg) pairs timed at budget 1/16 of every shape. 'split' is the current kernel
+    (cfg goes to DECODE_CFG); 'gdot'/'gsum' the grouped kernel (cfg passed through)."""
+    from kernels.sparse import triton_ops as to
+    if smoke:
+        return [("split", dict(to.DECODE_CFG)), ("gdot", dict(bt=16, num_warps=4, num_stages=2, waves=4)),
+                ("gsum", dict(bt=16, num_warps=4, num_stages=2, waves=4))]
+    grid = [("split", dict(to.DECODE_CFG))]
+    for bt, ns in ((32, 2), (128, 2), (64, 3)):
+        grid.append(("split", dict(to.DECODE_CFG, bt=bt, num_stages=ns)))
+    for bt in (32, 64, 128):
+        for nw in (4, 8):
+            grid.append(("gdot", dict(bt=bt, num_warps=nw, num_stages=3, waves=4)))
+    for bt, nw, ns in ((64, 4, 2), (64, 4, 4), (128, 8, 2), (128, 8, 4)):
+        grid.append(("gdot", dict(bt=bt, num_warps=nw, num_stages=ns, waves=4)))
+    for bt, nw in ((16, 4), (32, 4), (64, 4), (32, 8)):
+        grid.append(("gsum", dict(bt=bt, num_warps=nw, num_stages=3, waves=4)))
+    return grid
+
+
+def _attn_fn(to, variant, cfg, q, k, v, idx, page):
+    if variant == "split":
+        def fn():
+            old = dict(to.DECODE_CFG)
+            to.DECODE_CFG.update(cfg)
+            try:
+                return to.block_sparse_decode(q, k, v, idx, page, variant="split")
+            finally:
+                to.DECODE_CFG.clear()
+                to.DECODE_CFG.update(old)
+        return fn
+    return lambda: to.block_sparse_decode(q, k, v, idx, page, variant=variant, cfg=cfg)
+
+
+def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
+    """Per shape: dense SDPA; Quest score configs; top-k variants; attention variants x configs
+    (full grid at budget 1/16, the best few at the other budgets); merge alone; end-to-end
+    Quest (current default vs the best components). Each candidate is checked against a torch
+    reference on the device before it is timed; failures are recorded, not timed."""
+    from kernels.sparse import naive
+    from kernels.sparse import triton_ops as to
+    tm = _timer(dev)
+    t_start = time.time()
+    out = dict(shapes=[], notes="ms = CUDA-graph replay medians, L2 flushed; rel = rel. L2 error "
+                                "vs fp32 torch reference on the device; x_sdpa = dense_sdpa_ms / ms")
+    tol = 2e-2
+    grid = _attn_grid(smoke)
+    topk_vars = [("bisect", 8), ("bisect", 16), ("bisect32", 8), ("bisect32", 16), ("radix", 4),
+                 ("radix", 8), ("radix", 16), ("torch", None)]
+    if smoke:
+        topk_vars = [("bisect", 4), ("bisect32", 4), ("radix", 4), ("torch", None)]
+    score_cfgs = [(bp, nw) for bp in (32, 64, 128) for nw in (4, 8)] if not smoke else [(16, 4)]
+
+    def left():
+        return deadline_s - (time.time() - t_start)
+
+    def trial(rec, name, fn, check):
+        try:
+            res = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ok, err = check(res)
+            rec.update(name=name, ok=bool(ok), rel=err)
+            if ok:
+                rec["ms"] = tm(fn)
+        except Exception as e:  # noqa: BLE001
+            rec.update(name=name, ok=False, error=repr(e)[:300])
+        return rec
+
+    for (B, T) in shapes:
+        g = torch.Generator(device=dev).manual_seed(5)
+        k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+        v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+        q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
+        kmin, kmax = sp.page_minmax(k, PAGE)
+        NP = kmin.shape[2]
+        shp = dict(B=B, T=T, components={}, attention={}, end_to_end={})
+        q4 = q[:, :, None]
+        shp["dense_sdpa_ms"] = t_dense = tm(lambda: F.scaled_dot_product_attention(q4, k, v))
+        log(f"[sweep {time.time() - t_start:6.1f}s] B={B} T={T} dense sdpa {t_dense:.4f} ms")
+        # score
+        s_ref = naive.quest_scores_torch(q, kmin, kmax)
+        rows = []
+        for bp, nw in score_cfgs:
+            rows.append(trial(dict(bp=bp, num_warps=nw), f"score bp={bp} nw={nw}",
+                              lambda bp=bp, nw=nw: to.quest_scores(q, kmin, kmax, bp=bp, num_warps=nw),
+                              lambda r: (_rel(r, s_ref) < 1e-5, _rel(r, s_ref))))
+        shp["components"]["score"] = rows
+        okr = [r for r in rows if "ms" in r]
+        best_score = min(okr, key=lambda r: r["ms"]) if okr else dict(bp=None, num_warps=None)
+        log(f"[sweep {time.time() - t_start:6.1f}s]   score best {best_score}")
+        scores = to.quest_scores(q, kmin, kmax)
+        best_per = {}
+        for bud in budgets:
+            n = max(1, int(T * bud) // PAGE)
+            comp = shp["components"].setdefault(f"{bud:.4g}", {})
+            # top-k
+            sel_ref = naive.select_topk_torch(scores, n)
+            ref_sum = torch.gather(scores, -1, sel_ref.long().clamp_min(0)).sum()
+
+            def chk_topk(r, exact):
+                if exact:
+                    return bool(torch.equal(r, sel_ref)), 0.0
+                e = abs((torch.gather(scores, -1, r.long().clamp_min(0)).sum() - ref_sum).item())
+                e /= max(abs(ref_sum.item()), 1e-9)
+                return e < 1e-6, e
+
+            trows = []
+            for var, nw in topk_vars:
+                trows.append(trial(dict(variant=var, num_warps=nw), f"topk {var} nw={nw}",
+                                   lambda var=var, nw=nw: to.select_topk(scores, n, variant=var, num_warps=nw),
+                                   lambda r, var=var: chk_topk(r, var != "torch")))
+            comp["topk"] = trows
+            okt = [r for r in trows if "ms" in r]
+            best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(variant="bisect", num_warps=None)
+            # attention
+            idx = sel_ref.contiguous()
+            a_ref = _ref_gather_decode(q, k, v, idx, PAGE)
+            cands = grid if (bud == budgets[0] or not best_per) else \
+                [("split", dict(to.DECODE_CFG))] + [c for c in best_per.values()]
+            arows = []
+            for var, cfg in cands:
+                if left() < 0 and not (var == "split" and cfg == to.DECODE_CFG):
+                    arows.append(dict(variant=var, cfg=cfg, skipped="sweep time budget"))
+                    continue
+                fn = _attn_fn(to, var, cfg, q, k, v, idx, PAGE)
+                arows.append(trial(dict(variant=var, cfg=cfg), f"attn {var} {cfg}", fn,
+                                   lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
+                if "ms" in arows[-1]:
+                    arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
+            # waves (runtime only) around the best grouped config of this budget
+            okg = [r for r in arows if "ms" in r and r["variant"] != "split"]
+            if okg and bud == budgets[0] and left() > 0:
+                bg = min(okg, key=lambda r: r["ms"])
+                for w in (2, 8, 16):
+                    cfg = dict(bg["cfg"], waves=w)
+                    fn = _attn_fn(to, bg["variant"], cfg, q, k, v, idx, PAGE)
+                    arows.append(trial(dict(variant=bg["variant"], cfg=cfg), f"attn waves {w}", fn,
+                                       lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
+            comp["attention"] = arows
+            oka = [r for r in arows if "ms" in r]
+            if bud == budgets[0]:
+                for var in ("split", "gdot", "gsum"):
+                    rv = [r for r in oka if r["variant"] == var]
+                    if rv and var != "split":
+                        b_ = min(rv, key=lambda r: r["ms"])
+                        best_per[var] = (var, b_["cfg"])
+            best_attn = min(oka, key=lambda r: r["ms"]) if oka else dict(variant="split", cfg=dict(to.DECODE_CFG))
+            # merge alone (partials of the best grouped config)
+            if best_attn["variant"] != "split":
+                try:
+                    m_, l_, acc_, S_ = to._bsd_group(q, k, v, idx, PAGE, None, None, best_attn["variant"],
+                                                     parts=True, **best_attn["cfg"])
+                    o_ = torch.empty_like(q)
+                    comp["merge"] = dict(splits=S_, ms=tm(lambda: to._merge_kernel[(B * H,)](
+                        m_, l_, acc_, o_, S_, D, *o_.stride(), H, BS_=to._p2(S_), BD=to._p2(D))))
+                    comp["attention_partials_only_ms"] = tm(lambda: to._bsd_group(
+                        q, k, v, idx, PAGE, None, None, best_attn["variant"], parts=True,
+                        **best_attn["cfg"]))
+                except Exception as e:  # noqa: BLE001
+                    comp["merge"] = dict(error=repr(e)[:300])
+            # end to end: current default vs best components
+            def e2e_default():
+                return sp.block_sparse_decode(q, k, v, sp.select_topk(sp.quest_scores(q, kmin, kmax), n), PAGE)
+
+            bs_, bt_, ba_ = best_score, best_topk, best_attn
+
+            def e2e_best():
+                s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"))
+                i = to.select_topk(s, n, variant=bt_["variant"], num_warps=bt_.get("num_warps"))
+                return _attn_fn(to, ba_["variant"], ba_["cfg"], q, k, v, i, PAGE)()
+
+            e2e = {}
+            for nm, fn in (("default", e2e_default), ("best", e2e_best)):
+                r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
+                if "ms" in r:
+                    r["x_sdpa"] = t_dense / r["ms"]
+                e2e[nm] = r
+            e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps")),
+                                          topk=dict(variant=bt_["variant"], num_warps=bt_.get("num_warps")),
+                                          attention=dict(variant=ba_["variant"], cfg=ba_["cfg"]))
+            shp["end_to_end"][f"{bud:.4g}"] = e2e
+            log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
+                f"topk best {bt_['variant']}/{bt_.get('num_warps')} {bt_.get('ms', float('nan')):.4f} ms, "
+                f"attn best {ba_['variant']} {ba_['cfg']} {ba_.get('ms', float('nan')):.4f} ms, "
+                f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
+                f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
+                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f})")
+            del a_ref
+        out["shapes"].append(shp)
+        del k, v, kmin, kmax, scores
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out["wall_s"] = time.time() - t_start
+    return out
+
+
+def sweep_main(args):
+    import triton
+    smoke = args.smoke
+    dev = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--sweep needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if smoke:
+        shapes, budgets = [(1, 512), (2, 256)], [1 / 16, 1 / 8]
+    else:
+        shapes = [(int(b), int(t)) for b, t in (x.split("x") for x in args.sweep_shapes.split(","))]
+        budgets = [eval(b, {}) for b in args.budgets.split(",")]
+        budgets = sorted(budgets, key=lambda b: abs(b - 1 / 16))  # 1/16 first: the full grid
+    result = dict(mode="sweep", device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                  torch=torch.__version__, triton=triton.__version__,
+                  python=platform.python_version(), git_commit=_git_commit(),
+                  command=" ".join([sys.executable] + sys.argv), dtype=str(dtype), heads=H,
+                  head_dim=D, page=PAGE, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  shapes=shapes, budgets=budgets)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["sweep"] = run_sweep(dev, dtype, shapes, budgets, args.sweep_budget_s, smoke=smoke)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("\nsummary (end to end Quest, ms and x dense SDPA):")
+    for s in result["sweep"]["shapes"]:
+        for bud, e in s["end_to_end"].items():
+            d, b = e["default"], e["best"]
+            print(f"B={s['B']} T={s['T']} budget={bud}: sdpa {s['dense_sdpa_ms']:.4f}  default "
+                  f"{d.get('ms', float('nan')):.4f} (x{d.get('x_sdpa', float('nan')):.2f})  best "
+                  f"{b.get('ms', float('nan')):.4f} (x{b.get('x_sdpa', float('nan')):.2f})  "
+                  f"{json.dumps(e['best_components'])}")
+    print(f"wrote {args.out} ({result['sweep']['wall_s']:.0f} s)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/sparse_decode.json")
@@ -288,7 +563,19 @@ def main():
     ap.add_argument("--budgets", default="1/8,1/16,1/32")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time every Quest-decode variant x launch configs, components separately")
+    ap.add_argument("--sweep-shapes", default="1x131072,8x131072,1x32768,8x32768",
+                    help="BxT list for --sweep")
+    ap.add_argument("--sweep-budget-s", type=float, default=150.0,
+                    help="--sweep stops trying new attention configs after this many seconds")
+    ap.add_argument("--smoke", action="store_true",
+                    help="--sweep on tiny shapes (CPU under TRITON_INTERPRET=1: code paths only)")
     args = ap.parse_args()
+    if args.sweep:
+        if args.out == "bench/results/sparse_decode.json":
+            args.out = "bench/results/sparse_sweep.json"
+        return sweep_main(args)
     if not torch.cuda.is_available():
         sys.exit("bench/sparse_decode.py needs a CUDA GPU")
     import triton

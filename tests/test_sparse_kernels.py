@@ -335,3 +335,80 @@ def test_select_topk(backend):
                 want = sorted(sorted(fin, key=lambda i: (-row[i].item(), i))[:kk])
                 got = idx[r, h].tolist()
                 assert got == want + [-1] * (kk - len(want))
+
+
+# --------------------------------------------------------------------------------------------
+# Quest decode variants (triton_ops: grouped block-sparse decode, top-k kernels)
+
+TRITON_ONLY = pytest.mark.skipif(not CAN_TRITON, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("variant", ["gdot", "gsum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G,per_q", [(1, False), (2, False), (2, True), (4, False)])
+@pytest.mark.parametrize("bs,bt", [(8, 16), (32, 16)])
+def test_block_sparse_decode_variants(variant, dtype, G, per_q, bs, bt):
+    """The grouped kernels equal the float64 reference: odd lengths, seq_len masking, -1 padding,
+    a row with nothing selected, per-KV-head and per-query-head indices, blocks larger and smaller
+    than a tile, several splits."""
+    from kernels.sparse import triton_ops as to
+    B, Hkv, T, D = 2, 2, 83, 16
+    Hq = Hkv * G
+    q, k, v = _rand(B, Hq, D, dtype=dtype, seed=30), _rand(B, Hkv, T, D, dtype=dtype, seed=31), \
+        _rand(B, Hkv, T, D, dtype=dtype, seed=32)
+    sl = torch.tensor([83, 50], device=DEV)
+    NB = math.ceil(T / bs)
+    Hsel = Hq if per_q else Hkv
+    gen = torch.Generator().manual_seed(33)
+    idx = torch.full((B, Hsel, 5), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hsel):
+            n = min(NB, 1 + (b + h) % 5)
+            idx[b, h, :n] = torch.randperm(NB, generator=gen)[:n].sort().values.int()
+    idx[0, 0, :2] = torch.tensor([0, NB - 1], dtype=torch.int32)  # the partial last block
+    idx[1, Hsel - 1] = -1  # nothing selected: zeros
+    idx = idx.to(DEV)
+    for ns in (None, 3):
+        out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, variant=variant, bt=bt,
+                                     num_splits=ns)
+        assert out.dtype == dtype and out.shape == (B, Hq, D)
+        allowed = naive.block_sparse_mask(idx, bs, T, Hq).cpu() & \
+            (torch.arange(T)[None, :] < sl.cpu()[:, None])[:, None]
+        ref = _ref_decode(q, k, v, allowed)
+        ok = allowed.any(-1)
+        assert _rel(out.cpu()[ok], ref[ok]) < TOL[dtype]
+        assert (out.cpu()[~ok] == 0).all()
+    twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)
+    assert _rel(out, twin) < TOL[dtype]
+    with pytest.raises(ValueError):
+        to.block_sparse_decode(q, k, v, idx, bs, variant="nope")
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("variant", ["bisect32", "radix", "torch"])
+def test_select_topk_variants(variant):
+    from kernels.sparse import triton_ops as to
+    g = torch.Generator().manual_seed(34)
+    s = torch.randn(4, 2, 45, generator=g)
+    s[0, 0, 5:9] = 2.5  # ties at the threshold
+    s[1, 1, :] = float("-inf")
+    s[1, 1, 3] = -7.0  # fewer finite entries than k
+    s[2, 0, 10] = float("-inf")
+    s[3, 0, :] = 0.0  # all tied
+    s[3, 1, :10] = -1e-30
+    s[3, 1, 10:20] = 1e30
+    s = s.to(DEV)
+    for kk in (1, 4, 6, 19, 45, 50):
+        ref = naive.select_topk_torch(s, kk)
+        got = to.select_topk(s, kk, variant=variant)
+        assert got.dtype == torch.int32 and got.shape == ref.shape
+        if variant != "torch":
+            assert torch.equal(got.cpu(), ref.cpu()), kk
+        else:  # ties may pick other indices: same count, same picked values, ascending, -1 last
+            assert torch.equal((got >= 0).cpu(), (ref >= 0).cpu())
+            val = lambda i: torch.gather(s, -1, i.long().clamp_min(0)).masked_fill(i < 0, 0)
+            assert torch.equal(val(got).sort(-1).values.cpu(), val(ref).sort(-1).values.cpu())
+            for row in got.reshape(-1, kk).cpu().tolist():
+                v_ = [x for x in row if x >= 0]
+                assert v_ == sorted(v_) and row[len(v_):] == [-1] * (kk - len(v_))

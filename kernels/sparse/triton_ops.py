@@ -228,7 +228,7 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
     tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
 
 
-def quest_scores(q, kmin, kmax, seq_len=None, page_size=None):
+def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_warps=None):
     B, Hq, D = q.shape
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
@@ -241,10 +241,10 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None):
         n_pages = ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
     else:
         n_pages = out  # unused
-    BP = 64 if not INTERPRET else 16
+    BP = bp or (64 if not INTERPRET else 16)
     _quest_kernel[(B * Hq, triton.cdiv(NP, BP))](
         q, kmin, kmax, n_pages, out, Hq, G, Hkv, D, NP, *q.stride(), *kmin.stride(),
-        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D))
+        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), num_warps=num_warps or 4)
     return out
 
 
@@ -321,18 +321,99 @@ def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
     tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
 
 
-def select_topk(scores, k):
+@triton.jit
+def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
+    """Variants of _select_topk_kernel with the same result. RADIX=False: the bisection on int32
+    keys (int32 compares instead of int64). RADIX=True: radix select, 4 passes of 8 bits, each a
+    256-bin histogram (tl.histogram) of the candidates sharing the threshold's prefix so far."""
+    row = tl.program_id(0)
+    n = tl.arange(0, BN)
+    nm = n < N
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    valid = nm & (x > float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed, order-preserving
+    key = tl.where(valid, key, -2147483647 - 1)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    need = tl.minimum(K, n_valid)
+    if RADIX:
+        u = key ^ (-2147483647 - 1)  # the unsigned order as a bit pattern
+        bins = tl.arange(0, 256)
+        prefix = tl.full([], 0, tl.int64)
+        cand = valid
+        rem = need
+        for j in tl.static_range(4):
+            sh = 24 - 8 * j
+            byte = (u >> sh) & 0xFF
+            if j > 0:
+                hi_bits = (u >> (sh + 8)) & ((1 << (8 * j)) - 1)
+                cand = valid & (hi_bits == prefix.to(tl.int32))
+            hist = tl.histogram(byte, 256, mask=cand)
+            ge = tl.sum(hist) - tl.cumsum(hist, axis=0) + hist  # candidates in bins >= b
+            bstar = tl.max(tl.where(ge >= rem, bins, 0), axis=0)
+            above = tl.sum(tl.where(bins > bstar, hist, 0), axis=0)
+            rem = rem - above
+            prefix = prefix * 256 + bstar.to(tl.int64)
+        thr = (prefix - 2147483648).to(tl.int32)
+    else:
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+            ok = cnt >= need
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        thr = lo.to(tl.int32)
+    gt = (key > thr) & valid
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = (key == thr) & valid
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    sel = (gt | (eq & (eq_rank <= need - n_gt))) & (need > 0)
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
+
+
+# top-k variants: "bisect" (_select_topk_kernel), "bisect32" / "radix" (_select_topk2_kernel),
+# "torch" (torch.topk, then ascending order, -1 for non-finite picks).
+TOPK_VARIANT = "bisect"
+
+
+def select_topk(scores, k, *, variant=None, num_warps=None):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
     N = shape[-1]
+    variant = variant or TOPK_VARIANT
+    if variant == "torch":
+        return _select_topk_torchtopk(scores, k)
     s = scores.float().reshape(-1, N).contiguous()
     out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
     BN = _p2(N)
     if BN > 32768 or k <= 0:
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
-    _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=8 if BN >= 2048 else 4)
+    nw = num_warps or (8 if BN >= 2048 else 4)
+    if variant == "bisect":
+        _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=nw)
+    elif variant in ("bisect32", "radix"):
+        _select_topk2_kernel[(s.shape[0],)](s, out, N, k, RADIX=variant == "radix", BN=BN,
+                                            num_warps=nw)
+    else:
+        raise ValueError(f"select_topk: unknown variant {variant!r}")
     return out.view(*shape[:-1], k)
+
+
+def _select_topk_torchtopk(scores, k):
+    """torch.topk picks (ties to any index), then ascending with -inf picks as -1 at the end."""
+    s = scores.float()
+    kk = min(k, s.shape[-1])
+    val, idx = torch.topk(s, kk, dim=-1, sorted=False)
+    big = torch.iinfo(torch.int32).max
+    idx = torch.where(val > float("-inf"), idx.int(), big).sort(dim=-1).values
+    idx = torch.where(idx == big, -1, idx)
+    if kk < k:
+        idx = torch.nn.functional.pad(idx, (0, k - kk), value=-1)
+    return idx
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,10 +551,149 @@ def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     return out
 
 
+# Grouped variants of the block-sparse decode ("gdot" / "gsum"). One program per
+# (row, selection head, split) serves every query head that shares the selection (the G heads of
+# a KV group when block_idx is per KV head, one head when it is per query head), so a gathered K/V
+# tile is read from memory once per group. Tiles of BT gathered tokens; the loop is a tl.range
+# with num_stages so the compiler can software-pipeline the (indirect) K/V loads. "gdot" scores
+# and accumulates with tl.dot (query rows padded to 16: tensor cores, loads staged through shared
+# memory by the pipeliner); "gsum" with broadcast-multiply-reduce on CUDA cores. Splits per
+# (row, selection head) are sized so that the grid holds ``waves`` programs per SM. Partials go
+# to the same (max, sum, acc) buffers as _decode_kernel and are merged by _merge_kernel.
+
+
+@triton.jit(do_not_specialize=["Hq", "Hsel", "G", "HSG", "NSEL", "BS", "TPS", "S"])
+def _bsd_group_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
+                      Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale,
+                      sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
+                      USE_DOT: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                      PREC: tl.constexpr):
+    r = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = r // Hsel
+    hs = r % Hsel
+    h0 = hs * HSG
+    hk = h0 // G
+    L = tl.load(sl_ptr + b)
+    rows = tl.arange(0, BM)
+    rm = rows < HSG
+    hq = h0 + rows
+    d = tl.arange(0, BD)
+    if EVEN_D:
+        dm = d < BD
+    else:
+        dm = d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + d[None, :] * sqd,
+                mask=rm[:, None] & dm[None, :], other=0.)
+    kb = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    vb = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    ib = idx_ptr + b.to(tl.int64) * sib + hs.to(tl.int64) * sih
+    n_tok = NSEL * BS
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    if not USE_DOT:
+        qf = q.to(tl.float32) * scale
+    t_beg = sp * TPS
+    for i in tl.range(0, TPS, num_stages=NUM_STAGES):
+        f = (t_beg + i) * BT + tl.arange(0, BT)
+        fm = f < n_tok
+        slot = f // BS
+        blk = tl.load(ib + slot * sin, mask=fm, other=-1)
+        pos = blk * BS + (f - slot * BS)
+        ok = fm & (blk >= 0) & (pos < L)
+        pos64 = pos.to(tl.int64)
+        if EVEN_D:
+            lm = ok[:, None]
+        else:
+            lm = ok[:, None] & dm[None, :]
+        kt = tl.load(kb + pos64[:, None] * skt + d[None, :] * skd, mask=lm, other=0.)
+        vt = tl.load(vb + pos64[:, None] * svt + d[None, :] * svd, mask=lm, other=0.)
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+        else:
+            s = tl.sum(qf[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        if USE_DOT:
+            pv = tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        else:
+            pv = tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    o = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S + sp
+    tl.store(m_ptr + o, m_i, mask=rm)
+    tl.store(l_ptr + o, l_i, mask=rm)
+    tl.store(acc_ptr + o[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
+
+
+# launch configs of the block-sparse decode variants: "split" is _decode_kernel (one program per
+# query head and split, DECODE_CFG); "gdot"/"gsum" are _bsd_group_kernel.
+BSD_VARIANT = "split"  # default; bench/sparse_decode.py --sweep measures the others
+BSD_CFG = {"gdot": dict(bt=64, num_warps=4, num_stages=3, waves=4),
+           "gsum": dict(bt=32, num_warps=4, num_stages=3, waves=4)}
+
+
+def _bsd_group(q, k, v, idx, bs, seq_len, scale, variant, *, num_splits=None, bt=None,
+               num_warps=None, num_stages=None, waves=None, parts=False):
+    B, Hq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = _group(Hq, Hkv)
+    Hsel, NSEL = idx.shape[1], idx.shape[2]
+    if Hsel not in (Hq, Hkv):
+        raise ValueError(f"block_idx has {Hsel} heads; expected {Hkv} (KV) or {Hq} (query)")
+    HSG = Hq // Hsel
+    scale = D ** -0.5 if scale is None else float(scale)
+    sl = _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
+    cfg = BSD_CFG[variant]
+    use_dot = variant == "gdot"
+    BT = bt or (16 if INTERPRET else cfg["bt"])
+    BD = _p2(D)
+    if use_dot:
+        BT, BD = max(16, BT), max(16, BD)
+    BM = max(16, _p2(HSG)) if use_dot else _p2(HSG)
+    tiles = max(1, triton.cdiv(NSEL * bs, BT))
+    if num_splits is None:
+        target = (waves or cfg["waves"]) * _n_sms(q.device)
+        num_splits = max(1, min(tiles, triton.cdiv(target, B * Hsel)))
+    TPS = triton.cdiv(tiles, num_splits)
+    S = triton.cdiv(tiles, TPS)
+    m = torch.empty(B * Hq * S, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
+    ns = num_stages or cfg["num_stages"]
+    _bsd_group_kernel[(B * Hsel, S)](
+        q, k, v, idx, sl, m, l, acc, Hq, Hsel, G, HSG, D, NSEL, bs, TPS, S, scale,
+        *q.stride(), *k.stride(), *v.stride(), *idx.stride(),
+        USE_DOT=use_dot, EVEN_D=BD == D, NUM_STAGES=ns, BM=BM, BT=BT, BD=BD,
+        PREC=_prec(q.dtype), num_warps=num_warps or cfg["num_warps"], num_stages=ns)
+    if parts:
+        return m, l, acc, S
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
+    return out
+
+
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None, *,
-                        num_splits=None, bt=None):
+                        num_splits=None, bt=None, variant=None, cfg=None):
+    """``variant``: "split" (_decode_kernel), "gdot" or "gsum" (_bsd_group_kernel); None takes
+    BSD_VARIANT. ``cfg`` overrides the variant's launch config (bt, num_warps, num_stages, waves)."""
     if block_idx.dtype != torch.int32:
         block_idx = block_idx.to(torch.int32)
+    variant = variant or BSD_VARIANT
+    if variant in BSD_CFG:
+        kw = dict(cfg or {})
+        if bt:
+            kw["bt"] = bt
+        return _bsd_group(q, k, v, block_idx, block_size, seq_len, scale, variant,
+                          num_splits=num_splits, **kw)
+    if variant != "split":
+        raise ValueError(f"block_sparse_decode: unknown variant {variant!r}")
     n_max = block_idx.shape[2] * block_size
     return _split_decode(q, k, v, n_max, seq_len, scale, idx=block_idx, bs=block_size,
                          num_splits=num_splits, bt=bt)
