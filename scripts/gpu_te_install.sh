@@ -22,8 +22,6 @@ if [ -z "$wheels" ]; then
   echo "gpu_te_install: no wheels in $TE_DIR (see the header of scripts/gpu_te_install.sh)" >&2
   return 1 2>/dev/null || exit 1
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 built=$(ls "$TE_DIR"/built/transformer_engine_torch-*.whl 2>/dev/null | head -1)
 if [ -z "$built" ]; then
   sdist=$(ls "$TE_DIR"/transformer_engine_torch-*.tar.gz | head -1)
@@ -45,8 +43,11 @@ if [ -z "$built" ]; then
     cp "$built" "$OUT/"
   fi
 fi
+# One pip call for all of them: with --target, a later call replaces whole top-level folders, and
+# the extension's wheel also ships a transformer_engine/ folder.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels $built
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$built" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$built"
   if python3 -c "import transformer_engine.pytorch as te, transformer_engine as t; print('transformer_engine', t.__version__, 'OK')"; then
     TE_OK=1
   fi
