@@ -155,6 +155,12 @@ def load_model_only(path: str, models) -> dict:
     # for us), and vice versa; we report in the model's terms.
     fresh = sorted(unexpected)
     ignored = sorted(missing)
-    result = models[0].load_state_dict(state, strict=False)
-    not_loaded = sorted(set(result.missing_keys))
+    # megatron's Float16Module (the bf16 wrapper on GPU) returns None from load_state_dict: load
+    # into the model it wraps, whose keys the sharded state dict already uses.
+    target = models[0]
+    while hasattr(target, "module"):
+        target = target.module
+    result = target.load_state_dict(state, strict=False)
+    # TE modules' `_extra_state` (FP8 scaling metadata) is not a parameter and starts fresh
+    not_loaded = sorted(k for k in set(result.missing_keys) if not k.endswith("._extra_state"))
     return {"fresh": fresh, "ignored_from_checkpoint": ignored, "not_loaded_params": not_loaded}
