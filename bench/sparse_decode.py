@@ -455,7 +455,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                                    lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
                 if "ms" in arows[-1]:
                     arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
-            # waves (runtime only) around the best grouped config of this budget
+            # waves (runtime only) around the best grouped config of this budget, then the
+            # fused merge (last split merges) on the best config of each grouped variant
             okg = [r for r in arows if "ms" in r and r["variant"] != "split"]
             if okg and bud == budgets[0] and left() > 0:
                 bg = min(okg, key=lambda r: r["ms"])
@@ -464,6 +465,17 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                     fn = _attn_fn(to, bg["variant"], cfg, q, k, v, idx, PAGE)
                     arows.append(trial(dict(variant=bg["variant"], cfg=cfg), f"attn waves {w}", fn,
                                        lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
+                    if "ms" in arows[-1]:
+                        arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
+                for var in ("gdot", "gsum"):
+                    rv = [r for r in arows if "ms" in r and r["variant"] == var]
+                    if rv:
+                        cfg = dict(min(rv, key=lambda r: r["ms"])["cfg"], fuse_merge=True)
+                        fn = _attn_fn(to, var, cfg, q, k, v, idx, PAGE)
+                        arows.append(trial(dict(variant=var, cfg=cfg), f"attn {var} fused merge", fn,
+                                           lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
+                        if "ms" in arows[-1]:
+                            arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
             comp["attention"] = arows
             oka = [r for r in arows if "ms" in r]
             if bud == budgets[0]:
@@ -473,17 +485,19 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                         b_ = min(rv, key=lambda r: r["ms"])
                         best_per[var] = (var, b_["cfg"])
             best_attn = min(oka, key=lambda r: r["ms"]) if oka else dict(variant="split", cfg=dict(to.DECODE_CFG))
-            # merge alone (partials of the best grouped config)
-            if best_attn["variant"] != "split":
+            # merge alone, and the grouped kernel's partials alone (best grouped config)
+            okg = [r for r in oka if r["variant"] != "split"]
+            if okg:
+                bg = min(okg, key=lambda r: r["ms"])
+                comp["merge_of"] = dict(variant=bg["variant"], cfg=bg["cfg"])
                 try:
-                    m_, l_, acc_, S_ = to._bsd_group(q, k, v, idx, PAGE, None, None, best_attn["variant"],
-                                                     parts=True, **best_attn["cfg"])
+                    m_, l_, acc_, S_ = to._bsd_group(q, k, v, idx, PAGE, None, None, bg["variant"],
+                                                     parts=True, **bg["cfg"])
                     o_ = torch.empty_like(q)
                     comp["merge"] = dict(splits=S_, ms=tm(lambda: to._merge_kernel[(B * H,)](
                         m_, l_, acc_, o_, S_, D, *o_.stride(), H, BS_=to._p2(S_), BD=to._p2(D))))
                     comp["attention_partials_only_ms"] = tm(lambda: to._bsd_group(
-                        q, k, v, idx, PAGE, None, None, best_attn["variant"], parts=True,
-                        **best_attn["cfg"]))
+                        q, k, v, idx, PAGE, None, None, bg["variant"], parts=True, **bg["cfg"]))
                 except Exception as e:  # noqa: BLE001
                     comp["merge"] = dict(error=repr(e)[:300])
             # end to end: current default vs best components
@@ -529,7 +543,9 @@ def sweep_main(args):
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--sweep needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if smoke:
+    if smoke:  # interpreter: few heads, small head dim
+        global H, D
+        H, D = 4, 16
         shapes, budgets = [(1, 512), (2, 256)], [1 / 16, 1 / 8]
     else:
         shapes = [(int(b), int(t)) for b, t in (x.split("x") for x in args.sweep_shapes.split(","))]

@@ -351,7 +351,7 @@ TRITON_ONLY = pytest.mark.skipif(not CAN_TRITON, reason="Triton needs CUDA or TR
 def test_block_sparse_decode_variants(variant, dtype, G, per_q, bs, bt):
     """The grouped kernels equal the float64 reference: odd lengths, seq_len masking, -1 padding,
     a row with nothing selected, per-KV-head and per-query-head indices, blocks larger and smaller
-    than a tile, several splits."""
+    than a tile, several splits, separate or fused merge (whose counters return to zero)."""
     from kernels.sparse import triton_ops as to
     B, Hkv, T, D = 2, 2, 83, 16
     Hq = Hkv * G
@@ -369,9 +369,9 @@ def test_block_sparse_decode_variants(variant, dtype, G, per_q, bs, bt):
     idx[0, 0, :2] = torch.tensor([0, NB - 1], dtype=torch.int32)  # the partial last block
     idx[1, Hsel - 1] = -1  # nothing selected: zeros
     idx = idx.to(DEV)
-    for ns in (None, 3):
+    for ns, fuse in ((None, False), (3, False), (None, True), (3, True)):
         out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, variant=variant, bt=bt,
-                                     num_splits=ns)
+                                     num_splits=ns, cfg=dict(fuse_merge=fuse))
         assert out.dtype == dtype and out.shape == (B, Hq, D)
         allowed = naive.block_sparse_mask(idx, bs, T, Hq).cpu() & \
             (torch.arange(T)[None, :] < sl.cpu()[:, None])[:, None]
@@ -379,6 +379,7 @@ def test_block_sparse_decode_variants(variant, dtype, G, per_q, bs, bt):
         ok = allowed.any(-1)
         assert _rel(out.cpu()[ok], ref[ok]) < TOL[dtype]
         assert (out.cpu()[~ok] == 0).all()
+    assert not to._merge_counters(q.device, 1).any()
     twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)
     assert _rel(out, twin) < TOL[dtype]
     with pytest.raises(ValueError):

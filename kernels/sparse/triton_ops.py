@@ -372,6 +372,11 @@ def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constex
     sel = (gt | (eq & (eq_rank <= need - n_gt))) & (need > 0)
     rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
+    # the -1 padding (slots need..K-1) is written here too: no separate fill of the output
+    for p0 in range(0, K, BN):
+        pad = p0 + n
+        tl.store(o_ptr + row.to(tl.int64) * K + pad, tl.full([BN], -1, tl.int32),
+                 mask=(pad >= need) & (pad < K))
 
 
 # top-k variants: "bisect" (_select_topk_kernel), "bisect32" / "radix" (_select_topk2_kernel),
@@ -387,15 +392,16 @@ def select_topk(scores, k, *, variant=None, num_warps=None):
     if variant == "torch":
         return _select_topk_torchtopk(scores, k)
     s = scores.float().reshape(-1, N).contiguous()
-    out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
     BN = _p2(N)
     if BN > 32768 or k <= 0:
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
     nw = num_warps or (8 if BN >= 2048 else 4)
     if variant == "bisect":
+        out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
         _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=nw)
     elif variant in ("bisect32", "radix"):
+        out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
         _select_topk2_kernel[(s.shape[0],)](s, out, N, k, RADIX=variant == "radix", BN=BN,
                                             num_warps=nw)
     else:
@@ -562,13 +568,14 @@ def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
 # to the same (max, sum, acc) buffers as _decode_kernel and are merged by _merge_kernel.
 
 
-@triton.jit(do_not_specialize=["Hq", "Hsel", "G", "HSG", "NSEL", "BS", "TPS", "S"])
+@triton.jit(do_not_specialize=["Hq", "Hsel", "G", "HSG", "NSEL", "BS", "TPS", "S", "sob", "soh"])
 def _bsd_group_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
                       Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale,
                       sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
+                      cnt_ptr, o_ptr, sob, soh, sod,
                       USE_DOT: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
                       BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, FUSE_MERGE: tl.constexpr):
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // Hsel
@@ -630,6 +637,33 @@ def _bsd_group_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_pt
     tl.store(m_ptr + o, m_i, mask=rm)
     tl.store(l_ptr + o, l_i, mask=rm)
     tl.store(acc_ptr + o[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
+    if FUSE_MERGE:
+        # the last split of this (row, selection head) to finish merges all splits (counter per
+        # (row, selection head), reset by that program for the next call)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
+        if done == S - 1:
+            tl.debug_barrier()
+            o0 = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S
+            mx = tl.full([BM], float("-inf"), tl.float32)
+            for j in range(S):
+                mx = tl.maximum(mx, tl.load(m_ptr + o0 + j, mask=rm, other=float("-inf"),
+                                            cache_modifier=".cg"))
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            num = tl.zeros([BM, BD], tl.float32)
+            den = tl.zeros([BM], tl.float32)
+            for j in range(S):
+                mj = tl.load(m_ptr + o0 + j, mask=rm, other=float("-inf"), cache_modifier=".cg")
+                lj = tl.load(l_ptr + o0 + j, mask=rm, other=0., cache_modifier=".cg")
+                aj = tl.load(acc_ptr + (o0 + j)[:, None] * D + d[None, :],
+                             mask=rm[:, None] & dm[None, :], other=0., cache_modifier=".cg")
+                w = tl.exp(mj - mx)
+                num += aj * w[:, None]
+                den += lj * w
+            res = num / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(o_ptr + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + d[None, :] * sod,
+                     res.to(o_ptr.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+            tl.store(cnt_ptr + r, 0)
 
 
 # launch configs of the block-sparse decode variants: "split" is _decode_kernel (one program per
@@ -639,8 +673,21 @@ BSD_CFG = {"gdot": dict(bt=64, num_warps=4, num_stages=3, waves=4),
            "gsum": dict(bt=32, num_warps=4, num_stages=3, waves=4)}
 
 
+_MERGE_COUNTERS = {}
+
+
+def _merge_counters(device, n):
+    """Zeroed int32 counters for the fused merge, kept per device (each launch leaves them at
+    zero again). One launch at a time per device: not for concurrent streams."""
+    buf = _MERGE_COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        _MERGE_COUNTERS[device] = buf
+    return buf
+
+
 def _bsd_group(q, k, v, idx, bs, seq_len, scale, variant, *, num_splits=None, bt=None,
-               num_warps=None, num_stages=None, waves=None, parts=False):
+               num_warps=None, num_stages=None, waves=None, fuse_merge=False, parts=False):
     B, Hq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = _group(Hq, Hkv)
@@ -667,14 +714,19 @@ def _bsd_group(q, k, v, idx, bs, seq_len, scale, variant, *, num_splits=None, bt
     l = torch.empty_like(m)
     acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
     ns = num_stages or cfg["num_stages"]
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    fuse = bool(fuse_merge) and not parts
+    cnt = _merge_counters(q.device, B * Hsel) if fuse else sl
     _bsd_group_kernel[(B * Hsel, S)](
         q, k, v, idx, sl, m, l, acc, Hq, Hsel, G, HSG, D, NSEL, bs, TPS, S, scale,
-        *q.stride(), *k.stride(), *v.stride(), *idx.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *idx.stride(), cnt, out, *out.stride(),
         USE_DOT=use_dot, EVEN_D=BD == D, NUM_STAGES=ns, BM=BM, BT=BT, BD=BD,
-        PREC=_prec(q.dtype), num_warps=num_warps or cfg["num_warps"], num_stages=ns)
+        PREC=_prec(q.dtype), FUSE_MERGE=fuse, num_warps=num_warps or cfg["num_warps"],
+        num_stages=ns)
     if parts:
         return m, l, acc, S
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    if fuse:
+        return out
     _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
     return out
 
