@@ -18,6 +18,17 @@ pipelines, replayed from a CUDA graph (launch gaps removed). Correctness first: 
 the sparse paths equal dense; Triton equals the torch twins.
 
     python bench/sparse_decode.py --out bench/results/sparse_decode.json
+
+``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
+Quest decode components timed separately (score launch configs; top-k variants bisect /
+bisect32 / radix / torch.topk; block-sparse attention variants split / gdot / gsum x tile,
+warps, stages, waves, fused merge; the merge alone), each checked against a torch reference on
+the GPU first, then end-to-end Quest with the current defaults vs the best components, all
+against dense SDPA. The variants are in kernels/sparse/triton_ops.py (BSD_VARIANT, BSD_CFG,
+TOPK_VARIANT; env SPARSE_DECODE_VARIANT / SPARSE_TOPK_VARIANT override the defaults).
+
+    python bench/sparse_decode.py --sweep --out bench/results/sparse_sweep.json
+    TRITON_INTERPRET=1 python bench/sparse_decode.py --sweep --smoke --out /tmp/s.json  # CPU
 """
 from __future__ import annotations
 
@@ -372,8 +383,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                                 "vs fp32 torch reference on the device; x_sdpa = dense_sdpa_ms / ms")
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_vars = [("bisect", 8), ("bisect", 16), ("bisect32", 8), ("bisect32", 16), ("radix", 4),
-                 ("radix", 8), ("radix", 16), ("torch", None)]
+    topk_vars = [("bisect", 8), ("bisect", 16), ("bisect32", 16), ("radix", 8), ("radix", 16),
+                 ("torch", None)]
     if smoke:
         topk_vars = [("bisect", 4), ("bisect32", 4), ("radix", 4), ("torch", None)]
     score_cfgs = [(bp, nw) for bp in (32, 64, 128) for nw in (4, 8)] if not smoke else [(16, 4)]
@@ -532,8 +543,29 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         del k, v, kmin, kmax, scores
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    out["ranking_budget_1_16"] = _rank_attention(out["shapes"])
     out["wall_s"] = time.time() - t_start
     return out
+
+
+def _rank_attention(shapes):
+    """Attention configs timed on every shape at budget 1/16, ranked by the geometric mean of
+    their time relative to the current default (split, DECODE_CFG) of the same shape."""
+    per = {}
+    for s in shapes:
+        rows = s["components"].get(f"{1 / 16:.4g}", {}).get("attention", [])
+        base = next((r["ms"] for r in rows if "ms" in r and r["variant"] == "split"), None)
+        if base is None:
+            continue
+        for r in rows:
+            if "ms" in r:
+                key = json.dumps([r["variant"], r["cfg"]], sort_keys=True)
+                per.setdefault(key, []).append(r["ms"] / base)
+    n = max((len(v) for v in per.values()), default=0)
+    ranked = sorted(((math.exp(sum(map(math.log, v)) / len(v)), k) for k, v in per.items()
+                     if len(v) == n))
+    return [dict(variant=json.loads(k)[0], cfg=json.loads(k)[1], rel_to_default=g)
+            for g, k in ranked[:8]]
 
 
 def sweep_main(args):
@@ -568,6 +600,9 @@ def sweep_main(args):
                   f"{d.get('ms', float('nan')):.4f} (x{d.get('x_sdpa', float('nan')):.2f})  best "
                   f"{b.get('ms', float('nan')):.4f} (x{b.get('x_sdpa', float('nan')):.2f})  "
                   f"{json.dumps(e['best_components'])}")
+    print("attention configs at budget 1/16 (geomean time / current default over the shapes):")
+    for r in result["sweep"]["ranking_budget_1_16"]:
+        print(f"  {r['rel_to_default']:.3f}  {r['variant']} {json.dumps(r['cfg'])}")
     print(f"wrote {args.out} ({result['sweep']['wall_s']:.0f} s)")
 
 

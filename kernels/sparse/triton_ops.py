@@ -9,6 +9,12 @@
   top (topk-1) by repeated arg-max (ties to the lower block), add the own block, write the chosen
   blocks in ascending order (prefix sum of the chosen mask), -1 elsewhere. The gate scores
   themselves are one fp32 matmul (cuBLAS).
+* ``_select_topk_kernel`` / ``_select_topk2_kernel``: Quest's top-k by threshold bisection over
+  the int32 image of the scores (int64 or int32 compares) or by radix select (4 x 8-bit
+  histograms); ties to the lower index, ascending output, -1 padding.
+* ``_bsd_group_kernel``: grouped block-sparse decode (variants "gdot"/"gsum", see there): one
+  program per (row, selection head, split) serves all query heads sharing that selection; the
+  last split can merge all splits itself (fused merge).
 * ``_decode_kernel`` + ``_merge_kernel``: split-K decoding over a *virtual token list*: the flat
   list of candidate positions of one query row (selected blocks in block_idx order, or the
   RAT+ dilated set: prefix, chunk ends, local window) is cut into splits; each split runs an
@@ -381,7 +387,7 @@ def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constex
 
 # top-k variants: "bisect" (_select_topk_kernel), "bisect32" / "radix" (_select_topk2_kernel),
 # "torch" (torch.topk, then ascending order, -1 for non-finite picks).
-TOPK_VARIANT = "bisect"
+TOPK_VARIANT = os.environ.get("SPARSE_TOPK_VARIANT", "bisect")
 
 
 def select_topk(scores, k, *, variant=None, num_warps=None):
@@ -668,7 +674,8 @@ def _bsd_group_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_pt
 
 # launch configs of the block-sparse decode variants: "split" is _decode_kernel (one program per
 # query head and split, DECODE_CFG); "gdot"/"gsum" are _bsd_group_kernel.
-BSD_VARIANT = "split"  # default; bench/sparse_decode.py --sweep measures the others
+# default; bench/sparse_decode.py --sweep measures the others. SPARSE_DECODE_VARIANT overrides.
+BSD_VARIANT = os.environ.get("SPARSE_DECODE_VARIANT", "split")
 BSD_CFG = {"gdot": dict(bt=64, num_warps=4, num_stages=3, waves=4),
            "gsum": dict(bt=32, num_warps=4, num_stages=3, waves=4)}
 
