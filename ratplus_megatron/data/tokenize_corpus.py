@@ -139,6 +139,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--txt-sample-by", choices=("line", "paragraph", "document"), default="line",
                    help="for .txt input: one document per line (default), paragraph or file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("SFT (prompt/answer pairs; see ratplus_megatron/data/sft.py)")
+    g.add_argument("--sft", action="store_true",
+                   help="SRC is RULER-format jsonl (input, answer_prefix, target/outputs): write fixed-length "
+                        "sequences with an answer-only loss mask to PREFIX_sft.{tokens,spans}.npy (+ .json)")
+    g.add_argument("--seq-length", type=_positive_int("--seq-length"), default=None,
+                   help="with --sft: the training sequence length (required)")
+    g.add_argument("--seed", type=int, default=1234, help="with --sft: row order seed (default 1234)")
     return p
 
 
@@ -689,6 +696,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     """Command-line entry point; returns the exit code (0 ok, 2 user error, 1 bug, 130/143 stop)."""
     args = parse_args(argv, prog)
     _quiet_libraries()  # the command line shows our progress and errors, not library chatter
+    if args.sft:
+        if args.seq_length is None:
+            _error("--sft needs --seq-length (the training sequence length)")
+            return EXIT_USER_ERROR
+        from .sft import run_cli
+
+        args.max_pairs = args.max_documents
+        return run_cli(args)
     try:
         s = tokenize_corpus(args)
     except TokenizeError as exc:

@@ -63,6 +63,10 @@ class DataSection:
     tokenizer: str = "data_prep/assets/tiny-bpe"  # HF tokenizer folder or hub id
     seq_length: int = 4096
     cache_dir: Optional[str] = None  # GPTDataset index cache (None: SAVE/data_cache, else next to data)
+    # SFT: prefixes are PREFIX_sft data paths from `python data_prep/tokenize.py --sft` (prompt/answer
+    # pairs, one per sequence, loss on answer tokens + EOS only; split as above, rows in a seeded order
+    # per epoch; weights unused). Pair with checkpoint.init_from=PRETRAIN_RUN to fine-tune.
+    sft: bool = False
 
 
 @dataclass
@@ -175,6 +179,11 @@ class TrainConfig:
         need(d.weights is None or len(d.weights) == len(d.prefixes),
              f"data.weights has {len(d.weights or [])} entries for {len(d.prefixes)} prefixes")
         for p in d.prefixes:
+            if d.sft:
+                for ext in (".tokens.npy", ".spans.npy"):
+                    need(os.path.isfile(p + ext), f"SFT data prefix {p!r}: file {p + ext} not found (make it with "
+                         "python data_prep/tokenize.py --sft ... --output-prefix X; the prefix is X_sft)")
+                continue
             for ext in (".bin", ".idx"):
                 need(os.path.isfile(p + ext), f"data prefix {p!r}: file {p + ext} not found "
                      "(make it with python data_prep/tokenize.py ... --output-prefix X; the prefix is X_text_document)")

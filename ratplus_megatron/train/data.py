@@ -23,11 +23,25 @@ def build_datasets(cfg, total_iters: int, rank: int, barrier):
         raise TrainConfigError(f"tokenizer {d.tokenizer} has {tokenizer.vocab_size} ids but the model's vocab_size "
                          f"is {model_vocab}")
     n_valid = gb * cfg.train.eval_iters if cfg.train.eval_interval else None  # None: one epoch, unused
+    if d.sft:  # prompt/answer pairs (data_prep/tokenize.py --sft): small .npy files, no index cache
+        from ..data.sft import SFTError, build_sft_datasets
+
+        try:
+            return build_sft_datasets(d.prefixes, d.seq_length, d.split, total_iters * gb, n_valid, cfg.train.seed)
+        except SFTError as e:
+            raise TrainConfigError(str(e)) from None
     if n_valid:
         _check_validation_split(d.prefixes, d.split)
+    n_test, split = None, d.split
+    if d.weights is not None:
+        # megatron needs explicit sizes for every split of a weighted blend; the unused ones get one batch,
+        # and without validation they get no documents (an empty split would make megatron loop forever)
+        if not n_valid:
+            split = "1,0,0"
+        n_valid, n_test = n_valid or gb, gb
     cache = d.cache_dir or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save else None)
-    kwargs = dict(seq_length=d.seq_length, num_samples=(total_iters * gb, n_valid, None),
-                  split=d.split, weights=d.weights, seed=cfg.train.seed, path_to_cache=cache,
+    kwargs = dict(seq_length=d.seq_length, num_samples=(total_iters * gb, n_valid, n_test),
+                  split=split, weights=d.weights, seed=cfg.train.seed, path_to_cache=cache,
                   create_attention_mask=False)
     built = None
     if rank == 0:
