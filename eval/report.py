@@ -186,7 +186,11 @@ def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra
     os.replace(tmp, dest / "summary.json")
     (dest / "summary.md").write_text(markdown(runs, metric) if runs else "no predictions\n", encoding="utf-8")
     if runs:
-        plot(runs, dest / "accuracy_vs_budget.png")
+        try:
+            plot(runs, dest / "accuracy_vs_budget.png")
+        except ImportError:  # e.g. a GPU machine without matplotlib: tables only; replot later from summary.json
+            print("note: matplotlib is not installed: no accuracy_vs_budget.png (summary.json/.md written)",
+                  file=sys.stderr)
     return summary
 
 
