@@ -261,11 +261,16 @@ def test_decode_step_matches_scan(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
-@pytest.mark.parametrize("cfg", [dict(BT=4, CT=8, BH=2, BD=8), dict(BT=2, CT=8, BH=4),
-                                 dict(BT=8, CT=64, BH=1, BD=16)],
-                         ids=["BT4-CT8-BH2-BD8", "BT2-CT8-BH4", "BT8-CT64-BH1-BD16"])
+@pytest.mark.parametrize("cfg", [dict(BT=4, CT=8, BH=2, BD=8, lbw=2), dict(BT=2, CT=8, BH=4),
+                                 dict(BT=4, CT=8, BH=1, BD=16, prefetch=False, lbw=1),
+                                 dict(BT=4, CT=8, BD=8, lbw=4, publish_inclusive=False)],
+                         ids=["BT4-CT8-BH2-BD8-lbw2", "BT2-CT8-BH4", "BT4-CT8-BH1-BD16-noprefetch-lbw1",
+                              "aggregates-only-lbw4"])
 def test_wide_forward_tiles(kernel, cfg):
-    # H=3 heads with BH=2 or 4 leaves masked heads; D=24 is not a power of two
+    # H=3 heads with BH=2 or 4 leaves masked heads; D=24 is not a power of two; T=45 with CT=8:
+    # 6 chunks, so look-back windows of 2 and 4 take several rounds; publish_inclusive=False
+    # (chunklb) publishes only aggregates past chunk 0, so the look-back walks them to chunk 0
+    # (on CPU programs run in order and would otherwise always find an inclusive state)
     B, T, H, D = 2, 45, 3, 24
     z, k, v, h0 = _inputs(B, T, H, D, seed=21)
     x = [t.to(DEV, torch.float32) for t in (z, k, v)]
@@ -303,7 +308,8 @@ def test_wide_packed_sequences_across_chunks(kernel):
     ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
     out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
                             tuple(s.float().to(DEV) for s in h0), cu_seqlens=cu_t.to(DEV),
-                            output_final_state=True, kernel=kernel, BT=4, CT=8, BD=8, BH=2)
+                            output_final_state=True, kernel=kernel, BT=4, CT=8, BD=8, BH=2,
+                            lbw=2, publish_inclusive=False)
     _check_fwd(out, ref, torch.float32)
 
 

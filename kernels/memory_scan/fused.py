@@ -984,6 +984,61 @@ def _bwd_rows_kernel(z, k, v, ok, ov, dok, dov, dz, dk, dv, dhTk, dhTv, dh0k, dh
 
 
 @triton.jit
+def _lookback_window(flags, ws_agg, ws_inc, slot, NCH, lane, L: tl.constexpr, c,
+                     W: tl.constexpr):
+    """Decoupled look-back that reads W predecessors at once ([W, L] flags and data), so a chain
+    of n chunks costs about n / W dependent round trips instead of n. Returns the state
+    entering chunk c ([L] k and v). Rows are ordered farthest (row 0) to nearest (row W-1);
+    predecessors before chunk 0 count as an inclusive zero state."""
+    rw = tl.arange(0, W)
+    acc_a = tl.full([L], 1.0, tl.float32)  # acc: composition of the predecessors walked so far
+    acc_k = tl.zeros([L], tl.float32)
+    acc_v = tl.zeros([L], tl.float32)
+    state_k = tl.zeros([L], tl.float32)
+    state_v = tl.zeros([L], tl.float32)
+    done = tl.zeros([L], tl.int32)
+    hi = c - 1  # nearest predecessor not yet walked
+    while tl.min(done, axis=0) == 0:
+        p = hi - (W - 1) + rw  # [W] chunk indices, farthest first
+        real = p >= 0
+        ps = (slot - (c - p) * NCH).to(tl.int64)[:, None] * L + lane[None, :]
+        live = (done == 0)[None, :] & real[:, None]
+        f = tl.atomic_add(flags + ps, 0, mask=live, sem="acquire")
+        f = tl.where(live, f, 2)
+        while tl.min(tl.min(f, axis=1), axis=0) == 0:
+            f = tl.atomic_add(flags + ps, 0, mask=live, sem="acquire")
+            f = tl.where(live, f, 2)
+        inc = live & (f == 2)
+        agg = live & (f == 1)
+        ik = tl.load(ws_inc + 2 * ps, mask=inc, other=0., volatile=True)
+        iv = tl.load(ws_inc + 2 * ps + 1, mask=inc, other=0., volatile=True)
+        pa = tl.load(ws_agg + 3 * ps, mask=agg, other=0., volatile=True)
+        pk = tl.load(ws_agg + 3 * ps + 1, mask=agg, other=0., volatile=True)
+        pv = tl.load(ws_agg + 3 * ps + 2, mask=agg, other=0., volatile=True)
+        # an inclusive row (or one before chunk 0) is the map h -> inc: a = 0
+        wa = tl.where(agg, pa, 0.)
+        wk = tl.where(agg, pk, ik)
+        wv = tl.where(agg, pv, iv)
+        A, Bk, Bv = tl.associative_scan((wa, wk, wv), axis=0, combine_fn=_affine_combine)
+        ta = _row(A, rw, W - 1)
+        tk = _row(Bk, rw, W - 1)
+        tv = _row(Bv, rw, W - 1)
+        hit = tl.max(tl.where(live, (f == 2).to(tl.int32), 0), axis=0) > 0
+        hit = hit | (hi - (W - 1) <= 0)  # the window reached chunk 0 (always inclusive)
+        live1 = done == 0
+        # state entering c = acc(window(h_before_window)); the window's map ends in a constant
+        # when it holds an inclusive row
+        state_k = tl.where(live1 & hit, acc_a * tk + acc_k, state_k)
+        state_v = tl.where(live1 & hit, acc_a * tv + acc_v, state_v)
+        acc_k = tl.where(live1, acc_a * tk + acc_k, acc_k)
+        acc_v = tl.where(live1, acc_a * tv + acc_v, acc_v)
+        acc_a = tl.where(live1, acc_a * ta, acc_a)
+        done = tl.where(live1 & hit, 1, done)
+        hi -= W
+    return state_k, state_v
+
+
+@triton.jit
 def _wide_lanes(j, H, D, NDB, NHG, BH: tl.constexpr, BD: tl.constexpr):
     """Channel block j -> (batch, per-lane head, per-lane channel, lane mask, lane index)."""
     db = j % NDB
@@ -998,21 +1053,28 @@ def _wide_lanes(j, H, D, NDB, NHG, BH: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx, t0, b, hh, H, T, D,
-               d, lm, BT: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
-    """Scan of the [BT, L] tile starting at step t0: (A, Bk, Bv, n, is_end, t, io), h = A h_in + B."""
-    r = tl.arange(0, BT)
-    t = t0.to(tl.int64) + r
+def _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, t0, T, lm, ok_rows,
+               BT: tl.constexpr):
+    """Raw (input dtype) [BT, L] tiles of z, k, v from step t0; nothing loaded if not ok_rows."""
+    t = t0.to(tl.int64) + tl.arange(0, BT)
+    io = ((t < T) & ok_rows)[:, None] & lm[None, :]
+    zl = tl.load(z + (oz[None, :] + t[:, None] * szt), mask=io, other=0.)
+    kx = tl.load(k + (okx[None, :] + t[:, None] * skt), mask=io, other=0.)
+    vx = tl.load(v + (ovx[None, :] + t[:, None] * svt), mask=io, other=0.)
+    return zl, kx, vx
+
+
+@triton.jit
+def _wide_scan(zl, kx, vx, h0k, h0v, cu, seq_idx, t0, b, hh, H, T, D, d, lm, BT: tl.constexpr,
+               HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """Scan of the loaded tile at step t0: (A, Bk, Bv, n, is_end, t, io) with h = A h_in + B."""
+    t = t0.to(tl.int64) + tl.arange(0, BT)
     tm = t < T
     io = tm[:, None] & lm[None, :]
-    zl = tl.load(z + (oz[None, :] + t[:, None] * szt), mask=io, other=0.).to(tl.float32)
-    kx = tl.load(k + (okx[None, :] + t[:, None] * skt), mask=io, other=0.).to(tl.float32)
-    vx = tl.load(v + (ovx[None, :] + t[:, None] * svt), mask=io, other=0.).to(tl.float32)
-    g = tl.sigmoid(zl)
-    omg = tl.sigmoid(-zl)
+    g, omg = _sig2(zl.to(tl.float32))  # one exp, one reciprocal
     n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
-    bk = omg * kx
-    bv = omg * vx
+    bk = omg * kx.to(tl.float32)
+    bv = omg * vx.to(tl.float32)
     if HAS_H0:
         sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
         smask = is_start[:, None] & lm[None, :]
@@ -1029,43 +1091,72 @@ def _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx, t0, 
 @triton.jit
 def _wide_chunk_agg(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx, c, b, hh, H, T,
                     D, d, lm, L: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr,
-                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
-    """Affine aggregate (A, Bk, Bv) of chunk c, each [L]: state after = A * state before + B."""
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
+    """Affine aggregate (A, Bk, Bv) of chunk c, each [L]: state after = A * state before + B.
+    PREFETCH: the next tile's loads are issued before this tile's scan (two tiles in flight)."""
     r = tl.arange(0, BT)
     ga = tl.full([L], 1.0, tl.float32)
     gk = tl.zeros([L], tl.float32)
     gv = tl.zeros([L], tl.float32)
+    t0 = c * (NSUB * BT)
+    if PREFETCH:
+        zl, kx, vx = _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, t0, T, lm, True, BT)
     for s in range(0, NSUB):
-        A, Bk, Bv, n, is_end, t, io = _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v,
-                                                 cu, seq_idx, (c * NSUB + s) * BT, b, hh, H, T,
-                                                 D, d, lm, BT, HAS_H0, VARLEN)
+        ts = t0 + s * BT
+        if PREFETCH:
+            zn, kn, vn = _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts + BT, T, lm,
+                                    s + 1 < NSUB, BT)
+        else:
+            zl, kx, vx = _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts, T, lm, True, BT)
+        A, Bk, Bv, n, is_end, t, io = _wide_scan(zl, kx, vx, h0k, h0v, cu, seq_idx, ts, b, hh, H,
+                                                 T, D, d, lm, BT, HAS_H0, VARLEN)
         ta = _row(A, r, BT - 1)
         gk = ta * gk + _row(Bk, r, BT - 1)
         gv = ta * gv + _row(Bv, r, BT - 1)
         ga = ta * ga
+        if PREFETCH:
+            zl, kx, vx = zn, kn, vn
     return ga, gk, gv
 
 
 @triton.jit
 def _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt, h0k, h0v,
                     hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT: tl.constexpr,
-                    NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+                    NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """Chunk c from the carry (hk, hv): writes k~, v~ and the final states that end inside it."""
     r = tl.arange(0, BT)
+    t0 = c * (NSUB * BT)
+    if PREFETCH:
+        zl, kx, vx = _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, t0, T, lm, True, BT)
     for s in range(0, NSUB):
-        A, Bk, Bv, n, is_end, t, io = _wide_tile(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v,
-                                                 cu, seq_idx, (c * NSUB + s) * BT, b, hh, H, T,
-                                                 D, d, lm, BT, HAS_H0, VARLEN)
+        ts = t0 + s * BT
+        if PREFETCH:
+            zn, kn, vn = _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts + BT, T, lm,
+                                    s + 1 < NSUB, BT)
+        else:
+            zl, kx, vx = _wide_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts, T, lm, True, BT)
+        A, Bk, Bv, n, is_end, t, io = _wide_scan(zl, kx, vx, h0k, h0v, cu, seq_idx, ts, b, hh, H,
+                                                 T, D, d, lm, BT, HAS_H0, VARLEN)
         xk = A * hk[None, :] + Bk
         xv = A * hv[None, :] + Bv
         tl.store(ok + (ook[None, :] + t[:, None] * sokt), xk.to(ok.dtype.element_ty), mask=io)
         tl.store(ov + (oov[None, :] + t[:, None] * sovt), xv.to(ov.dtype.element_ty), mask=io)
-        sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
-        fmask = is_end[:, None] & lm[None, :]
-        tl.store(hTk + sidx, xk, mask=fmask)
-        tl.store(hTv + sidx, xv, mask=fmask)
+        if VARLEN:  # sequences end anywhere (an fp32 store in another layout: kept off the
+            # plain path, where only the last chunk's carry is a final state)
+            sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
+            fmask = is_end[:, None] & lm[None, :]
+            tl.store(hTk + sidx, xk, mask=fmask)
+            tl.store(hTv + sidx, xv, mask=fmask)
         hk = _row(xk, r, BT - 1)
         hv = _row(xv, r, BT - 1)
+        if PREFETCH:
+            zl, kx, vx = zn, kn, vn
+    if not VARLEN:
+        last = (c + 1) * (NSUB * BT) >= T  # rows past T are the identity: the carry is final
+        sidx = (b * H + hh).to(tl.int64) * D + d
+        tl.store(hTk + sidx, hk, mask=lm & last)
+        tl.store(hTv + sidx, hv, mask=lm & last)
     return hk, hv
 
 
@@ -1078,7 +1169,7 @@ def _wide_offsets(b, hh, d, sb, sh, sd):
 def _wide_agg_kernel(z, k, v, h0k, h0v, cu, seq_idx, ws, T, H, D, NDB, NHG, NCHB, NC,
                      szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                      BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
-                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
     """Launch 1 of ``chunk``: grid (channel blocks, NC - 1); ws[3, NC, NCHB, L] gets aggregates."""
     j = tl.program_id(0)
     c = tl.program_id(1)
@@ -1088,7 +1179,7 @@ def _wide_agg_kernel(z, k, v, h0k, h0v, cu, seq_idx, ws, T, H, D, NDB, NHG, NCHB
                                  _wide_offsets(b, hh, d, skb, skh, skd),
                                  _wide_offsets(b, hh, d, svb, svh, svd), szt, skt, svt, h0k, h0v,
                                  cu, seq_idx, c, b, hh, H, T, D, d, lm, L, BT, NSUB, HAS_H0,
-                                 VARLEN)
+                                 VARLEN, PREFETCH)
     plane = NC.to(tl.int64) * NCHB * L
     o = (c.to(tl.int64) * NCHB + j) * L + lane
     tl.store(ws + o, ga)
@@ -1130,7 +1221,7 @@ def _wide_out_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws, T, H,
                      NCHB, NC, szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                      sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                      BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
-                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
     """Launch 3 of ``chunk``: grid (channel blocks, NC); chunk c starts from chunk c-1's state."""
     j = tl.program_id(0)
     c = tl.program_id(1)
@@ -1146,7 +1237,7 @@ def _wide_out_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws, T, H,
                     _wide_offsets(b, hh, d, sokb, sokh, sokd),
                     _wide_offsets(b, hh, d, sovb, sovh, sovd), szt, skt, svt, sokt, sovt,
                     h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT, NSUB,
-                    HAS_H0, VARLEN)
+                    HAS_H0, VARLEN, PREFETCH)
 
 
 @triton.jit
@@ -1155,7 +1246,8 @@ def _wide_lb_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_
                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
-                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr,
+                    LBW: tl.constexpr, PUBLISH_INC: tl.constexpr):
     """``chunklb``: one program per (chunk, channel block), chained by decoupled look-back."""
     L: tl.constexpr = BH * BD
     tid = tl.atomic_add(flags + NC * NCHB * L, 1)  # ticket counter after the per-lane flags
@@ -1170,22 +1262,30 @@ def _wide_lb_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_
     hv = tl.zeros([L], tl.float32)
     if c < NC - 1:
         ga, gk, gv = _wide_chunk_agg(z, k, v, oz, okx, ovx, szt, skt, svt, h0k, h0v, cu, seq_idx,
-                                     c, b, hh, H, T, D, d, lm, L, BT, NSUB, HAS_H0, VARLEN)
+                                     c, b, hh, H, T, D, d, lm, L, BT, NSUB, HAS_H0, VARLEN,
+                                     PREFETCH)
         if c > 0:
             tl.store(ws_agg + 3 * ps, ga)
             tl.store(ws_agg + 3 * ps + 1, gk)
             tl.store(ws_agg + 3 * ps + 2, gv)
             tl.atomic_xchg(flags + ps, 1, sem="release")
-            hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
-        tl.store(ws_inc + 2 * ps, ga * hk + gk)
-        tl.store(ws_inc + 2 * ps + 1, ga * hv + gv)
-        tl.atomic_xchg(flags + ps, 2, sem="release")
+            if LBW > 1:
+                hk, hv = _lookback_window(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c, LBW)
+            else:
+                hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
+        if PUBLISH_INC or c == 0:  # (tests turn it off to walk the aggregates on CPU)
+            tl.store(ws_inc + 2 * ps, ga * hk + gk)
+            tl.store(ws_inc + 2 * ps + 1, ga * hv + gv)
+            tl.atomic_xchg(flags + ps, 2, sem="release")
     elif c > 0:
-        hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
+        if LBW > 1:
+            hk, hv = _lookback_window(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c, LBW)
+        else:
+            hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
     _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, _wide_offsets(b, hh, d, sokb, sokh, sokd),
                     _wide_offsets(b, hh, d, sovb, sovh, sovd), szt, skt, svt, sokt, sovt,
                     h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT, NSUB,
-                    HAS_H0, VARLEN)
+                    HAS_H0, VARLEN, PREFETCH)
 
 
 _WIDE_KERNELS = ("chunk", "chunklb")
@@ -1218,12 +1318,18 @@ def _wide_fwd(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, has_h0, varlen, 
     warps = cfg.get("num_warps") or max(1, min(4, L // 256))
     strides = (*_strides4(z), *_strides4(k), *_strides4(v))
     ostrides = (*_strides4(ok), *_strides4(ov))
-    meta = dict(BT=BT, BD=BD, BH=BH, NSUB=NSUB, HAS_H0=has_h0, VARLEN=varlen, num_warps=warps)
+    meta = dict(BT=BT, BD=BD, BH=BH, NSUB=NSUB, HAS_H0=has_h0, VARLEN=varlen,
+                PREFETCH=bool(cfg.get("prefetch", True)), num_warps=warps)
+    if cfg.get("num_stages"):
+        meta["num_stages"] = cfg["num_stages"]
     if kernel == "chunklb" and NC > 1:
         flags, ws_agg, ws_inc = _workspace(dev, True, NC, NCHB, L)
+        LBW = cfg.get("lbw") or 8  # look-back window (1: one predecessor per round trip)
         _wide_lb_kernel[(NC * NCHB,)](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags,
                                       ws_agg, ws_inc, T, H, D, NDB, NHG, NCHB, NC, *strides,
-                                      *ostrides, **meta)
+                                      *ostrides, LBW=LBW,
+                                      PUBLISH_INC=bool(cfg.get("publish_inclusive", True)),
+                                      **meta)
         return
     ws = _dummy(dev, torch.float32)
     if NC > 1:
