@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--load-checks", default="on", help="memory settings whose checkpoints are loaded at other layouts")
     ap.add_argument("--workdir", default="/tmp/parallel_check")
     ap.add_argument("--out", default="bench/results/parallel_check.json")
+    ap.add_argument("overrides", nargs="*", help="extra trainer overrides for every run, e.g. optimizer.lr=3e-4")
     args = ap.parse_args()
     import torch
 
@@ -116,8 +117,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = [f"data.prefixes=[{args.data}]", f"model.use_te={args.use_te}", "batch.micro_batch_size=4",
             "batch.global_batch_size=16", "train.log_interval=1", "train.eval_interval=0", "schedule.warmup_iters=5",
-            "checkpoint.save_interval=0", f"data.cache_dir={work / 'data_cache'}"]
+            "checkpoint.save_interval=0", f"data.cache_dir={work / 'data_cache'}", *args.overrides]
     report = {"benchmark": "parallel_check", **environment(), "config": args.config, "iters": args.iters,
+              "overrides": args.overrides,
               "use_te": args.use_te, "step_tolerance": STEP_TOLERANCE, "load_tolerance": LOAD_TOLERANCE,
               "memory": {}}
     ok = True
