@@ -21,7 +21,7 @@ the sparse paths equal dense; Triton equals the torch twins.
 
 ``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
 Quest decode components timed separately (score launch configs; top-k variants bisect /
-bisect32 / radix / torch.topk; block-sparse attention variants split / gdot / gsum x tile,
+bisect32 / radix / torch.topk; score + top-k fused in one launch; block-sparse attention variants split / gdot / gsum x tile,
 warps, stages, waves, fused merge; the merge alone), each checked against a torch reference on
 the GPU first, then end-to-end Quest with the current defaults vs the best components, all
 against dense SDPA. The variants are in kernels/sparse/triton_ops.py (BSD_VARIANT, BSD_CFG,
@@ -449,6 +449,21 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                                    lambda var=var, nw=nw: to.select_topk(scores, n, variant=var, num_warps=nw),
                                    lambda r, var=var: chk_topk(r, var != "torch")))
             comp["topk"] = trows
+            frows = []  # score + top-k fused in one launch
+            for var, bp, nw in (("radix", 64, 8), ("radix", 128, 8), ("radix", 64, 4),
+                                ("bisect32", 64, 8)):
+                if smoke:
+                    bp, nw = 16, 4
+                frows.append(trial(dict(variant=var, bp=bp, num_warps=nw),
+                                   f"score+topk fused {var} bp={bp} nw={nw}",
+                                   lambda var=var, bp=bp, nw=nw: to.quest_select_fused(
+                                       q, kmin, kmax, n, variant=var, bp=bp, num_warps=nw)[0],
+                                   lambda r: chk_topk(r, True)))
+                if smoke:
+                    break
+            comp["score_topk_fused"] = frows
+            okf = [r for r in frows if "ms" in r]
+            best_fused = min(okf, key=lambda r: r["ms"]) if okf else None
             okt = [r for r in trows if "ms" in r]
             best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(variant="bisect", num_warps=None)
             # attention
@@ -522,22 +537,37 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 i = to.select_topk(s, n, variant=bt_["variant"], num_warps=bt_.get("num_warps"))
                 return _attn_fn(to, ba_["variant"], ba_["cfg"], q, k, v, i, PAGE)()
 
+            bf_ = best_fused
+
+            def e2e_best_fused():
+                i = to.quest_select_fused(q, kmin, kmax, n, variant=bf_["variant"], bp=bf_["bp"],
+                                          num_warps=bf_["num_warps"])[0]
+                return _attn_fn(to, ba_["variant"], ba_["cfg"], q, k, v, i, PAGE)()
+
             e2e = {}
-            for nm, fn in (("default", e2e_default), ("best", e2e_best)):
+            runs = [("default", e2e_default), ("best", e2e_best)]
+            if bf_ is not None:
+                runs.append(("best_fused_select", e2e_best_fused))
+            for nm, fn in runs:
                 r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
                 if "ms" in r:
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps")),
                                           topk=dict(variant=bt_["variant"], num_warps=bt_.get("num_warps")),
-                                          attention=dict(variant=ba_["variant"], cfg=ba_["cfg"]))
+                                          attention=dict(variant=ba_["variant"], cfg=ba_["cfg"]),
+                                          fused_select=None if bf_ is None else dict(
+                                              variant=bf_["variant"], bp=bf_["bp"],
+                                              num_warps=bf_["num_warps"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
                 f"topk best {bt_['variant']}/{bt_.get('num_warps')} {bt_.get('ms', float('nan')):.4f} ms, "
                 f"attn best {ba_['variant']} {ba_['cfg']} {ba_.get('ms', float('nan')):.4f} ms, "
                 f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
                 f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
-                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f})")
+                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f}), "
+                f"best with fused select {e2e.get('best_fused_select', {}).get('ms', float('nan')):.4f} ms "
+                f"(x{e2e.get('best_fused_select', {}).get('x_sdpa', float('nan')):.2f})")
             del a_ref
         out["shapes"].append(shp)
         del k, v, kmin, kmax, scores
@@ -595,10 +625,11 @@ def sweep_main(args):
     print("\nsummary (end to end Quest, ms and x dense SDPA):")
     for s in result["sweep"]["shapes"]:
         for bud, e in s["end_to_end"].items():
-            d, b = e["default"], e["best"]
+            d, b, f = e["default"], e["best"], e.get("best_fused_select", {})
             print(f"B={s['B']} T={s['T']} budget={bud}: sdpa {s['dense_sdpa_ms']:.4f}  default "
                   f"{d.get('ms', float('nan')):.4f} (x{d.get('x_sdpa', float('nan')):.2f})  best "
-                  f"{b.get('ms', float('nan')):.4f} (x{b.get('x_sdpa', float('nan')):.2f})  "
+                  f"{b.get('ms', float('nan')):.4f} (x{b.get('x_sdpa', float('nan')):.2f})  fused-select "
+                  f"{f.get('ms', float('nan')):.4f} (x{f.get('x_sdpa', float('nan')):.2f})  "
                   f"{json.dumps(e['best_components'])}")
     print("attention configs at budget 1/16 (geomean time / current default over the shapes):")
     for r in result["sweep"]["ranking_budget_1_16"]:

@@ -379,7 +379,7 @@ def test_block_sparse_decode_variants(variant, dtype, G, per_q, bs, bt):
         ok = allowed.any(-1)
         assert _rel(out.cpu()[ok], ref[ok]) < TOL[dtype]
         assert (out.cpu()[~ok] == 0).all()
-    assert not to._merge_counters(q.device, 1).any()
+    assert not to._merge_counters(q.device, 1, "merge").any()
     twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)
     assert _rel(out, twin) < TOL[dtype]
     with pytest.raises(ValueError):
@@ -413,3 +413,27 @@ def test_select_topk_variants(variant):
             for row in got.reshape(-1, kk).cpu().tolist():
                 v_ = [x for x in row if x >= 0]
                 assert v_ == sorted(v_) and row[len(v_):] == [-1] * (kk - len(v_))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("variant", ["radix", "bisect32"])
+@pytest.mark.parametrize("G", [1, 2])
+def test_quest_select_fused(variant, G):
+    """Score + top-k in one launch equals select_topk(quest_scores(...)) of the torch twins,
+    with and without seq_len (empty pages never picked), k above the valid page count."""
+    from kernels.sparse import triton_ops as to
+    B, Hkv, T, D, page = 2, 2, 200, 16, 8
+    k = _rand(B, Hkv, T, D, seed=35)
+    q = _rand(B, Hkv * G, D, seed=36)
+    sl = torch.tensor([200, 77], device=DEV)
+    kmin, kmax = naive.page_minmax_torch(k, page, sl)
+    for seq in (None, sl):
+        ps = page if seq is not None else None
+        sc = naive.quest_scores_torch(q, kmin, kmax, seq, ps)
+        for kk in (1, 5, 13, 30):
+            idx, s2 = to.quest_select_fused(q, kmin, kmax, kk, seq, ps, variant=variant)
+            assert torch.equal(idx.cpu(), naive.select_topk_torch(sc, kk).cpu()), (seq, kk)
+            fin = torch.isfinite(sc)
+            assert torch.equal(torch.isfinite(s2), fin)
+            assert _rel(s2[fin], sc[fin]) < 1e-5
+    assert not to._merge_counters(q.device, 1, "select").any()

@@ -328,14 +328,16 @@ def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
 
 
 @triton.jit
-def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
-    """Variants of _select_topk_kernel with the same result. RADIX=False: the bisection on int32
-    keys (int32 compares instead of int64). RADIX=True: radix select, 4 passes of 8 bits, each a
-    256-bin histogram (tl.histogram) of the candidates sharing the threshold's prefix so far."""
-    row = tl.program_id(0)
+def _topk_row(s_ptr, o_ptr, row, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
+    """Indices of the K largest finite entries of score row ``row`` (ascending, -1 padded).
+    RADIX=False: bisection on int32 keys (int32 compares instead of _select_topk_kernel's int64).
+    RADIX=True: radix select, 4 passes of 8 bits, each a 256-bin histogram (tl.histogram) of the
+    candidates sharing the threshold's prefix so far. Ties at the threshold to the lower index.
+    Scores are read with .cg (they may have just been written by other programs)."""
     n = tl.arange(0, BN)
     nm = n < N
-    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"),
+                cache_modifier=".cg")
     valid = nm & (x > float("-inf"))
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed, order-preserving
@@ -383,6 +385,77 @@ def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constex
         pad = p0 + n
         tl.store(o_ptr + row.to(tl.int64) * K + pad, tl.full([BN], -1, tl.int32),
                  mask=(pad >= need) & (pad < K))
+
+
+@triton.jit
+def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
+    _topk_row(s_ptr, o_ptr, tl.program_id(0), N, K, RADIX, BN)
+
+
+@triton.jit
+def _quest_select_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, s_ptr, cnt_ptr, o_ptr, Hq, G, D, NP, K,
+                         sqb, sqh, sqd, slb, slh, slp, sld,
+                         HAS_NP: tl.constexpr, RADIX: tl.constexpr, BP: tl.constexpr,
+                         BD: tl.constexpr, BN: tl.constexpr):
+    """Quest score + top-k in one launch: each program scores a tile of BP pages of one row (as
+    _quest_kernel); the last program of the row to finish (per-row counter, reset by it) runs
+    the row's top-k (_topk_row) on the scores the others wrote."""
+    bh = tl.program_id(0)
+    pt = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    hk = hq // G
+    d = tl.arange(0, BD)
+    dm = d < D
+    p = pt * BP + tl.arange(0, BP)
+    pm = p < NP
+    q = tl.load(q_ptr + b * sqb + hq * sqh + d * sqd, mask=dm, other=0.).to(tl.float32)
+    off = b.to(tl.int64) * slb + hk.to(tl.int64) * slh + p.to(tl.int64)[:, None] * slp \
+        + d[None, :] * sld
+    m2 = pm[:, None] & dm[None, :]
+    lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
+    hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
+    s = tl.sum(tl.maximum(q[None, :] * hi, q[None, :] * lo), axis=1)
+    if HAS_NP:
+        n = tl.load(np_ptr + b)
+        s = tl.where(p < n, s, float("-inf"))
+    tl.store(s_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(1) - 1:
+        tl.debug_barrier()
+        _topk_row(s_ptr, o_ptr, bh, NP, K, RADIX, BN)
+        tl.store(cnt_ptr + bh, 0)
+
+
+def quest_select_fused(q, kmin, kmax, k, seq_len=None, page_size=None, *, variant="radix",
+                       bp=None, num_warps=None):
+    """select_topk(quest_scores(q, kmin, kmax, seq_len, page_size), k) in one launch
+    (_quest_select_kernel); variant "radix" or "bisect32". Returns (idx [B, Hq, k], scores)."""
+    B, Hq, D = q.shape
+    Hkv, NP = kmin.shape[1], kmin.shape[2]
+    G = _group(Hq, Hkv)
+    assert kmin.stride() == kmax.stride()
+    BN = _p2(NP)
+    if BN > 32768 or k <= 0 or variant not in ("radix", "bisect32"):
+        sc = quest_scores(q, kmin, kmax, seq_len, page_size)
+        return select_topk(sc, k, variant=variant if variant != "radix" or BN <= 32768 else None), sc
+    sc = torch.empty(B, Hq, NP, device=q.device, dtype=torch.float32)
+    if seq_len is not None:
+        if page_size is None:
+            raise ValueError("quest_select_fused: seq_len needs page_size")
+        sl = _seq_len(seq_len, B, NP * page_size, q.device)
+        n_pages = ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
+    else:
+        n_pages = sc  # unused
+    out = torch.empty(B, Hq, k, device=q.device, dtype=torch.int32)
+    BP = bp or (64 if not INTERPRET else 16)
+    cnt = _merge_counters(q.device, B * Hq, "select")
+    _quest_select_kernel[(B * Hq, triton.cdiv(NP, BP))](
+        q, kmin, kmax, n_pages, sc, cnt, out, Hq, G, D, NP, k, *q.stride(), *kmin.stride(),
+        HAS_NP=seq_len is not None, RADIX=variant == "radix", BP=BP, BD=_p2(D), BN=BN,
+        num_warps=num_warps or 8)
+    return out, sc
 
 
 # top-k variants: "bisect" (_select_topk_kernel), "bisect32" / "radix" (_select_topk2_kernel),
@@ -683,13 +756,14 @@ BSD_CFG = {"gdot": dict(bt=64, num_warps=4, num_stages=3, waves=4),
 _MERGE_COUNTERS = {}
 
 
-def _merge_counters(device, n):
-    """Zeroed int32 counters for the fused merge, kept per device (each launch leaves them at
-    zero again). One launch at a time per device: not for concurrent streams."""
-    buf = _MERGE_COUNTERS.get(device)
+def _merge_counters(device, n, name="merge"):
+    """Zeroed int32 counters for the fused merge / fused Quest select, kept per (device, user)
+    (each launch leaves them at zero again). One launch at a time per device: not for
+    concurrent streams."""
+    buf = _MERGE_COUNTERS.get((device, name))
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
-        _MERGE_COUNTERS[device] = buf
+        _MERGE_COUNTERS[(device, name)] = buf
     return buf
 
 
