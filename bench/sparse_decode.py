@@ -450,8 +450,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                                    lambda r, var=var: chk_topk(r, var != "torch")))
             comp["topk"] = trows
             frows = []  # score + top-k fused in one launch
-            for var, bp, nw in (("radix", 64, 8), ("radix", 128, 8), ("radix", 64, 4),
-                                ("bisect32", 64, 8)):
+            for var, bp, nw in (("radix", 64, 8), ("radix", 128, 8), ("bisect32", 64, 8)):
                 if smoke:
                     bp, nw = 16, 4
                 frows.append(trial(dict(variant=var, bp=bp, num_warps=nw),
