@@ -11,7 +11,14 @@ k and v read, k~ and v~ written (5 tensors); forward+backward adds the backward'
 Correctness on the GPU (bf16 and fp32 against the float64 loop, both schedules, cu_seqlens,
 every output element written) runs before any timing; the chained schedule is first tried in
 a subprocess with a time limit, so a hang cannot eat the whole run.
+
+    python bench/scan.py --sweep --out $OUT/scan_sweep.json [--budget-s 170]
+
+times the forward kernel variants (kernel x tile sizes x num_warps x prefetch x chunk length,
+see ``sweep_main``) on the issue's shapes after checking each against the torch twin on the
+same inputs; writes every row plus the best per shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+if "--dry-run" in sys.argv:  # the sweep's logic test on CPU: before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -234,13 +243,24 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results/scan.json"))
     ap.add_argument("--quick", action="store_true", help="two shapes only")
     ap.add_argument("--commit", default=None)
-    ap.add_argument("--budget-s", type=float, default=480, help="stop timing new work after this")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop timing new work after this (default 480; 170 with --sweep)")
     ap.add_argument("--no-assoc", action="store_true")
     ap.add_argument("--kernels", default="scan,rows", help="which kernels' variants to time")
     ap.add_argument("--chained-smoke", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep", action="store_true", help="forward variant sweep (sweep_main)")
+    ap.add_argument("--sweep-smoke", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="sweep on CPU through the Triton interpreter, tiny shapes (logic test)")
     args = ap.parse_args()
     if args.chained_smoke:
         chained_smoke()
+        return
+    if args.sweep_smoke:
+        sweep_smoke(args.dry_run)
+        return
+    if args.sweep:
+        sweep_main(args)
         return
     commit = args.commit
     if commit is None:
@@ -312,7 +332,7 @@ def main():
         return row
 
     for B, T in shapes:
-        if time.time() - T0 > args.budget_s:
+        if time.time() - T0 > (args.budget_s or 480):
             res["notes"].append(f"time budget hit before B={B} T={T}")
             break
         torch.manual_seed(0)
@@ -449,6 +469,363 @@ def main():
     save()
     print("\n".join(lines))
     print("notes:", *res["notes"], sep="\n  ")
+
+
+# ---------------------------------------------------------------------------------------------
+# forward sweep (issue 3): the "wide" kernels (kernels/memory_scan/fused.py) over a grid
+
+
+def wname(c):
+    n = f"{c['kernel']}-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
+    if not c.get("prefetch", True):
+        n += "-nopf"
+    if c["kernel"] == "chunklb":
+        n += f"-lbw{c.get('lbw', 4)}"
+    return n
+
+
+def stage_a_grid(kernels):
+    """Base tiles at CT=64: heads per program x warps (lanes = BH * 128: 256 lanes per warp keep
+    every tile row inside one thread for bf16), rows per tile, prefetch on/off."""
+    grid = []
+    for kn in kernels:
+        for bh, w in ((2, 1), (1, 1), (4, 2), (4, 1), (2, 2)):
+            for bt in (4, 2, 8):
+                if (bh, w) in ((4, 1), (2, 2)) and bt != 4:
+                    continue
+                grid.append(dict(kernel=kn, BH=bh, BT=bt, num_warps=w, CT=64, prefetch=True))
+        grid.append(dict(kernel=kn, BH=2, BT=4, num_warps=1, CT=64, prefetch=False))
+        grid.append(dict(kernel=kn, BH=1, BT=4, num_warps=1, CT=64, prefetch=False))
+    return grid
+
+
+def _sweep_inputs(B, T, Hh, Dd, dev, dtype=None, seed=0):
+    dtype = dtype or (torch.float16 if dev == "cpu" else torch.bfloat16)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    return [torch.randn(B, T, Hh, Dd, device=dev, generator=gen).to(dtype) for _ in range(3)]
+
+
+def _precompile_worker(cfgs, shapes, dry):
+    """Child process: run each config once per shape so that the Triton disk cache holds it."""
+    dev = "cpu" if dry else "cuda"
+    Hh, Dd = (4, 16) if dry else (H, D)
+    done = []
+    for B, T in shapes:
+        z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
+        for c in cfgs:
+            try:
+                scan_fwd(z, k, v, **c)
+                done.append(wname(c))
+            except Exception as e:  # noqa: BLE001
+                done.append(f"{wname(c)}: {str(e)[:120]}")
+    if not dry:
+        torch.cuda.synchronize()
+    return done
+
+
+def precompile(cfgs, shapes, dry, workers, timeout_s):
+    """Compile the configs in parallel processes (each compile is single-threaded)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    if workers <= 1 or not cfgs:
+        return "skipped"
+    chunks = [cfgs[i::workers] for i in range(workers)]
+    t0 = time.time()
+    ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    futs = [ex.submit(_precompile_worker, ch, shapes, dry) for ch in chunks if ch]
+    done, pending = cf.wait(futs, timeout=timeout_s)
+    for f in pending:
+        f.cancel()
+    errs = [x for f in done if f.exception() is None for x in f.result() if ":" in x]
+    if pending:  # a worker stuck (a hang in a look-back?): leave it, the main process goes on
+        for p in list(getattr(ex, "_processes", {}).values()):
+            p.kill()
+    ex.shutdown(wait=False, cancel_futures=True)
+    return (f"{len(cfgs)} configs in {time.time() - t0:.0f}s, {len(pending)} workers timed out"
+            + (f"; errors: {errs[:5]}" if errs else ""))
+
+
+def sweep_smoke(dry=False):
+    """Subprocess: chunklb (spin-waits) must finish and match the chunk kernel at a long shape."""
+    dev = "cpu" if dry else "cuda"
+    B, T, Hh, Dd = (1, 64, 4, 16) if dry else (1, 8192, H, D)
+    z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
+    ref = scan_fwd(z, k, v, kernel="chunk", CT=16 if dry else 64)
+    e = 0.0
+    for c in [dict(kernel="chunklb", CT=16 if dry else 64, lbw=4),
+              dict(kernel="chunklb", CT=8 if dry else 32, lbw=1, BT=4)]:
+        out = scan_fwd(z, k, v, **c)
+        e = max(e, *(rel(a, b) for a, b in zip(out[:4], ref[:4])))
+    print("SWEEP_SMOKE_REL", e)
+    sys.exit(0 if e < 1e-2 else 1)
+
+
+def sweep_main(args):
+    dry = args.dry_run
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # (set before triton import by the caller)
+    dev = "cpu" if dry else "cuda"
+    Hh, Dd = (4, 16) if dry else (H, D)
+    budget = args.budget_s or 170.0
+    dt = torch.float16 if dry else torch.bfloat16  # the interpreter has no bfloat16
+    shapes_a = [(1, 64), (2, 64)] if dry else [(1, 4096), (8, 4096)]
+    shapes_all = ([(2, 64)] if dry else
+                  [(B, T) for B in (1, 8) for T in (4096, 8192, 16384, 32768)])
+    cts = (8, 16, 32) if dry else (32, 64, 128, 256, 512)
+    tbench = (lambda fn, **kw: _cpu_bench(fn)) if dry else (
+        lambda fn, grad_to_none=None: triton.testing.do_bench(
+            fn, warmup=5, rep=25, return_mode="median", grad_to_none=grad_to_none))
+    commit = args.commit or _git_commit()
+    res = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
+           "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+           "shape": {"heads": Hh, "dim": Dd, "dtype": str(dt).replace("torch.", "")},
+           "bytes_note": "fwd: 5 tensors (z, k, v read; k~, v~ written); fwd+bwd: 15 tensors",
+           "rows": [], "checks": {}, "notes": [], "best": {}}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out_path.write_text(json.dumps(res, indent=1))
+
+    def left():
+        return budget - (time.time() - T0)
+
+    copy_gbs = None
+    if not dry:
+        copy_gbs, _ = copy_bandwidth()
+    res["copy_GBps"] = copy_gbs
+    log(f"sweep: copy bandwidth {copy_gbs} GB/s; budget {budget:.0f}s")
+
+    def add(B, T, op, variant, ms, ntensors, **extra):
+        n = B * T * Hh * Dd
+        gbs = ntensors * n * 2 / ms / 1e6
+        row = {"batch": B, "seq": T, "op": op, "variant": variant, "ms": ms, "GBps": gbs,
+               "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None, **extra}
+        res["rows"].append(row)
+        return row
+
+    # 1. look-back smoke in a subprocess (a hang costs its timeout, not the run)
+    kernels = ["chunk", "chunklb"]
+    try:
+        cmd = [sys.executable, __file__, "--sweep-smoke"] + (["--dry-run"] if dry else [])
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=150 if dry else 60)
+        ok = p.returncode == 0
+        res["notes"].append("sweep smoke: " + (p.stdout + p.stderr)[-300:])
+    except subprocess.TimeoutExpired:
+        ok = False
+        res["notes"].append("sweep smoke: TIMEOUT - chunklb skipped")
+    if not ok:
+        kernels = ["chunk"]
+    log("sweep smoke ok:", ok)
+
+    # 2. stage A: base tiles at CT=64 on the two batch-size probes, compiled in parallel
+    grid = stage_a_grid(kernels)
+    if dry:
+        grid = [dict(c, CT=16) for c in grid[:3]] + [dict(c, CT=16) for c in grid
+                                                      if c["kernel"] == "chunklb"][:2]
+    workers = 0 if dry else max(1, min(12, (os.cpu_count() or 2) - 2))
+    res["notes"].append("precompile A: " + precompile(grid, shapes_a[:1], dry, workers,
+                                                      min(90.0, max(10.0, left() - 80))))
+    log("precompiled stage A:", res["notes"][-1])
+    ref_cache = {}
+
+    def reference(B, T, z, k, v):
+        """fp32 torch twin on the bf16 inputs (small shapes) or the default fused plan."""
+        if (B, T) not in ref_cache:
+            if B * T <= 8 * 4096:
+                o = memory_scan_torch(z.float(), k.float(), v.float(), output_final_state=True)
+                ref_cache[(B, T)] = ("torch twin fp32", (o[0], o[1], *o[2]))
+            else:
+                o = scan_fwd(z, k, v)
+                ref_cache[(B, T)] = ("default fused plan", o[:4])
+        return ref_cache[(B, T)]
+
+    def check_and_time(c, B, T, z, k, v):
+        name = wname(c)
+        what, ref = reference(B, T, z, k, v)
+        if not dry:
+            poison_allocator(1 << 30)
+        out = scan_fwd(z, k, v, **c)
+        e = max(rel(a, b) for a, b in zip(out[:4], ref))
+        res["checks"][f"{name}/B{B}-T{T} vs {what}"] = e
+        if not e < 1e-2:
+            res["notes"].append(f"{name} B={B} T={T}: WRONG (rel {e:.2e}), not timed")
+            log(f"  {name} B={B} T={T}: WRONG rel {e:.2e}")
+            return None
+        ms = tbench(lambda: scan_fwd(z, k, v, **c))
+        r = add(B, T, "fwd", name, ms, 5, cfg=c, rel_err=e)
+        return r
+
+    base = {}
+    for B, T in shapes_a:
+        z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
+        ms = tbench(lambda: scan_fwd(z, k, v))
+        add(B, T, "fwd", "default-plan (scan chained)", ms, 5)
+        log(f"B={B} T={T} default plan {ms:.4f} ms")
+        for c in grid:
+            if left() < 60:
+                res["notes"].append("budget: stage A cut short")
+                break
+            r = check_and_time(c, B, T, z, k, v)
+            if r:
+                base.setdefault(wname(c), []).append(r["ms"] / ms)
+                log(f"  {wname(c)}: {r['ms']:.4f} ms ({r['pct_copy'] or 0:.0f}% copy)")
+        del z, k, v
+        ref_cache.clear()
+        save()
+
+    # 3. stage B: the best base tiles of each kernel with every chunk length, on every shape
+    score = {n: sum(x) / len(x) for n, x in base.items() if len(x) == len(shapes_a)}
+    by_name = {wname(c): c for c in grid}
+    top = []
+    for kn in kernels:
+        ranked = sorted((n for n in score if by_name[n]["kernel"] == kn), key=score.get)
+        top += [by_name[n] for n in ranked[:2]]
+    stage_b = []
+    for c in top:
+        for ct in cts:
+            stage_b.append(dict(c, CT=ct))
+        if c["kernel"] == "chunklb":
+            stage_b += [dict(c, lbw=w) for w in (1, 2, 8) if w != c.get("lbw", 4)]
+        stage_b.append(dict(c, CT="auto"))
+    stage_b = [c for i, c in enumerate(stage_b) if c not in stage_b[:i]]
+    if dry:
+        stage_b = stage_b[:2] + [c for c in stage_b if c["kernel"] == "chunklb"][:2]
+    res["stage_b_configs"] = [wname(c) for c in stage_b]
+    if left() > 90 and workers > 1:
+        res["notes"].append("precompile B: " + precompile(
+            [c for c in stage_b if c["CT"] != 64], shapes_a[:1], dry, workers,
+            min(60.0, left() - 70)))
+        log("precompiled stage B:", res["notes"][-1])
+    for B, T in shapes_all:
+        if left() < 40:
+            res["notes"].append(f"budget: stage B stopped before B={B} T={T}")
+            break
+        z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
+        if (B, T) not in shapes_a:
+            ms = tbench(lambda: scan_fwd(z, k, v))
+            add(B, T, "fwd", "default-plan (scan chained)", ms, 5)
+        best = None
+        for c in stage_b:
+            if (B, T) in shapes_a and c in grid:
+                continue  # timed in stage A
+            if left() < 30:
+                break
+            r = check_and_time(c, B, T, z, k, v)
+            if r and (best is None or r["ms"] < best["ms"]):
+                best = r
+        rows = [r for r in res["rows"] if (r["batch"], r["seq"], r["op"]) == (B, T, "fwd")
+                and "cfg" in r]
+        if rows:
+            best = min(rows, key=lambda r: r["ms"])
+            dflt = next(r for r in res["rows"] if (r["batch"], r["seq"]) == (B, T)
+                        and r["variant"].startswith("default-plan"))
+            res["best"][f"B{B}-T{T}"] = {"variant": best["variant"], "ms": best["ms"],
+                                         "pct_copy": best["pct_copy"],
+                                         "default_plan_ms": dflt["ms"]}
+            log(f"B={B} T={T}: best {best['variant']} {best['ms']:.4f} ms "
+                f"({best['pct_copy'] or 0:.0f}% copy) vs default plan {dflt['ms']:.4f} ms")
+        del z, k, v
+        ref_cache.clear()
+        if not dry:
+            torch.cuda.empty_cache()
+        save()
+
+    # 4. the best per kernel at B=1 T=4096: CUDA graph (no launch overhead), fwd+bwd, baselines
+    B, T = shapes_a[0]
+    z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
+    fwd_rows = [r for r in res["rows"] if (r["batch"], r["seq"]) == (B, T) and "cfg" in r]
+    finals = []
+    for kn in kernels:
+        rk = [r for r in fwd_rows if r["cfg"]["kernel"] == kn]
+        if rk:
+            finals.append(min(rk, key=lambda r: r["ms"])["cfg"])
+    zr, kr, vr = (t.detach().clone().requires_grad_() for t in (z, k, v))
+    dok, dov = torch.randn_like(k), torch.randn_like(v)
+    for c in finals + [None]:
+        name = wname(c) if c else "default-plan (scan chained)"
+        opts = c or {}
+        if not dry:
+            try:
+                ms = triton.testing.do_bench_cudagraph(lambda: scan_fwd(z, k, v, **opts), rep=30,
+                                                       return_mode="median")
+                add(B, T, "fwd (CUDA graph)", name, ms, 5)
+            except Exception as e:  # noqa: BLE001
+                res["notes"].append(f"cudagraph {name}: {str(e)[:200]}")
+
+        def fb():
+            a2, b2 = memory_scan_fused(zr, kr, vr, **opts)
+            torch.autograd.backward([a2, b2], [dok, dov])
+
+        add(B, T, "fwd+bwd", name + " (autograd, default backward)",
+            tbench(fb, grad_to_none=[zr, kr, vr]), 15)
+        log(f"final {name}: {res['rows'][-1]['ms']:.4f} ms fwd+bwd")
+    save()
+    if not dry:
+        fla, fla_err = fla_fns()
+        if fla is None:
+            res["notes"].append(f"fla-core not importable: {fla_err}")
+        elif left() > 15:
+            chunk_hgrn, prep, _ = fla
+            x, lg = prep(z, k, v)
+            xr, lgr = x.detach().requires_grad_(), lg.detach().requires_grad_()
+            do = torch.randn_like(x)
+
+            def fla_fb():
+                o, _ = chunk_hgrn(xr, lgr)
+                o.backward(do)
+
+            add(B, T, "fwd", "chunk_hgrn (prepared inputs)", tbench(lambda: chunk_hgrn(x, lg)), 5)
+            add(B, T, "fwd+bwd", "chunk_hgrn (prepared inputs)",
+                tbench(fla_fb, grad_to_none=[xr, lgr]), 15)
+            log(f"fla chunk_hgrn fwd+bwd {res['rows'][-1]['ms']:.4f} ms")
+        save()
+        if left() > 45 and not args.no_assoc:
+            try:
+                prepared, _ = assoc_scan_fns()
+                g = torch.sigmoid(z.float())
+                a = torch.cat([g, g], -1)
+                bb = torch.cat([(1 - g) * k.float(), (1 - g) * v.float()], -1)
+                prepared(a, bb)
+                add(B, T, "fwd", "torch associative_scan compiled fp32 (prepared, k|v concat)",
+                    tbench(lambda: prepared(a, bb)), 5)
+                log(f"assoc scan {res['rows'][-1]['ms']:.4f} ms")
+            except Exception as e:  # noqa: BLE001
+                res["notes"].append(f"assoc scan failed: {str(e)[:300]}")
+        else:
+            res["notes"].append("torch associative_scan skipped (budget or --no-assoc); "
+                                "run 1/3 measured 0.248 ms at B=1 T=4096")
+        # fp32 + initial state + packed sequences through the float64 loop, best config each
+        for c in finals:
+            for cu in (None, [0, 100, 100, 357, 358, 900]):
+                try:
+                    e = check_variant(c, torch.float32, B=1 if cu else 2, T=900 if cu else 777,
+                                      cu=cu)
+                except Exception as ex:  # noqa: BLE001
+                    e = float("nan")
+                    res["notes"].append(f"fp32 check {wname(c)}: {str(ex)[:200]}")
+                res["checks"][f"{wname(c)}/float32+h0{'+varlen' if cu else ''} vs loop"] = e
+                log(f"check {wname(c)} fp32+h0{'+varlen' if cu else ''}: {e:.1e}")
+    res["elapsed_s"] = time.time() - T0
+    save()
+    for kk, b in res["best"].items():
+        print(kk, b)
+    print("notes:", *res["notes"], sep="\n  ")
+
+
+def _cpu_bench(fn):
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 if __name__ == "__main__":

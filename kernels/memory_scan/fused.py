@@ -989,8 +989,13 @@ def _lookback_window(flags, ws_agg, ws_inc, slot, NCH, lane, L: tl.constexpr, c,
     """Decoupled look-back that reads W predecessors at once ([W, L] flags and data), so a chain
     of n chunks costs about n / W dependent round trips instead of n. Returns the state
     entering chunk c ([L] k and v). Rows are ordered farthest (row 0) to nearest (row W-1);
-    predecessors before chunk 0 count as an inclusive zero state."""
+    predecessors before chunk 0 count as an inclusive zero state. Offsets are int32 relative to
+    this program's own slot (few registers: [W, L] tiles are W values per lane and thread)."""
     rw = tl.arange(0, W)
+    base = slot.to(tl.int64) * L
+    fl = flags + base
+    wa_p = ws_agg + 3 * base
+    wi_p = ws_inc + 2 * base
     acc_a = tl.full([L], 1.0, tl.float32)  # acc: composition of the predecessors walked so far
     acc_k = tl.zeros([L], tl.float32)
     acc_v = tl.zeros([L], tl.float32)
@@ -1000,34 +1005,27 @@ def _lookback_window(flags, ws_agg, ws_inc, slot, NCH, lane, L: tl.constexpr, c,
     hi = c - 1  # nearest predecessor not yet walked
     while tl.min(done, axis=0) == 0:
         p = hi - (W - 1) + rw  # [W] chunk indices, farthest first
-        real = p >= 0
-        ps = (slot - (c - p) * NCH).to(tl.int64)[:, None] * L + lane[None, :]
-        live = (done == 0)[None, :] & real[:, None]
-        f = tl.atomic_add(flags + ps, 0, mask=live, sem="acquire")
-        f = tl.where(live, f, 2)
+        rel = ((p - c) * NCH)[:, None] * L + lane[None, :]  # slot offsets (negative)
+        live = (done == 0)[None, :] & (p >= 0)[:, None]
+        f = tl.where(live, tl.atomic_add(fl + rel, 0, mask=live, sem="acquire"), 2)
         while tl.min(tl.min(f, axis=1), axis=0) == 0:
-            f = tl.atomic_add(flags + ps, 0, mask=live, sem="acquire")
-            f = tl.where(live, f, 2)
-        inc = live & (f == 2)
+            f = tl.where(live, tl.atomic_add(fl + rel, 0, mask=live, sem="acquire"), 2)
         agg = live & (f == 1)
-        ik = tl.load(ws_inc + 2 * ps, mask=inc, other=0., volatile=True)
-        iv = tl.load(ws_inc + 2 * ps + 1, mask=inc, other=0., volatile=True)
-        pa = tl.load(ws_agg + 3 * ps, mask=agg, other=0., volatile=True)
-        pk = tl.load(ws_agg + 3 * ps + 1, mask=agg, other=0., volatile=True)
-        pv = tl.load(ws_agg + 3 * ps + 2, mask=agg, other=0., volatile=True)
         # an inclusive row (or one before chunk 0) is the map h -> inc: a = 0
-        wa = tl.where(agg, pa, 0.)
-        wk = tl.where(agg, pk, ik)
-        wv = tl.where(agg, pv, iv)
+        wa = tl.load(wa_p + 3 * rel, mask=agg, other=0., volatile=True)
+        wk = tl.load(tl.where(agg, wa_p + 3 * rel + 1, wi_p + 2 * rel), mask=live, other=0.,
+                     volatile=True)
+        wv = tl.load(tl.where(agg, wa_p + 3 * rel + 2, wi_p + 2 * rel + 1), mask=live, other=0.,
+                     volatile=True)
         A, Bk, Bv = tl.associative_scan((wa, wk, wv), axis=0, combine_fn=_affine_combine)
         ta = _row(A, rw, W - 1)
         tk = _row(Bk, rw, W - 1)
         tv = _row(Bv, rw, W - 1)
-        hit = tl.max(tl.where(live, (f == 2).to(tl.int32), 0), axis=0) > 0
+        hit = tl.max(tl.where(live & (f == 2), 1, 0), axis=0) > 0
         hit = hit | (hi - (W - 1) <= 0)  # the window reached chunk 0 (always inclusive)
         live1 = done == 0
-        # state entering c = acc(window(h_before_window)); the window's map ends in a constant
-        # when it holds an inclusive row
+        # state entering c = acc(window(h_before_window)); the window's map is a constant when
+        # it holds an inclusive row
         state_k = tl.where(live1 & hit, acc_a * tk + acc_k, state_k)
         state_v = tl.where(live1 & hit, acc_a * tv + acc_v, state_v)
         acc_k = tl.where(live1, acc_a * tk + acc_k, acc_k)
@@ -1324,7 +1322,7 @@ def _wide_fwd(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, has_h0, varlen, 
         meta["num_stages"] = cfg["num_stages"]
     if kernel == "chunklb" and NC > 1:
         flags, ws_agg, ws_inc = _workspace(dev, True, NC, NCHB, L)
-        LBW = cfg.get("lbw") or 8  # look-back window (1: one predecessor per round trip)
+        LBW = cfg.get("lbw") or 4  # look-back window (1: one predecessor per round trip)
         _wide_lb_kernel[(NC * NCHB,)](z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags,
                                       ws_agg, ws_inc, T, H, D, NDB, NHG, NCHB, NC, *strides,
                                       *ostrides, LBW=LBW,
