@@ -1,0 +1,525 @@
+"""Issue #9 at small scale: attention vs memory under Quest, MoBA, SnapKV and random budgets.
+
+    python bench/replication/run.py STAGE[,STAGE...] [--work DIR] [--size full|toy] [--deadline S]
+
+Stages (each resumable and skipped when done; see bench/replication/README.md for the GPU calls):
+
+  prep      offline corpora -> indexed datasets (retrieval documents, synthetic text, essays), the
+            RULER NIAH train split -> SFT sequences (answer-only loss mask), the RULER test split
+  pretrain  both models (attention.yaml, memory.yaml), concurrently, one per GPU
+  sft       both models: fine-tune on the NIAH train split from their pretrained checkpoints
+  convert   both SFT checkpoints -> Hugging Face (mcore-to-hf)
+  eval      eval/niah.py: 8 tasks x (dense + quest, moba, snapkv, random at 1/4..1/32), attention
+            model on plain K/V, memory model on K~/V~ (mem) and on K/V (plain); a queue of
+            (model, source, task) jobs, --procs-per-gpu workers on each GPU
+  collect   scores -> WORK/report and bench/results/replication/ (summary.json, summary.md,
+            accuracy_vs_budget.png when matplotlib is there, run.json with training numbers)
+  all       every stage in order
+
+--deadline S: stop starting work after S seconds from the start of this command and stop a running
+trainer (SIGTERM: it saves a checkpoint) or eval workers (their finished samples are kept), so one
+call stays inside a 10-minute limit; the next call continues. Exit status 3 means "not finished,
+call again"; 0 means the stages asked for are complete.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+HERE = Path(__file__).resolve().parent
+TOKENIZER = "data_prep/assets/tiny-bpe"
+KINDS = ("attention", "memory")
+STAGES = ("prep", "pretrain", "sft", "convert", "eval", "collect")
+NOT_FINISHED = 3
+
+# Sizes. "full" is the GPU recipe (estimates in README.md); "toy" is the CPU smoke test.
+SIZES = {
+    "full": dict(
+        length=4096, retrieval_docs=10000, synthetic_docs=3000, retrieval_chars=7500,
+        blend=(0.8, 0.15, 0.05), sft_pairs_per_task=250, test_samples=100, tasks="all",
+        sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=10,
+        methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
+        max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
+    ),
+    "toy": dict(
+        length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200,
+        blend=(0.7, 0.15, 0.15), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
+        sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
+        methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
+        max_new_tokens=8, eval_batch=2, dtype="fp32",
+        overrides=["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                   "model.num_kv_heads=4", "model.head_dim=16", "model.ffn_hidden_size=128",
+                   "model.max_position_embeddings=512", "data.seq_length=512", "precision.bf16=false",
+                   "batch.micro_batch_size=1", "batch.global_batch_size=2", "train.train_tokens=null",
+                   "train.train_iters=4", "schedule.warmup_iters=1", "train.log_interval=1",
+                   "checkpoint.save_interval=2"],
+    ),
+}
+
+
+def sft_overrides(size: dict, work: Path, kind: str) -> list[str]:
+    """The SFT recipe: the pretraining YAML plus these (RAT+: SFT on the NIAH train split, answers comma-joined)."""
+    return [f"data.sft=true", f"data.prefixes=[{work / 'data' / 'sft_sft'}]", "data.weights=null",
+            "data.split=98,2,0", f"checkpoint.init_from={work / 'runs' / (kind + '-pretrain')}",
+            f"checkpoint.save={work / 'runs' / (kind + '-sft')}", "train.train_tokens=null",
+            f"train.train_iters={size['sft_iters']}", f"batch.global_batch_size={size['sft_batch']}",
+            f"batch.micro_batch_size={size['sft_micro']}", f"optimizer.lr={size['sft_lr']}",
+            f"optimizer.min_lr={size['sft_min_lr']}", f"schedule.warmup_iters={size['sft_warmup']}",
+            "optimizer.weight_decay=0.0", f"checkpoint.save_interval={max(size['sft_iters'] // 2, 1)}"]
+
+
+def log(msg: str) -> None:
+    print(f"[replication {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Clock:
+    def __init__(self, deadline: float | None):
+        self.t0 = time.time()
+        self.deadline = deadline
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - (time.time() - self.t0)
+
+
+def cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def env_for(gpu: int | None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH", ""), str(REPO)) if x)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    else:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- prep
+
+_W: dict = {}
+
+
+def _init_worker(kind_args):
+    from transformers import AutoTokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _W["tok"] = AutoTokenizer.from_pretrained(str(REPO / TOKENIZER))
+    _W["args"] = kind_args
+
+
+def _encode_docs(job):
+    """(kind, start, count) -> (uint16 ids with EOS per document, lengths)."""
+    import numpy as np
+
+    kind, start, count = job
+    a = _W["args"]
+    if kind == "retrieval":
+        if "gen" not in _W:
+            from ratplus_megatron.data.retrieval_corpus import RetrievalDocs, essay_sentences
+
+            _W["gen"] = RetrievalDocs(seed=a["seed"], target_chars=a["retrieval_chars"],
+                                      filler_sentences=essay_sentences())
+        docs = _W["gen"].documents(start, count)
+    elif kind == "synthetic":
+        from ratplus_megatron.data.synthetic_corpus import iter_documents
+
+        docs = list(iter_documents(count, seed=10_000 + start, min_sentences=20, max_sentences=120))
+    else:  # essays: one document per essay file
+        from eval.ruler.haystacks import essay_dir
+
+        files = sorted(p for p in essay_dir().iterdir() if p.suffix == ".txt")[start:start + count]
+        docs = [p.read_text(encoding="utf-8") for p in files]
+    tok = _W["tok"]
+    if not docs:
+        return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.int64)
+    ids = tok(docs, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+    flat = np.fromiter((t for x in ids for t in x + [eos]), dtype=np.uint16, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def write_indexed(prefix: Path, jobs, pool) -> dict:
+    """Write PREFIX_text_document.{bin,idx} (temporaries renamed at the end)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    final = str(prefix) + "_text_document"
+    tmp_bin, tmp_idx = final + ".bin.tmp", final + ".idx.tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=np.uint16)
+    docs = tokens = 0
+    for flat, lengths in pool.imap(_encode_docs, jobs):
+        off = 0
+        for n in lengths.tolist():
+            builder.add_document(flat[off:off + n], [n])
+            off += n
+        docs += len(lengths)
+        tokens += int(lengths.sum())
+    builder.finalize(tmp_idx)
+    os.replace(tmp_bin, final + ".bin")
+    os.replace(tmp_idx, final + ".idx")
+    info = {"documents": docs, "tokens": tokens}
+    Path(final + ".json").write_text(json.dumps(info) + "\n")
+    return info
+
+
+def _ruler_job(job):
+    from transformers import AutoTokenizer
+
+    from eval.ruler.generate import write_task_file
+
+    task, length, n, out, split = job
+    tok = AutoTokenizer.from_pretrained(str(REPO / TOKENIZER))
+    return str(write_task_file(task, length, n, tok, out, split=split, skip_existing=True))
+
+
+def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
+    import multiprocessing as mp
+
+    from eval.ruler.tasks import resolve_tasks
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    chunk = 50
+    plan = {
+        "retrieval": [("retrieval", s, min(chunk, size["retrieval_docs"] - s)) for s in range(0, size["retrieval_docs"], chunk)],
+        "synthetic": [("synthetic", s, min(chunk, size["synthetic_docs"] - s)) for s in range(0, size["synthetic_docs"], chunk)],
+        "essays": [("essays", s, 10) for s in range(0, 60, 10)],
+    }
+    ctx = mp.get_context("fork")
+    args = {"seed": 0, "retrieval_chars": size["retrieval_chars"]}
+    todo = [k for k in plan if not (data / f"{k}_text_document.idx").is_file()]
+    if todo:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(args,)) as pool:
+            for k in todo:
+                t = time.time()
+                info = write_indexed(data / k, plan[k], pool)
+                log(f"prep: {k}: {info['documents']} documents, {info['tokens'] / 1e6:.2f}M tokens in {time.time() - t:.0f} s")
+    tasks = [t.name for t in resolve_tasks(size["tasks"])]
+    L = size["length"]
+    jobs = [(t, L, size["sft_pairs_per_task"], str(work / "ruler"), "train") for t in tasks]
+    jobs += [(t, L, size["test_samples"], str(work / "ruler"), "test") for t in tasks]
+    t = time.time()
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        for path in pool.imap_unordered(_ruler_job, jobs):
+            pass
+    log(f"prep: RULER train ({size['sft_pairs_per_task']}/task) and test ({size['test_samples']}/task) splits "
+        f"at {L} in {time.time() - t:.0f} s")
+    if not (data / "sft_sft.tokens.npy").is_file():
+        from ratplus_megatron.data.sft import build_sft_dataset
+
+        s = build_sft_dataset(str(work / "ruler" / "train" / str(L)), str(REPO / TOKENIZER), str(data / "sft"), L)
+        log(f"prep: SFT: {s['pairs']} pairs ({s['dropped_too_long']} too long), answers {s['answer_tokens_mean']:.1f} "
+            f"tokens on average (max {s['answer_tokens_max']})")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def latest(run: Path) -> int:
+    try:
+        return int((run / "latest_checkpointed_iteration.txt").read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def recipe(kind: str) -> str:
+    return str(HERE / f"{kind}.yaml")
+
+
+def total_iters(kind: str, overrides: list[str]) -> int:
+    from ratplus_megatron.train.config import load_config
+
+    return load_config(recipe(kind), overrides).total_iters()
+
+
+def pretrain_overrides(size: dict, work: Path, kind: str) -> list[str]:
+    d = work / "data"
+    prefixes = ",".join(str(d / f"{k}_text_document") for k in ("retrieval", "synthetic", "essays"))
+    weights = ",".join(str(w) for w in size["blend"])
+    return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
+            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}"] + list(size["overrides"])
+
+
+def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
+    """Train both kinds (concurrently when there are 2 GPUs). True when both reached their last iteration."""
+    gpus = cuda_count()
+    jobs = []
+    for i, kind in enumerate(KINDS):
+        if phase == "pretrain":
+            ov = pretrain_overrides(size, work, kind)
+        else:
+            ov = list(size["overrides"]) + sft_overrides(size, work, kind)
+        run = work / "runs" / f"{kind}-{phase}"
+        if latest(run) >= total_iters(kind, ov):
+            log(f"{phase}: {kind} already done ({latest(run)} iterations)")
+            continue
+        gpu = (i % gpus) if gpus else None
+        jobs.append((kind, run, ov, gpu))
+    concurrent = gpus >= 2
+    pending = list(jobs)
+    running: list = []
+    while pending or running:
+        while pending and (concurrent or not running):
+            kind, run, ov, gpu = pending.pop(0)
+            run.mkdir(parents=True, exist_ok=True)
+            out = open(run / f"{phase}.log", "a")
+            cmd = [sys.executable, "-m", "ratplus_megatron.train", "--config", recipe(kind), *ov]
+            log(f"{phase}: {kind} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'} (log {run / (phase + '.log')})")
+            running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env_for(gpu), stdout=out, stderr=subprocess.STDOUT),
+                            out, run))
+        time.sleep(1)
+        for item in list(running):
+            kind, proc, out, run = item
+            if proc.poll() is not None:
+                running.remove(item)
+                out.close()
+                if proc.returncode != 0:
+                    tail = (run / f"{phase}.log").read_text()[-3000:]
+                    raise SystemExit(f"{phase}: {kind} failed (exit {proc.returncode}); log tail:\n{tail}")
+                log(f"{phase}: {kind} stopped at iteration {latest(run)}")
+        if clock.left() < 45 and running:
+            log(f"{phase}: deadline: asking the trainers to checkpoint and stop (SIGTERM)")
+            for _, proc, _, _ in running:
+                proc.send_signal(signal.SIGTERM)
+            for kind, proc, out, run in running:
+                proc.wait()
+                out.close()
+                log(f"{phase}: {kind} saved at iteration {latest(run)}")
+            return False
+    return all(latest(work / "runs" / f"{k}-{phase}") >= total_iters(
+        k, pretrain_overrides(size, work, k) if phase == "pretrain" else list(size["overrides"]) + sft_overrides(size, work, k))
+        for k in KINDS)
+
+
+def stage_convert(work: Path, size: dict, clock: Clock) -> bool:
+    for kind in KINDS:
+        out = work / "hf" / kind
+        if (out / "config.json").is_file():
+            continue
+        cmd = [sys.executable, "-m", "ratplus_megatron.convert", "mcore-to-hf", "--ckpt-dir",
+               str(work / "runs" / f"{kind}-sft"), "--out-dir", str(out), "--tokenizer", str(REPO / TOKENIZER)]
+        subprocess.run(cmd, cwd=REPO, env=env_for(None if not cuda_count() else 0), check=True)
+        log(f"convert: {kind} -> {out}")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str]]:
+    from eval.ruler.tasks import resolve_tasks
+
+    tasks = [t.name for t in resolve_tasks(size["tasks"])]
+    combos = [("attention", "plain"), ("memory", "mem"), ("memory", "plain")]
+    return [(m, s, t) for m, s in combos for t in tasks]
+
+
+def n_specs(size: dict) -> int:
+    methods = size["methods"].split(",")
+    return sum(1 if m == "dense" else len(size["budgets"].split(",")) for m in methods)
+
+
+def job_dir(work: Path, job) -> Path:
+    model, source, task = job
+    return work / "niah" / f"{model}-{source}-{task}"
+
+
+def job_done(work: Path, size: dict, job) -> bool:
+    from eval.report import read_jsonl
+
+    files = glob.glob(str(job_dir(work, job) / "pred" / str(size["length"]) / "*" / f"{job[2]}.jsonl"))
+    return len(files) == n_specs(size) and all(len(read_jsonl(f)) >= size["test_samples"] for f in files)
+
+
+def stage_eval(work: Path, size: dict, clock: Clock, procs_per_gpu: int) -> bool:
+    L = size["length"]
+    jobs = [j for j in eval_jobs(work, size) if not job_done(work, size, j)]
+    gpus = cuda_count()
+    slots = [g for g in range(gpus) for _ in range(procs_per_gpu)] if gpus else [None]
+    free = list(slots)
+    running = []
+    log(f"eval: {len(jobs)} (model, K/V source, task) jobs to run on {len(slots)} worker slot(s)")
+    while jobs or running:
+        while jobs and free and clock.left() > 90:
+            job = jobs.pop(0)
+            slot = free.pop(0)
+            d = job_dir(work, job)
+            data = d / "data" / str(L)
+            data.mkdir(parents=True, exist_ok=True)
+            src = work / "ruler" / "data" / str(L) / f"{job[2]}.jsonl"
+            if not (data / src.name).is_file():
+                shutil.copyfile(src, data / src.name)
+            cmd = [sys.executable, "eval/niah.py", "--model", str(work / "hf" / job[0]), "--tasks", job[2],
+                   "--lengths", str(L), "--methods", size["methods"], "--budgets", size["budgets"],
+                   "--samples", str(size["test_samples"]), "--kv-source", job[1], "--out", str(d),
+                   "--batch-size", str(size["eval_batch"]), "--max-new-tokens", str(size["max_new_tokens"]),
+                   "--moba-block", str(size["moba_block"]), "--dtype", size["dtype"]]
+            if slot is None:
+                cmd += ["--device", "cpu"]
+            out = open(d / "niah.log", "a")
+            running.append((job, slot, subprocess.Popen(cmd, cwd=REPO, env=env_for(slot), stdout=out,
+                                                         stderr=subprocess.STDOUT), out))
+        time.sleep(1)
+        for item in list(running):
+            job, slot, proc, out = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            out.close()
+            free.append(slot)
+            if proc.returncode != 0:
+                tail = (job_dir(work, job) / "niah.log").read_text()[-2000:]
+                raise SystemExit(f"eval: {'/'.join(job)} failed (exit {proc.returncode}); log tail:\n{tail}")
+            log(f"eval: {'/'.join(job)} done")
+        if clock.left() < 30 and running:
+            log("eval: deadline: stopping the workers (finished samples are kept)")
+            for _, _, proc, _ in running:
+                proc.terminate()
+            for _, _, proc, out in running:
+                proc.wait()
+                out.close()
+            return False
+        if jobs and not running and clock.left() <= 90:
+            return False
+    return all(job_done(work, size, j) for j in eval_jobs(work, size))
+
+
+# ---------------------------------------------------------------------------------------------- collect
+
+def _train_numbers(run: Path) -> dict:
+    recs = []
+    try:
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except OSError:
+        pass
+    train = [r for r in recs if r.get("kind") == "train"]
+    if not train:
+        return {}
+    last = train[-1]
+    tps = [r["tokens_per_s"] for r in train[1:]] or [train[0]["tokens_per_s"]]
+    return {"iterations": last["iteration"], "final_loss": last["loss"], "first_logged_loss": train[0]["loss"],
+            "tokens_per_s_median": sorted(tps)[len(tps) // 2], "memory_gib": last.get("memory_gib"),
+            "train_seconds": sum(r["seconds"] for r in train)}
+
+
+def stage_collect(work: Path, size: dict, results: Path) -> bool:
+    from eval.report import write_reports
+
+    outs = [job_dir(work, j) for j in eval_jobs(work, size)]
+    labels = [j[0] for j in eval_jobs(work, size)]
+    present = [(o, lab) for o, lab in zip(outs, labels) if o.is_dir()]
+    report = work / "report"
+    summary = write_reports([o for o, _ in present], [lab for _, lab in present], dest=report,
+                            extra={"issue": 9, "length": size["length"], "samples": size["test_samples"]})
+    results.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "summary.md", "accuracy_vs_budget.png"):
+        if (report / name).is_file():
+            shutil.copyfile(report / name, results / name)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import torch
+
+        versions = {"torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    except Exception:  # noqa: BLE001
+        versions = {}
+    info = {"commit": os.environ.get("COMMIT", commit), **versions, "size": size,
+            "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k in KINDS
+                         for p in ("pretrain", "sft")},
+            "data": {k: json.loads((work / "data" / f"{k}_text_document.json").read_text())
+                     for k in ("retrieval", "synthetic", "essays")
+                     if (work / "data" / f"{k}_text_document.json").is_file()},
+            "sft_data": json.loads((work / "data" / "sft_sft.json").read_text())
+            if (work / "data" / "sft_sft.json").is_file() else None}
+    (results / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"collect: {len(summary['runs'])} table rows -> {results}")
+    return True
+
+
+def replot(results: Path) -> None:
+    """accuracy_vs_budget.png from a summary.json (e.g. on a machine with matplotlib, after the GPU run)."""
+    from eval.report import plot
+
+    runs = json.loads((results / "summary.json").read_text())["runs"]
+    plot(runs, results / "accuracy_vs_budget.png")
+    log(f"plot: {results / 'accuracy_vs_budget.png'}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/replication/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("stages", help="comma-separated: " + ", ".join(STAGES) + ", all, or replot")
+    p.add_argument("--work", default=os.environ.get("REPLICATION_WORK", "/tmp/replication"),
+                   help="working folder (data, checkpoints, HF exports, predictions); default /tmp/replication")
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--deadline", type=float, default=None, help="seconds this call may use (e.g. 560)")
+    p.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+                   help="CPU processes for prep")
+    p.add_argument("--procs-per-gpu", type=int, default=4, help="eval worker processes per GPU")
+    p.add_argument("--results", default=str(REPO / "bench" / "results" / "replication"))
+    a = p.parse_args(argv)
+    names = [s.strip() for s in a.stages.split(",") if s.strip()]
+    if names == ["all"]:
+        names = list(STAGES)
+    if names == ["replot"]:
+        replot(Path(a.results))
+        return 0
+    bad = [s for s in names if s not in STAGES]
+    if bad or not names:
+        print(f"error: unknown stage(s) {', '.join(bad) or '(none)'}; known: {', '.join(STAGES)}, all, replot",
+              file=sys.stderr)
+        return 2
+    work = Path(a.work).resolve()
+    size = SIZES[a.size]
+    clock = Clock(a.deadline)
+    os.chdir(REPO)
+    for stage in names:
+        t = time.time()
+        if stage == "prep":
+            ok = stage_prep(work, size, clock, a.workers)
+        elif stage in ("pretrain", "sft"):
+            ok = run_trainers(work, size, clock, stage)
+        elif stage == "convert":
+            ok = stage_convert(work, size, clock)
+        elif stage == "eval":
+            ok = stage_eval(work, size, clock, a.procs_per_gpu)
+        else:
+            ok = stage_collect(work, size, Path(a.results))
+        log(f"stage {stage}: {'done' if ok else 'NOT finished (call again)'} in {time.time() - t:.0f} s")
+        if not ok:
+            return NOT_FINISHED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
