@@ -781,6 +781,17 @@ def sweep_main(args):
                 tbench(fla_fb, grad_to_none=[xr, lgr]), 15)
             log(f"fla chunk_hgrn fwd+bwd {res['rows'][-1]['ms']:.4f} ms")
         save()
+        # fp32 + initial state + packed sequences through the float64 loop, best config each
+        for c in finals:
+            for cu in (None, [0, 100, 100, 357, 358, 900]):
+                try:
+                    e = check_variant(c, torch.float32, B=1 if cu else 2, T=900 if cu else 777,
+                                      cu=cu)
+                except Exception as ex:  # noqa: BLE001
+                    e = float("nan")
+                    res["notes"].append(f"fp32 check {wname(c)}: {str(ex)[:200]}")
+                res["checks"][f"{wname(c)}/float32+h0{'+varlen' if cu else ''} vs loop"] = e
+                log(f"check {wname(c)} fp32+h0{'+varlen' if cu else ''}: {e:.1e}")
         if left() > 45 and not args.no_assoc:
             try:
                 prepared, _ = assoc_scan_fns()
@@ -796,17 +807,6 @@ def sweep_main(args):
         else:
             res["notes"].append("torch associative_scan skipped (budget or --no-assoc); "
                                 "run 1/3 measured 0.248 ms at B=1 T=4096")
-        # fp32 + initial state + packed sequences through the float64 loop, best config each
-        for c in finals:
-            for cu in (None, [0, 100, 100, 357, 358, 900]):
-                try:
-                    e = check_variant(c, torch.float32, B=1 if cu else 2, T=900 if cu else 777,
-                                      cu=cu)
-                except Exception as ex:  # noqa: BLE001
-                    e = float("nan")
-                    res["notes"].append(f"fp32 check {wname(c)}: {str(ex)[:200]}")
-                res["checks"][f"{wname(c)}/float32+h0{'+varlen' if cu else ''} vs loop"] = e
-                log(f"check {wname(c)} fp32+h0{'+varlen' if cu else ''}: {e:.1e}")
     res["elapsed_s"] = time.time() - T0
     save()
     for kk, b in res["best"].items():
