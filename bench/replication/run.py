@@ -47,7 +47,7 @@ NOT_FINISHED = 3
 # Sizes. "full" is the GPU recipe (estimates in README.md); "toy" is the CPU smoke test.
 SIZES = {
     "full": dict(
-        length=4096, retrieval_docs=10000, synthetic_docs=3000, retrieval_chars=7500,
+        length=4096, retrieval_docs=8000, synthetic_docs=3000, retrieval_chars=7500,
         blend=(0.8, 0.15, 0.05), sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=10,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds this call may use (e.g. 560)")
     p.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                    help="CPU processes for prep")
-    p.add_argument("--procs-per-gpu", type=int, default=4, help="eval worker processes per GPU")
+    p.add_argument("--procs-per-gpu", type=int, default=6, help="eval worker processes per GPU")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "replication"))
     a = p.parse_args(argv)
     names = [s.strip() for s in a.stages.split(",") if s.strip()]
