@@ -5,6 +5,10 @@ vocab 100352), seq 4096, bf16, TP=1, megatron-core with our layer spec (TE modul
 installed, otherwise local linears + torch SDPA). Same run, same inputs, both models.
 
     python bench/model_step.py --layers 4 --seq 4096 --out bench/results/model_step.json
+    python bench/model_step.py --use-te true --fp8 tensorwise --profile --out bench/results/model_step_te_fp8.json
+
+--profile adds a CUDA kernel-time breakdown per model (GEMM, attention, norms, the scan, FP8
+casts, elementwise...) from torch.profiler over a few steps: where the step time goes.
 """
 from __future__ import annotations
 
@@ -59,6 +63,45 @@ def model_flops_per_step(cfg, batch: int, seq: int) -> float:
     return 3 * per_token * batch * seq
 
 
+# kernel-name substrings -> category, first match wins (cuBLAS/cutlass/TE names on Hopper)
+CATEGORIES = [
+    ("nccl", ("nccl",)),
+    ("fp8 cast/amax", ("cast", "quantize", "amax", "fp8", "transpose_optimized")),
+    ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa", "softmax")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "matmul", "wgmma")),
+    ("memory scan", ("_fwd_kernel", "_bwd_kernel", "_decode", "scan")),
+    ("norm", ("norm", "rms")),
+    ("rope", ("rope", "rotary")),
+    ("optimizer/elementwise", ("elementwise", "vectorized", "reduce", "copy", "fill", "mul", "add", "cat")),
+]
+
+
+def kernel_breakdown(step, iters: int = 3) -> dict:
+    """CUDA time per kernel category and the top kernels over `iters` profiled steps (ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0 and evt.key:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + t / 1e3 / iters
+    cats = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return {"ms_per_step_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "total_kernel_ms_per_step": sum(kernels.values()),
+            "top_kernels_ms_per_step": [{"kernel": k[:160], "ms": v} for k, v in top]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -66,6 +109,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--use-te", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--fp8", default=None, choices=["delayed", "tensorwise", "blockwise"],
+                    help="FP8 recipe (hybrid format; needs Transformer Engine)")
+    ap.add_argument("--profile", action="store_true", help="add a kernel-time breakdown per model")
     ap.add_argument("--out", default="bench/results/model_step.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -84,7 +131,9 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for memory in (False, True):
         cfg = preset("olmo2-7b", num_layers=args.layers, memory=MemoryConfig(enabled=memory))
-        model = build_model(cfg, to_transformer_config(cfg, PrecisionConfig(bf16=True))).cuda()
+        use_te = HAVE_TE if args.use_te == "auto" else args.use_te == "true"
+        precision = PrecisionConfig(bf16=True, fp8="hybrid" if args.fp8 else None, fp8_recipe=args.fp8 or "delayed")
+        model = build_model(cfg, to_transformer_config(cfg, precision), use_te=use_te).cuda()
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
         pos = torch.arange(args.seq, device="cuda")[None].expand_as(ids)
         labels = torch.roll(ids, -1, dims=1)
@@ -106,7 +155,8 @@ def main() -> None:
         flops = model_flops_per_step(cfg, args.batch, args.seq)
         rows.append({
             "memory": memory, "layers": args.layers, "seq": args.seq, "batch": args.batch,
-            "dtype": "bf16", "te": HAVE_TE, "core_attention": "TEDotProductAttention" if HAVE_TE else "torch SDPA",
+            "dtype": "bf16", "fp8": args.fp8, "te": use_te,
+            "core_attention": "TEDotProductAttention" if use_te else "torch SDPA",
             "first_loss": loss, "step_ms_median": med, "step_ms_all": step_ms,
             "forward_ms_median": statistics.median(fwd_ms),
             "tokens_per_s": args.batch * args.seq / (med / 1e3),
@@ -114,6 +164,8 @@ def main() -> None:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
             "params": sum(p.numel() for p in model.parameters()),
         })
+        if args.profile:
+            rows[-1]["profile"] = kernel_breakdown(step, iters=3)
         del model
         torch.cuda.empty_cache()
 
@@ -147,6 +199,10 @@ def main() -> None:
         print(f"{str(r['memory']):>7} {r['step_ms_median']:9.1f} {r['forward_ms_median']:8.1f} "
               f"{r['tokens_per_s']:9.0f} {r['model_tflops_per_s']:8.1f} {r['peak_memory_gib']:9.1f}")
     print(f"memory overhead {result['memory_overhead_pct']:.1f} %; scan fwd+bwd per layer {scan_ms:.3f} ms")
+    for r in rows:
+        if "profile" in r:
+            cats = ", ".join(f"{c} {ms:.1f}" for c, ms in r["profile"]["ms_per_step_by_category"].items())
+            print(f"memory={r['memory']}: kernel ms per step: {cats}")
 
 
 if __name__ == "__main__":
