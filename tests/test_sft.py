@@ -4,7 +4,8 @@ Covers: the loss mask is exactly the answer tokens + EOS (prompt and padding mas
 errors; the trainer's first SFT loss after `checkpoint.init_from` a pretraining run equals a
 hand-computed masked cross-entropy of the pretrained weights (through the HF export), so the
 fine-tune starts from the checkpoint with a fresh iteration counter; a stopped SFT run resumes
-to the same per-step losses as an uninterrupted one.
+to the same per-step losses as an uninterrupted one; TP=2 and DP=2 (torchrun) start at the
+single-process loss.
 """
 import json
 import os
@@ -111,31 +112,45 @@ def _losses(path):
     return out
 
 
+COMMON = ["train.log_interval=1", "train.eval_interval=0", "wandb.mode=disabled", "model.max_position_embeddings=512",
+          f"data.seq_length={LENGTH}", "batch.global_batch_size=4", "batch.micro_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A short pretraining run (memory model) on synthetic text: the fine-tunes' init_from."""
+    from ratplus_megatron.data.synthetic_corpus import write_corpus
+
+    tmp_path = tmp_path_factory.mktemp("pre")
+    write_corpus(str(tmp_path / "corpus.jsonl"), 40, seed=5)
+    proc = _run(["data_prep/tokenize.py", "--input", str(tmp_path / "corpus.jsonl"), "--tokenizer", TOK,
+                 "--output-prefix", str(tmp_path / "tok" / "corpus"), "--workers", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pre = tmp_path / "pre"
+    proc = _run(["-m", "ratplus_megatron.train", "--config", RECIPE, *COMMON, "train.train_iters=6",
+                 "schedule.warmup_iters=1", f"data.prefixes=[{tmp_path / 'tok' / 'corpus_text_document'}]",
+                 f"checkpoint.save={pre}"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return pre
+
+
+def _sft_args(sft_data, pre):
+    return COMMON + ["data.sft=true", f"data.prefixes=[{sft_data['prefix']}]", "data.split=100,0,0",
+                     f"checkpoint.init_from={pre}", "train.train_iters=4", "optimizer.lr=1e-3",
+                     "schedule.warmup_iters=1", "optimizer.weight_decay=0.0"]
+
+
 @pytest.mark.slow
-def test_finetune_from_checkpoint_loss_and_resume(sft_data, tmp_path):
+def test_finetune_from_checkpoint_loss_and_resume(sft_data, pretrained, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     import ratplus_megatron.hf  # noqa: F401
     from ratplus_megatron.data.sft import SFTDataset
-    from ratplus_megatron.data.synthetic_corpus import write_corpus
 
-    # 1. a short pretraining run (memory model) on synthetic text
-    write_corpus(str(tmp_path / "corpus.jsonl"), 40, seed=5)
-    proc = _run(["data_prep/tokenize.py", "--input", str(tmp_path / "corpus.jsonl"), "--tokenizer", TOK,
-                 "--output-prefix", str(tmp_path / "tok" / "corpus"), "--workers", "1"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    common = ["train.log_interval=1", "train.eval_interval=0", "wandb.mode=disabled", "model.max_position_embeddings=512",
-              f"data.seq_length={LENGTH}", "batch.global_batch_size=4", "batch.micro_batch_size=2"]
-    pre = tmp_path / "pre"
-    proc = _run(["-m", "ratplus_megatron.train", "--config", RECIPE, *common, "train.train_iters=6", "schedule.warmup_iters=1",
-                 f"data.prefixes=[{tmp_path / 'tok' / 'corpus_text_document'}]", f"checkpoint.save={pre}"])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-
+    pre = pretrained
     # 2. SFT from it; 3. the same SFT stopped at step 2 and resumed
-    sft = common + ["data.sft=true", f"data.prefixes=[{sft_data['prefix']}]", "data.split=100,0,0",
-                    f"checkpoint.init_from={pre}", "train.train_iters=4", "optimizer.lr=1e-3",
-                    "schedule.warmup_iters=1", "optimizer.weight_decay=0.0"]
+    sft = _sft_args(sft_data, pre)
     full, part = tmp_path / "sft_full", tmp_path / "sft_part"
     proc = _run(["-m", "ratplus_megatron.train", "--config", RECIPE, *sft, f"checkpoint.save={full}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -172,3 +187,19 @@ def test_finetune_from_checkpoint_loss_and_resume(sft_data, tmp_path):
     lm = [torch.stack([ds[2 * m + j]["loss_mask"] for j in range(2)]).sum().item() for m in range(2)]
     hand = sum(l * n for l, n in zip(micro, lm)) / sum(lm)
     assert abs(ref[1] - hand) < 2e-4, (ref[1], hand, micro)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 1])
+def test_sft_two_ranks_same_first_loss(sft_data, pretrained, tmp_path, tp):
+    """TP=2 and DP=2 (torchrun, gloo) fine-tunes start at the single-process run's loss."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = _sft_args(sft_data, pretrained) + ["train.train_iters=2", f"parallel.tp={tp}"]
+    proc = _run(["-m", "ratplus_megatron.train", "--config", RECIPE, *args[:-1], f"checkpoint.save={one}"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratplus_megatron.train",
+                 "--config", RECIPE, *args, f"checkpoint.save={two}"], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"tp {tp} x pp 1 x dp {2 // tp}" in proc.stdout
+    a, b = _losses(one / "metrics.jsonl"), _losses(two / "metrics.jsonl")
+    assert abs(a[1] - b[1]) < 1e-4, (a, b)
