@@ -1159,23 +1159,34 @@ def _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, ook, oov, szt, skt, svt, sokt
 
 
 @triton.jit
-def _wide_offsets(b, hh, d, sb, sh, sd):
-    return b.to(tl.int64) * sb + hh.to(tl.int64) * sh + d.to(tl.int64) * sd
+def _wide_offsets(hh, d, sh, sd, OFF64: tl.constexpr):
+    """Per-lane offset inside one (batch, step) row; int32 (half the registers) unless the
+    launcher saw a row span of 2**31 elements or more. The batch and step offsets are int64,
+    added to the scalar base pointers."""
+    if OFF64:
+        return hh.to(tl.int64) * sh + d.to(tl.int64) * sd
+    else:
+        return hh * sh + d * sd
 
 
 @triton.jit
 def _wide_agg_kernel(z, k, v, h0k, h0v, cu, seq_idx, ws, T, H, D, NDB, NHG, NCHB, NC,
                      szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                      BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
-                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr,
+                     OFF64: tl.constexpr):
     """Launch 1 of ``chunk``: grid (channel blocks, NC - 1); ws[3, NC, NCHB, L] gets aggregates."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     L: tl.constexpr = BH * BD
     b, hh, d, lm, lane = _wide_lanes(j, H, D, NDB, NHG, BH, BD)
-    ga, gk, gv = _wide_chunk_agg(z, k, v, _wide_offsets(b, hh, d, szb, szh, szd),
-                                 _wide_offsets(b, hh, d, skb, skh, skd),
-                                 _wide_offsets(b, hh, d, svb, svh, svd), szt, skt, svt, h0k, h0v,
+    b64 = b.to(tl.int64)
+    z = z + b64 * szb
+    k = k + b64 * skb
+    v = v + b64 * svb
+    ga, gk, gv = _wide_chunk_agg(z, k, v, _wide_offsets(hh, d, szh, szd, OFF64),
+                                 _wide_offsets(hh, d, skh, skd, OFF64),
+                                 _wide_offsets(hh, d, svh, svd, OFF64), szt, skt, svt, h0k, h0v,
                                  cu, seq_idx, c, b, hh, H, T, D, d, lm, L, BT, NSUB, HAS_H0,
                                  VARLEN, PREFETCH)
     plane = NC.to(tl.int64) * NCHB * L
@@ -1219,21 +1230,28 @@ def _wide_out_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws, T, H,
                      NCHB, NC, szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                      sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                      BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
-                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr,
+                     OFF64: tl.constexpr):
     """Launch 3 of ``chunk``: grid (channel blocks, NC); chunk c starts from chunk c-1's state."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     L: tl.constexpr = BH * BD
     b, hh, d, lm, lane = _wide_lanes(j, H, D, NDB, NHG, BH, BD)
+    b64 = b.to(tl.int64)
+    z = z + b64 * szb
+    k = k + b64 * skb
+    v = v + b64 * svb
+    ok = ok + b64 * sokb
+    ov = ov + b64 * sovb
     plane = NC.to(tl.int64) * NCHB * L
     o = ((c - 1).to(tl.int64) * NCHB + j) * L + lane
     cm = (lane < L) & (c > 0)
     hk = tl.load(ws + plane + o, mask=cm, other=0.)
     hv = tl.load(ws + 2 * plane + o, mask=cm, other=0.)
-    _wide_chunk_out(z, k, v, ok, ov, _wide_offsets(b, hh, d, szb, szh, szd),
-                    _wide_offsets(b, hh, d, skb, skh, skd), _wide_offsets(b, hh, d, svb, svh, svd),
-                    _wide_offsets(b, hh, d, sokb, sokh, sokd),
-                    _wide_offsets(b, hh, d, sovb, sovh, sovd), szt, skt, svt, sokt, sovt,
+    _wide_chunk_out(z, k, v, ok, ov, _wide_offsets(hh, d, szh, szd, OFF64),
+                    _wide_offsets(hh, d, skh, skd, OFF64), _wide_offsets(hh, d, svh, svd, OFF64),
+                    _wide_offsets(hh, d, sokh, sokd, OFF64),
+                    _wide_offsets(hh, d, sovh, sovd, OFF64), szt, skt, svt, sokt, sovt,
                     h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT, NSUB,
                     HAS_H0, VARLEN, PREFETCH)
 
@@ -1245,16 +1263,22 @@ def _wide_lb_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NSUB: tl.constexpr,
                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr,
-                    LBW: tl.constexpr, PUBLISH_INC: tl.constexpr):
+                    LBW: tl.constexpr, PUBLISH_INC: tl.constexpr, OFF64: tl.constexpr):
     """``chunklb``: one program per (chunk, channel block), chained by decoupled look-back."""
     L: tl.constexpr = BH * BD
     tid = tl.atomic_add(flags + NC * NCHB * L, 1)  # ticket counter after the per-lane flags
     c = tid // NCHB
     j = tid % NCHB
     b, hh, d, lm, lane = _wide_lanes(j, H, D, NDB, NHG, BH, BD)
-    oz = _wide_offsets(b, hh, d, szb, szh, szd)
-    okx = _wide_offsets(b, hh, d, skb, skh, skd)
-    ovx = _wide_offsets(b, hh, d, svb, svh, svd)
+    b64 = b.to(tl.int64)
+    z = z + b64 * szb
+    k = k + b64 * skb
+    v = v + b64 * svb
+    ok = ok + b64 * sokb
+    ov = ov + b64 * sovb
+    oz = _wide_offsets(hh, d, szh, szd, OFF64)
+    okx = _wide_offsets(hh, d, skh, skd, OFF64)
+    ovx = _wide_offsets(hh, d, svh, svd, OFF64)
     ps = tid.to(tl.int64) * L + lane
     hk = tl.zeros([L], tl.float32)
     hv = tl.zeros([L], tl.float32)
@@ -1280,8 +1304,8 @@ def _wide_lb_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, flags, ws_
             hk, hv = _lookback_window(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c, LBW)
         else:
             hk, hv = _lookback(flags, ws_agg, ws_inc, tid, NCHB, lane, L, c)
-    _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, _wide_offsets(b, hh, d, sokb, sokh, sokd),
-                    _wide_offsets(b, hh, d, sovb, sovh, sovd), szt, skt, svt, sokt, sovt,
+    _wide_chunk_out(z, k, v, ok, ov, oz, okx, ovx, _wide_offsets(hh, d, sokh, sokd, OFF64),
+                    _wide_offsets(hh, d, sovh, sovd, OFF64), szt, skt, svt, sokt, sovt,
                     h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, BT, NSUB,
                     HAS_H0, VARLEN, PREFETCH)
 
@@ -1316,8 +1340,11 @@ def _wide_fwd(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, has_h0, varlen, 
     warps = cfg.get("num_warps") or max(1, min(4, L // 256))
     strides = (*_strides4(z), *_strides4(k), *_strides4(v))
     ostrides = (*_strides4(ok), *_strides4(ov))
+    span = max((NHG * BH - 1) * x.stride(2) + (NDB * BD - 1) * x.stride(3)
+               for x in (z, k, v, ok, ov))  # padded lanes included
     meta = dict(BT=BT, BD=BD, BH=BH, NSUB=NSUB, HAS_H0=has_h0, VARLEN=varlen,
-                PREFETCH=bool(cfg.get("prefetch", True)), num_warps=warps)
+                PREFETCH=bool(cfg.get("prefetch", True)), OFF64=span >= 2**31,
+                num_warps=warps)
     if cfg.get("num_stages"):
         meta["num_stages"] = cfg["num_stages"]
     if kernel == "chunklb" and NC > 1:
