@@ -55,3 +55,27 @@ def test_driver_toy_end_to_end(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("already done") == 4 and "0 (model, K/V source, task) jobs" in proc.stdout
+
+
+def test_retrieval_documents_are_seeded_and_answered():
+    """Each planted fact that is asked about is answered with its value, later in the same document."""
+    import re
+
+    from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
+
+    gen = RetrievalDocs(seed=3, target_chars=3000, filler_sentences=["A prose sentence about work.", "Another one."])
+    again = RetrievalDocs(seed=3, target_chars=3000, filler_sentences=["A prose sentence about work.", "Another one."])
+    assert gen.document(5) == again.document(5) and gen.document(5) != gen.document(6)
+    assert RetrievalDocs(seed=4, target_chars=3000).document(5) != gen.document(5)
+    styles = set()
+    for i in range(60):
+        doc = gen.document(i)
+        assert 800 < len(doc) < 6000
+        last = doc.rstrip().split("\n")[-1]
+        # the answer's values all occur earlier in the document, before the final question
+        head = doc[: doc.rindex(last)]
+        values = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b", last)
+        for v in values:
+            assert v in head, (i, v, last)
+        styles.add("noise" if "Keep reading" in doc or "On we go" in doc or "We walk on" in doc else "other")
+    assert styles == {"noise", "other"}

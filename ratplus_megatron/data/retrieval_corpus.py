@@ -105,7 +105,7 @@ class RetrievalDocs:
             return f"item {rng.randint(100, 99999)}"
         if style == "number":
             return str(rng.randint(10**5, 10**8))
-        return rng.choice(self.words).capitalize()
+        return rng.choice(self.words).capitalize()  # a capitalised single word (spelled the same everywhere)
 
     def _value(self, rng: random.Random, style: str) -> str:
         if style == "number7":
@@ -170,7 +170,7 @@ class RetrievalDocs:
 
         def fact_text(key, value, multi=False):
             t = rng.choice(_MULTI_TEMPLATES) if multi else template
-            return t.format(kind=kind, key=key, Key=key[:1].upper() + key[1:], value=value)
+            return t.format(kind=kind, key=key, Key=key, value=value)  # keys keep their exact spelling
 
         def distractor():
             return fact_text(fresh(self._key, key_style), self._value(rng, value_style))
