@@ -79,3 +79,21 @@ def test_retrieval_documents_are_seeded_and_answered():
             assert v in head, (i, v, last)
         styles.add("noise" if "Keep reading" in doc or "On we go" in doc or "We walk on" in doc else "other")
     assert styles == {"noise", "other"}
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The GPU machine may lack matplotlib: tables are still written (replot later from summary.json)."""
+    import eval.report as report
+
+    pred = tmp_path / "run" / "pred" / "512" / "dense_full_plain"
+    pred.mkdir(parents=True)
+    (pred / "niah_single_1.jsonl").write_text(json.dumps({"index": 0, "pred": " 123", "outputs": ["123"]}) + "\n")
+
+    def no_plot(*a, **k):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "plot", no_plot)
+    summary = report.write_reports([tmp_path / "run"], dest=tmp_path / "out")
+    assert summary["runs"][0]["average"] == 100.0
+    assert (tmp_path / "out" / "summary.md").is_file() and not (tmp_path / "out" / "accuracy_vs_budget.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
