@@ -624,7 +624,8 @@ def sweep_main(args):
     if dry:
         grid = [dict(c, CT=16) for c in grid[:3]] + [dict(c, CT=16) for c in grid
                                                       if c["kernel"] == "chunklb"][:2]
-    workers = 0 if dry else max(1, min(12, (os.cpu_count() or 2) - 2))
+    workers = int(os.environ.get("SCAN_SWEEP_WORKERS",
+                                 0 if dry else max(1, min(12, (os.cpu_count() or 2) - 2))))
     res["notes"].append("precompile A: " + precompile(grid, shapes_a[:1], dry, workers,
                                                       min(90.0, max(10.0, left() - 80))))
     log("precompiled stage A:", res["notes"][-1])
