@@ -63,10 +63,12 @@ class _TorchOnCpu:
         return getattr(torch, name)
 
 
-# Modules that allocate on torch.cuda.current_device(): the checkpoint save's failure flag, and
-# the TP gather/scatter buffers. Inside them `torch` is swapped for _TorchOnCpu.
+# Modules that allocate on torch.cuda.current_device(): the checkpoint save's failure flag, the TP
+# gather/scatter buffers, and the sequence-parallel all-gather in the linear layers' backward.
+# Inside them `torch` is swapped for _TorchOnCpu.
 _CURRENT_DEVICE_MODULES = ("megatron.core.dist_checkpointing.strategies.state_dict_saver",
-                           "megatron.core.tensor_parallel.mappings")
+                           "megatron.core.tensor_parallel.mappings",
+                           "megatron.core.tensor_parallel.layers")
 
 
 def _redirect_current_device() -> None:

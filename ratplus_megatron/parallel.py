@@ -80,3 +80,22 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+class _GradSyncView:
+    """What megatron's gradient finalisation reads from a DDP-wrapped model chunk."""
+
+    def __init__(self, module):
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        self.module, self.ddp_config = module, DistributedDataParallelConfig()
+
+
+def sum_tp_replicated_grads(model, config) -> None:
+    """Sum over TP the gradients megatron treats as replicated but partial per rank (q/k-layernorm
+    weights; norm weights under sequence parallelism), exactly as its finalize_model_grads does on
+    the GPU path. For models without megatron's DDP wrapper: the CPU trainer and the TP tests.
+    """
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+    _allreduce_non_tensor_model_parallel_grads([_GradSyncView(model)], config)

@@ -22,14 +22,17 @@ MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=4
              ffn_hidden_size=96, vocab_size=128, max_position_embeddings=64, rope_theta=10000.0)
 
 
-@pytest.mark.parametrize("memory,tp,pp", [
-    (dict(enabled=False), 2, 1),
-    (dict(enabled=True, gate_bias=True), 2, 1),
-    (dict(enabled=True, output_gate=True), 2, 1),
-    (dict(enabled=True, gate_bias=True), 1, 2),
-], ids=["attention-tp2", "memory-tp2", "memory+output-gate-tp2", "memory-pp2"])
-def test_parallel_matches_tp1_via_checkpoint(tmp_path, memory, tp, pp):
-    model = prepare_case(tmp_path, memory, tp=tp, pp=pp)
+@pytest.mark.parametrize("memory,tp,pp,sp", [
+    (dict(enabled=False), 2, 1, False),
+    (dict(enabled=True, gate_bias=True), 2, 1, False),
+    (dict(enabled=True, output_gate=True), 2, 1, False),
+    (dict(enabled=True, gate_bias=True), 1, 2, False),
+    (dict(enabled=True, gate_bias=True), 2, 1, True),
+], ids=["attention-tp2", "memory-tp2", "memory+output-gate-tp2", "memory-pp2", "memory-tp2-sequence-parallel"])
+def test_parallel_matches_tp1_via_checkpoint(tmp_path, memory, tp, pp, sp):
+    """Gradients after megatron's TP gradient finalisation rule (q/k-norm and, with sequence
+    parallelism, norm weights summed over TP) equal TP=1's."""
+    model = prepare_case(tmp_path, memory, tp=tp, pp=pp, sp=sp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -43,8 +46,10 @@ def test_parallel_matches_tp1_via_checkpoint(tmp_path, memory, tp, pp):
     assert not bad, bad
 
 
-def prepare_case(tmp_path, memory, tp=2, pp=1):
-    """TP=1 model from random weights: its logits, gradients and a dist checkpoint, for the workers."""
+def prepare_case(tmp_path, memory, tp=2, pp=1, sp=False):
+    """TP=1 model from random weights: its logits, gradients and a dist checkpoint, for the workers.
+
+    The sequence is 21 tokens (odd) except under sequence parallelism, which splits it over TP."""
     from megatron.core import dist_checkpointing
 
     case = {"model": MODEL, "memory": memory, "tp": 1}
@@ -52,12 +57,13 @@ def prepare_case(tmp_path, memory, tp=2, pp=1):
     model = build(case)
     model.load_state_dict(dict(hf_to_mcore(random_hf_weights(cfg, seed=5), cfg)), strict=False)
     gen = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=gen)
-    proj = torch.randn(2, 21, cfg.vocab_size, generator=gen, dtype=torch.float64)
+    seq = 22 if sp else 21
+    ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=gen)
+    proj = torch.randn(2, seq, cfg.vocab_size, generator=gen, dtype=torch.float64)
     logits = logits_and_grads(model, ids, proj)
     (tmp_path / "ckpt").mkdir()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"))
     torch.save({"ids": ids, "proj": proj, "logits": logits, "grads": full_gradients(model)},
                tmp_path / "ref.pt")
-    (tmp_path / "case.json").write_text(json.dumps({**case, "tp": tp, "pp": pp}))
+    (tmp_path / "case.json").write_text(json.dumps({**case, "tp": tp, "pp": pp, "sp": sp}))
     return model

@@ -17,7 +17,8 @@ def build(case):
 
     cfg = model_config(case)
     pp = case.get("pp", 1)
-    return build_model(cfg, to_transformer_config(cfg, tp=case["tp"], pp=pp), use_te=False,
+    tconfig = to_transformer_config(cfg, tp=case["tp"], pp=pp, sequence_parallel=case.get("sp", False))
+    return build_model(cfg, tconfig, use_te=False,
                        pre_process=parallel_state.is_pipeline_first_stage(),
                        post_process=parallel_state.is_pipeline_last_stage())
 

@@ -19,7 +19,7 @@ def main(case_dir: Path):
     faulthandler.dump_traceback_later(240, exit=True)  # a hang shows its stack, not a timeout
     case = json.loads((case_dir / "case.json").read_text())
     from megatron.core import dist_checkpointing, parallel_state
-    from ratplus_megatron.parallel import init_parallel
+    from ratplus_megatron.parallel import init_parallel, sum_tp_replicated_grads
 
     init_parallel(tp=case["tp"], pp=case.get("pp", 1))
     model = build(case)
@@ -27,6 +27,7 @@ def main(case_dir: Path):
     model.load_state_dict(state, strict=False)
     ref = torch.load(case_dir / "ref.pt")
     logits = logits_and_grads(model, ref["ids"], ref["proj"])
+    sum_tp_replicated_grads(model, model.config)  # megatron's finalize_model_grads rule, as on GPU
     grads = full_gradients(model)
     result = {"logits_err": (logits - ref["logits"]).abs().max().item(), "grad_err": {}}
     for name, g in grads.items():

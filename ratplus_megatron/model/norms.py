@@ -58,7 +58,12 @@ class FullWidthQKNorm(MegatronModule):
 
     Built where megatron builds ``q_layernorm``/``k_layernorm`` (called with ``hidden_size`` =
     head_dim) and applied to the [s, b, local_heads, head_dim] shard: the sum of squares is
-    all-reduced over the TP group and the weight is sharded by heads like the projection.
+    all-reduced over the TP group.
+
+    The weight ([heads, head_dim]) is replicated on every TP rank and each rank uses its heads'
+    rows. megatron treats q/k-layernorm weights as replicated and sums their gradients over TP
+    (finalize_model_grads); a rank's gradient is non-zero only in its own rows, so that sum is the
+    true gradient. (A head-sharded weight would have its shards' gradients added together.)
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6,
@@ -73,11 +78,9 @@ class FullWidthQKNorm(MegatronModule):
             raise ValueError(f"tensor parallel size {tp} does not divide the {heads} {target} heads")
         self.full_width = heads * hidden_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(heads // tp, hidden_size, dtype=config.params_dtype))
-        # Megatron's TP metadata: checkpoints shard it on dim 0 like the heads.
-        setattr(self.weight, "tensor_model_parallel", True)
-        setattr(self.weight, "partition_dim", 0)
-        setattr(self.weight, "partition_stride", 1)
+        self.local_heads = heads // tp
+        self.first_head = parallel_state.get_tensor_model_parallel_rank() * self.local_heads
+        self.weight = torch.nn.Parameter(torch.ones(heads, hidden_size, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -85,12 +88,13 @@ class FullWidthQKNorm(MegatronModule):
         if torch.distributed.is_initialized() and self.tp_group.size() > 1:
             sumsq = _AllReduceBothWays.apply(sumsq, self.tp_group)
         xf = xf * torch.rsqrt(sumsq / self.full_width + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        weight = self.weight.narrow(0, self.first_head, self.local_heads)
+        return (weight * xf).to(x.dtype)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets,
+        return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets,  # replicated over TP
                                                    tp_group=self.tp_group,
                                                    dp_cp_group=metadata["dp_cp_group"])
 

@@ -258,6 +258,7 @@ def cpu_step(mbs, *, lr, mask, model, optimizer, tconfig, cfg):
     from megatron.core import parallel_state as ps
 
     from ..model.attention import explicit_attention_mask
+    from ..parallel import sum_tp_replicated_grads
 
     (m,) = model
     train = lr is not None
@@ -276,6 +277,7 @@ def cpu_step(mbs, *, lr, mask, model, optimizer, tconfig, cfg):
             pair += torch.stack([loss_sum.detach().double(), n.double()])
     if not train:
         return {"pair": pair}
+    sum_tp_replicated_grads(m, tconfig)  # what megatron's finalize_model_grads does on GPU
     params = [p for p in m.parameters() if p.grad is not None]
     dp = ps.get_data_parallel_world_size()
     if dp > 1:  # data parallel: average the gradients, one flat all-reduce
