@@ -144,3 +144,22 @@ def test_recipes_parse(name):
     if name.startswith("olmo2_7b"):
         assert cfg.tokens_per_iter() == 512 * 4096 and cfg.total_iters() == 4769
         assert model.memory.enabled == ("ratplus" in name)
+
+
+def test_gate_stats_logged_and_equal_across_tp(tmp_path, data_prefix):
+    """The metrics carry the memory gate's state (mean bias, mean sigmoid(bias), weight RMS), summed
+    over TP shards: TP=2 reports what TP=1 does, and the identity start reads b = -6, W_g = 0."""
+    args = [*_common(data_prefix, 3), "model.memory.gate_init=identity", "checkpoint.save_interval=0"]
+    _train([*args, f"train.metrics_file={tmp_path / 'tp1.jsonl'}"])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "ratplus_megatron.train", "--config", RECIPE, *args, "parallel.tp=2",
+                           f"train.metrics_file={tmp_path / 'tp2.jsonl'}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    tp1, tp2 = ([json.loads(x) for x in open(tmp_path / f"{n}.jsonl")] for n in ("tp1", "tp2"))
+    first = tp1[0]
+    assert abs(first["gate_bias_mean"] + 6) < 0.1 and abs(first["gate_open_mean"] - 0.00247) < 3e-4
+    assert 0 < first["gate_weight_rms"] < 0.1  # W_g starts at 0; one step moves it by about lr
+    for a, b in zip(tp1, tp2):
+        for key in ("gate_bias_mean", "gate_open_mean", "gate_weight_rms"):
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])

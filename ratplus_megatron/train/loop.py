@@ -195,6 +195,8 @@ def train(cfg: TrainConfig) -> int:
                          tflops_per_gpu=flops_per_iter * stats["iters"] / stats["seconds"] / world / 1e12,
                          memory_gib=memory_gib(device), consumed_samples=it * gb,
                          eta_s=(total_iters - it) * stats["seconds"] / stats["iters"])
+            if mcfg.memory.enabled:
+                stats.update(gate_stats(model, device))
             log.metrics(it, stats, kind="train", total=total_iters)
         if cfg.train.eval_interval and (it % cfg.train.eval_interval == 0 or it == total_iters):
             t = time.time()
@@ -406,6 +408,37 @@ def reduce_loss(pair) -> float:
     pair = pair.clone()
     torch.distributed.all_reduce(pair)
     return (pair[0] / pair[1].clamp(min=1)).item()
+
+
+def gate_stats(model, device) -> dict:
+    """The memory gate, to watch whether it opens: mean bias, mean sigmoid(bias), weight RMS.
+
+    g = sigmoid(W_g x + b): the identity start has W_g = 0 and b = -6, so the bias and the weight
+    RMS show how far the gate has moved. Summed over this rank's layers, then over the TP x PP
+    group (gate shards and pipeline stages differ; data-parallel replicas are identical).
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    bias_sum = open_sum = n_bias = weight_sq = n_weight = 0.0  # at log intervals only: .item() is fine
+    for chunk in model:
+        for name, p in chunk.named_parameters():
+            if ".linear_gate." not in name:
+                continue
+            v = p.detach().double()
+            if name.endswith(".bias"):
+                bias_sum, open_sum, n_bias = bias_sum + v.sum().item(), open_sum + v.sigmoid().sum().item(), n_bias + v.numel()
+            elif name.endswith(".weight"):
+                weight_sq, n_weight = weight_sq + v.square().sum().item(), n_weight + v.numel()
+    acc = torch.tensor([bias_sum, open_sum, n_bias, weight_sq, n_weight], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and ps.get_model_parallel_group().size() > 1:
+        torch.distributed.all_reduce(acc, group=ps.get_model_parallel_group())
+    out = {}
+    if acc[2] > 0:
+        out.update(gate_bias_mean=(acc[0] / acc[2]).item(), gate_open_mean=(acc[1] / acc[2]).item())
+    if acc[4] > 0:
+        out["gate_weight_rms"] = (acc[3] / acc[4]).sqrt().item()
+    return out
 
 
 def memory_gib(device) -> float:
