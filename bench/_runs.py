@@ -42,10 +42,21 @@ def environment() -> dict:
             "commit": commit(), "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])}
 
 
+def launcher(nproc: int) -> list[str]:
+    """Python, or torchrun for several processes on this machine."""
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+            if nproc > 1 else [sys.executable])
+
+
+def child_env(gpus: str) -> dict:
+    """Our environment for a child on `gpus`, with the repo importable."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def trainer_command(config: str, overrides: list[str], nproc: int) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    return launcher + ["-m", "ratplus_megatron.train", "--config", config, *overrides]
+    return launcher(nproc) + ["-m", "ratplus_megatron.train", "--config", config, *overrides]
 
 
 class TrainerRun:
@@ -60,11 +71,9 @@ class TrainerRun:
         self.metrics_path.unlink(missing_ok=True)
         nproc = len(gpus.split(","))
         self.cmd = trainer_command(config, [*overrides, f"train.metrics_file={self.metrics_path}"], nproc)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         print(f"[{name}] GPUs {gpus}: {' '.join(self.cmd[-len(overrides) - 3:])}", flush=True)
         self.t0 = time.time()
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=open(self.log_path, "w"),
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=child_env(gpus), stdout=open(self.log_path, "w"),
                                      stderr=subprocess.STDOUT)
 
     def result(self) -> dict:

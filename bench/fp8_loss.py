@@ -26,7 +26,7 @@ def summarize(result: dict) -> dict:
     tail = train[-max(1, len(train) // 4):]
     return {"final_train_loss": train[-1]["loss"] if train else None,
             "mean_train_loss_last_quarter": statistics.fmean(m["loss"] for m in tail) if tail else None,
-            "final_valid_loss": next((v for k, v in evals[-1].items() if "loss" in k), None) if evals else None,
+            "final_valid_loss": evals[-1]["val_loss"] if evals else None,
             "tokens_per_s": statistics.fmean(m["tokens_per_s"] for m in train[1:]) if len(train) > 1 else None}
 
 

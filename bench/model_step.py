@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,15 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _commit() -> str:
-    if os.environ.get("COMMIT"):
-        return os.environ["COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import commit  # noqa: E402
 
 
 def _time(fn, warmup: int, iters: int) -> list[float]:
@@ -181,7 +172,7 @@ def main() -> None:
     off, on = rows
     result = {
         "benchmark": "model_step", "command": " ".join([sys.executable] + sys.argv),
-        "device": torch.cuda.get_device_name(), "commit": _commit(),
+        "device": torch.cuda.get_device_name(), "commit": commit(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
                      "megatron_core": megatron.core.__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

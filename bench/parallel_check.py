@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import REPO, environment, run_all, train_records, write_json  # noqa: E402
+from _runs import REPO, child_env, environment, launcher, run_all, train_records, write_json  # noqa: E402
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 STEP_TOLERANCE = 2e-2  # bf16: relative loss difference over the first steps
@@ -81,13 +81,9 @@ def worker_loss(config: str, overrides: list[str], ckpt: str, batches: int) -> N
 
 
 def _python(args: list[str], nproc: int, gpus: str, log: Path) -> tuple[int, str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.run(launcher + [str(Path(__file__).resolve()), *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(launcher(nproc) + [str(Path(__file__).resolve()), *args], cwd=REPO,
+                              env=child_env(gpus), capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
         log.write_text(f"timeout after 300 s\n{e.stdout or ''}{e.stderr or ''}")
         print(f"TIMEOUT: {' '.join(args[:3])}", flush=True)

@@ -65,7 +65,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _bench(fn, graph=False):
+def _bench(fn, graph=False, warmup=25, rep=100):
     import triton.testing as tt
     if graph:
         fn()
@@ -79,8 +79,8 @@ def _bench(fn, graph=False):
         with torch.cuda.graph(g):
             fn()
         torch.cuda.synchronize()
-        return tt.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
-    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return tt.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median")
+    return tt.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def correctness(dev, dtype):
@@ -306,19 +306,7 @@ def _timer(dev):
         return t_cpu
 
     def t_gpu(fn):
-        import triton.testing as tt
-        fn()
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        torch.cuda.synchronize()
-        return tt.do_bench(g.replay, warmup=5, rep=25, return_mode="median")
+        return _bench(fn, graph=True, warmup=5, rep=25)
     return t_gpu
 
 
