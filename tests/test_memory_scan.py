@@ -92,15 +92,18 @@ def test_fused_forward(shape, dtype, variant):
     _check_fwd(out, ref, dtype)
 
 
+GATE_EXTREME_CASES = [dict(v, BT=8, BD=8) for v in ROWS] + \
+    [dict(kernel=kernel, BT=4, CT=8, BD=8, BH=2) for kernel in ("chunk", "chunklb")]
+
+
 @needs_kernels
-@pytest.mark.parametrize("variant", ROWS, ids=VARIANT_IDS[:2])
+@pytest.mark.parametrize("variant", GATE_EXTREME_CASES, ids=VARIANT_IDS[:2] + ["chunk", "chunklb"])
 @pytest.mark.parametrize("gate_shift", [-12.0, 12.0])
 def test_fused_gates_near_0_and_1(gate_shift, variant):
     z, k, v, h0 = _inputs(2, 33, 2, 8, gate_shift=gate_shift, gate_scale=1.0)
     ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
     out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
-                            tuple(s.float().to(DEV) for s in h0), output_final_state=True,
-                            **variant, BT=8, BD=8)
+                            tuple(s.float().to(DEV) for s in h0), output_final_state=True, **variant)
     _check_fwd(out, ref, torch.float32)
 
 
@@ -283,18 +286,6 @@ def test_wide_forward_tiles(kernel, cfg):
     ref16 = memory_scan_loop(*(t.double().cpu() for t in x16), output_final_state=True)
     out16 = memory_scan_fused(*x16, output_final_state=True, kernel=kernel, **cfg)
     _check_fwd(out16, ref16, torch.float16)
-
-
-@needs_kernels
-@pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
-@pytest.mark.parametrize("gate_shift", [-12.0, 12.0])
-def test_wide_gates_near_0_and_1(kernel, gate_shift):
-    z, k, v, h0 = _inputs(2, 33, 2, 8, gate_shift=gate_shift, gate_scale=1.0)
-    ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
-    out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
-                            tuple(s.float().to(DEV) for s in h0), output_final_state=True,
-                            kernel=kernel, BT=4, CT=8, BD=8, BH=2)
-    _check_fwd(out, ref, torch.float32)
 
 
 @needs_kernels

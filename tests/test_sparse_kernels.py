@@ -189,6 +189,20 @@ def test_gates_pick_planted_block(backend):
 # decoding
 
 
+def _check_block_sparse_decode(out, q, k, v, idx, bs, sl):
+    """`out` equals the float64 decode over the selected blocks below seq_len; rows with nothing
+    selected are zeros."""
+    B, Hq, D = q.shape
+    T = k.shape[2]
+    assert out.dtype == q.dtype and out.shape == (B, Hq, D)
+    allowed = naive.block_sparse_mask(idx, bs, T, Hq).cpu() & \
+        (torch.arange(T)[None, :] < sl.cpu()[:, None])[:, None]
+    ref = _ref_decode(q, k, v, allowed)
+    ok = allowed.any(-1)
+    assert _rel(out.cpu()[ok], ref[ok]) < TOL[q.dtype]
+    assert (out.cpu()[~ok] == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G,per_q", [(1, False), (2, False), (2, True)])
@@ -208,13 +222,7 @@ def test_block_sparse_decode(backend, dtype, G, per_q):
     idx[0, 0, :3] = torch.tensor([1, 3, 5], dtype=torch.int32)  # 5 is the partial last block
     idx = idx.to(DEV)
     out = sp.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, backend=backend)
-    assert out.dtype == dtype and out.shape == (B, Hq, D)
-    allowed = naive.block_sparse_mask(idx, bs, T, Hq).cpu() & \
-        (torch.arange(T)[None, :] < sl.cpu()[:, None])[:, None]
-    ref = _ref_decode(q, k, v, allowed)
-    ok = allowed.any(-1)
-    assert _rel(out.cpu()[ok], ref[ok]) < TOL[dtype]
-    assert (out.cpu()[~ok] == 0).all()
+    _check_block_sparse_decode(out, q, k, v, idx, bs, sl)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -372,13 +380,7 @@ def test_block_sparse_decode_variants(variant, dtype, G, per_q, bs, bt):
     for ns, fuse in ((None, False), (3, False), (None, True), (3, True)):
         out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, variant=variant, bt=bt,
                                      num_splits=ns, cfg=dict(fuse_merge=fuse))
-        assert out.dtype == dtype and out.shape == (B, Hq, D)
-        allowed = naive.block_sparse_mask(idx, bs, T, Hq).cpu() & \
-            (torch.arange(T)[None, :] < sl.cpu()[:, None])[:, None]
-        ref = _ref_decode(q, k, v, allowed)
-        ok = allowed.any(-1)
-        assert _rel(out.cpu()[ok], ref[ok]) < TOL[dtype]
-        assert (out.cpu()[~ok] == 0).all()
+        _check_block_sparse_decode(out, q, k, v, idx, bs, sl)
     assert not to._merge_counters(q.device, 1, "merge").any()
     twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)
     assert _rel(out, twin) < TOL[dtype]
