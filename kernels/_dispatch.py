@@ -1,7 +1,12 @@
 """The one backend rule every op in kernels/ follows."""
 from __future__ import annotations
 
+import os
+
 BACKENDS = ("auto", "triton", "torch")
+# RATPLUS_KERNELS=torch|triton replaces "auto" everywhere: a way to rule a kernel in or out of a
+# wrong result (or a crash) on a GPU without touching code.
+ENV = "RATPLUS_KERNELS"
 
 
 def use_triton(backend: str, *tensors) -> bool:
@@ -11,6 +16,10 @@ def use_triton(backend: str, *tensors) -> bool:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV} must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend == "triton"
     if not all(t.is_cuda for t in tensors if t is not None and hasattr(t, "is_cuda")):

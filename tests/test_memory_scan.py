@@ -121,6 +121,20 @@ def test_public_op_dispatch_and_no_state():
         memory_scan(*x, backend="cuda")
 
 
+def test_env_overrides_auto_backend(monkeypatch):
+    from kernels._dispatch import ENV, use_triton
+
+    cpu = torch.zeros(1)
+    assert not use_triton("auto", cpu)
+    monkeypatch.setenv(ENV, "triton")
+    assert use_triton("auto", cpu) and not use_triton("torch", cpu)
+    monkeypatch.setenv(ENV, "torch")
+    assert not use_triton("auto", cpu) and use_triton("triton", cpu)
+    monkeypatch.setenv(ENV, "gpu")
+    with pytest.raises(ValueError, match=ENV):
+        use_triton("auto", cpu)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradients against torch.autograd through the float64 loop
 

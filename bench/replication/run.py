@@ -67,6 +67,9 @@ SIZES = {
                    "checkpoint.save_interval=2"],
     ),
 }
+# "smoke": the toy pipeline in bf16, to try every stage on a GPU in a minute before the full run.
+SIZES["smoke"] = dict(SIZES["toy"], dtype="bf16",
+                      overrides=[o for o in SIZES["toy"]["overrides"] if o != "precision.bf16=false"])
 
 
 def sft_overrides(size: dict, work: Path, kind: str) -> list[str]:
