@@ -10,7 +10,7 @@ Stages (each resumable and skipped when done; see bench/replication/README.md fo
   sft       both models: fine-tune on the NIAH train split from their pretrained checkpoints
   convert   both SFT checkpoints -> Hugging Face (mcore-to-hf)
   eval      eval/niah.py: 8 tasks x (dense + quest, moba, snapkv, random at 1/4..1/32), attention
-            model on plain K/V, memory model on K~/V~ (mem) and on K/V (plain); a queue of
+            model on plain K/V, memory model on K~/V~ (mem; with --memory-plain also on K/V); a queue of
             (model, source, task) jobs, --procs-per-gpu workers on each GPU
   collect   scores -> WORK/report and bench/results/replication/ (summary.json, summary.md,
             accuracy_vs_budget.png when matplotlib is there, run.json with training numbers)
@@ -47,9 +47,10 @@ NOT_FINISHED = 3
 # Sizes. "full" is the GPU recipe (estimates in README.md); "toy" is the CPU smoke test.
 SIZES = {
     "full": dict(
-        length=4096, retrieval_docs=8000, synthetic_docs=3000, retrieval_chars=7500,
-        blend=(0.8, 0.15, 0.05), sft_pairs_per_task=250, test_samples=100, tasks="all",
-        sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=10,
+        length=4096, retrieval_docs=36000, synthetic_docs=3000, retrieval_chars=7500,
+        blend=(0.85, 0.13, 0.02), sft_pairs_per_task=250, test_samples=100, tasks="all",
+        sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
+        combos=(("attention", "plain"), ("memory", "mem")),
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
     ),
@@ -57,6 +58,7 @@ SIZES = {
         length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200,
         blend=(0.7, 0.15, 0.15), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
+        combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")),
         methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
         max_new_tokens=8, eval_batch=2, dtype="fp32",
         overrides=["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -338,8 +340,7 @@ def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str]]:
     from eval.ruler.tasks import resolve_tasks
 
     tasks = [t.name for t in resolve_tasks(size["tasks"])]
-    combos = [("attention", "plain"), ("memory", "mem"), ("memory", "plain")]
-    return [(m, s, t) for m, s in combos for t in tasks]
+    return [(m, s, t) for m, s in size["combos"] for t in tasks]
 
 
 def n_specs(size: dict) -> int:
@@ -488,7 +489,9 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds this call may use (e.g. 560)")
     p.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                    help="CPU processes for prep")
-    p.add_argument("--procs-per-gpu", type=int, default=6, help="eval worker processes per GPU")
+    p.add_argument("--procs-per-gpu", type=int, default=8, help="eval worker processes per GPU")
+    p.add_argument("--memory-plain", action="store_true",
+                   help="also evaluate the memory model with selection and attention on its plain K/V")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "replication"))
     a = p.parse_args(argv)
     names = [s.strip() for s in a.stages.split(",") if s.strip()]
@@ -503,7 +506,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     work = Path(a.work).resolve()
-    size = SIZES[a.size]
+    size = dict(SIZES[a.size])
+    if a.memory_plain and ("memory", "plain") not in size["combos"]:
+        size["combos"] = (*size["combos"], ("memory", "plain"))
     clock = Clock(a.deadline)
     os.chdir(REPO)
     for stage in names:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -153,7 +154,7 @@ class RetrievalDocs:
         kind = rng.choice(_KINDS)
         key_style = rng.choices(["pair", "uuid", "item", "number", "word"], weights=[5, 2, 1, 1, 1])[0]
         value_style = rng.choices(["number7", "number", "uuid", "word", "pair"], weights=[5, 2, 2, 1, 1])[0]
-        n_keys = rng.choices([1, 2, 3, 4, 6, 8], weights=[4, 2, 2, 3, 1, 1])[0]
+        n_keys = rng.choices([1, 2, 3, 4, 6, 8, 12, 16], weights=[3, 2, 2, 3, 2, 2, 1, 1])[0]
         n_values = rng.choices([1, 2, 3, 4], weights=[7, 1, 1, 2])[0] if n_keys <= 4 else 1
         template = rng.choice(_FACT_TEMPLATES)
         used: set = set()
@@ -175,17 +176,19 @@ class RetrievalDocs:
         def distractor():
             return fact_text(fresh(self._key, key_style), self._value(rng, value_style))
 
-        length = int(self.target_chars * rng.uniform(0.35, 1.3))
+        # log-uniform length: many short documents (short-range recall, the first thing a small model
+        # learns, and more answers per token) and some as long as the context
+        length = int(self.target_chars * math.exp(rng.uniform(math.log(0.05), math.log(1.3))))
         body = self._filler(rng, style, length, distractor)
         facts = [(k, v) for k in keys for v in values[k]]
         rng.shuffle(facts)
-        slots = sorted(rng.sample(range(len(body) + 1), min(len(facts), len(body) + 1)))
+        slots = sorted(rng.choices(range(len(body) + 1), k=len(facts)))  # with replacement: no fact is lost in a short body
         for (k, v), pos in sorted(zip(facts, slots), key=lambda x: -x[1]):
             body.insert(pos, fact_text(k, v, multi=n_values > 1))
         intro = rng.choice(_INTROS).format(kind=kind)
         parts = [intro + sep.join(body)]
         # questions: one key, several keys at once, or every key in turn
-        asked = rng.sample(keys, rng.randint(1, len(keys)))
+        asked = rng.sample(keys, rng.randint((len(keys) + 1) // 2, len(keys)))  # at least half: answers are the signal
         if len(asked) > 1 and rng.random() < 0.4:
             keys_text = ", ".join(asked[:-1]) + " and " + asked[-1]
             q, a = rng.choice(_MULTI_QUESTIONS)
