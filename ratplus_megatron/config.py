@@ -138,6 +138,9 @@ class PrecisionConfig:
     bf16: bool = True
     fp8: FP8Format | None = None
     fp8_recipe: FP8Recipe = "delayed"
+    # megatron's fused SwiGLU and (with TE) fused RoPE; None = on when CUDA is there. Off on CPU,
+    # where the unfused ops are the ones checked against transformers.
+    fusions: bool | None = None
 
     def validate(self) -> "PrecisionConfig":
         if self.fp8 not in (None, "hybrid", "e4m3"):

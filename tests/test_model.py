@@ -115,6 +115,19 @@ def test_fp8_without_transformer_engine_is_a_clear_error():
         PrecisionConfig(fp8="hybrid").validate()
 
 
+def test_fusions_follow_the_device_and_the_recipe():
+    """megatron's fused SwiGLU/RoPE are on by default only with CUDA; a recipe can force either way."""
+    from ratplus_megatron.model import HAVE_TE, to_transformer_config
+    from ratplus_megatron.train.config import load_config
+
+    cfg = preset("tiny")
+    auto = to_transformer_config(cfg, PrecisionConfig(bf16=False))
+    assert auto.bias_activation_fusion is torch.cuda.is_available()
+    forced = to_transformer_config(cfg, PrecisionConfig(bf16=False, fusions=True))
+    assert forced.bias_activation_fusion and forced.apply_rope_fusion is HAVE_TE
+    assert load_config(None, ["precision.fusions=false"]).precision.fusions is False
+
+
 @pytest.mark.parametrize("kwargs,tp,message", [
     (dict(num_attention_heads=6, num_kv_heads=6), 4, "does not divide num_attention_heads=6"),
     (dict(head_dim=15), 1, "head_dim must be even"),

@@ -1,5 +1,5 @@
-"""The Transformer Engine layer spec on a GPU: the same weights give the local spec's logits and
-gradients in bf16, and every FP8 recipe trains (GPU machine only; skipped without CUDA and TE).
+"""The Transformer Engine layer spec on a GPU, with megatron's fused SwiGLU and RoPE: the same weights
+give the unfused local spec's logits and gradients in bf16, and every FP8 recipe trains (GPU machine only; skipped without CUDA and TE).
 
     TRITON_INTERPRET=0 python -m pytest tests/test_te_gpu.py -v
 """
@@ -42,7 +42,7 @@ def local_checkpoint(request, tmp_path_factory):
 
     cfg = preset("tiny", **SMALL, memory=MemoryConfig(enabled=request.param, gate_init="ratplus"))
     torch.manual_seed(0)
-    model = _build(cfg, PrecisionConfig(bf16=True), use_te=False)
+    model = _build(cfg, PrecisionConfig(bf16=True, fusions=False), use_te=False)  # the unfused reference
     path = tmp_path_factory.mktemp("local_ckpt")
     dist_checkpointing.save(model.sharded_state_dict(), str(path))
     ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -65,6 +65,7 @@ def test_te_spec_matches_local_spec_bf16(local_checkpoint):
     model = _load(_build(cfg, PrecisionConfig(bf16=True), use_te=True), path)
     names = {type(m).__name__ for m in model.modules()}
     assert {"TEColumnParallelLinear", "TEDotProductAttention"} <= names, names  # really the TE spec
+    assert model.config.bias_activation_fusion and model.config.apply_rope_fusion  # and the fused ops
     loss, logits = _loss_and_logits(model, ids)
     loss.backward()
     rel = ((logits.float() - ref_logits).norm() / ref_logits.norm()).item()

@@ -34,6 +34,7 @@ def to_transformer_config(cfg: ModelConfig, precision: PrecisionConfig | None = 
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
+    fuse = torch.cuda.is_available() if precision.fusions is None else precision.fusions
     fp8 = {}
     if precision.fp8 is not None:
         fp8 = dict(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
@@ -54,10 +55,10 @@ def to_transformer_config(cfg: ModelConfig, precision: PrecisionConfig | None = 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fuse,  # SwiGLU in one kernel (megatron's bias_swiglu, no bias here)
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=fuse and HAVE_TE,  # megatron's fused RoPE is TE's kernel
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
