@@ -3,15 +3,21 @@
 32 heads x 128 (MHA, OLMo2-7B's attention), bf16, batch 1 and 8, contexts 32K and 128K, budgets
 1/8, 1/16, 1/32 of the context:
 
-* quest: page_minmax metadata precomputed (page 16); timed: quest_scores + select_topk (our
-  bisection top-k; torch.topk as a variant) + block_sparse_decode (per-query-head pages);
+* quest: page_minmax metadata precomputed (page 16); timed: quest_scores + select_topk +
+  block_sparse_decode (per-query-head pages), all with the kernels' defaults (below);
 * moba: block means precomputed (block 512); timed: moba_gate_topk (own block + top-(k-1)) +
   block_sparse_decode;
 * attention alone: block_sparse_decode over a fixed selection (no selection cost), and our
-  split-K kernel run densely (dilated_decode with chunk=1) as a bandwidth check;
+  split-K decode kernel run densely (dilated_decode with chunk=1) as a bandwidth check;
 * dense: torch.nn.functional.scaled_dot_product_attention on [B, 32, 1, 128] against the cache.
 * SnapKV vote at 128K (window 64): time and peak extra memory of snapkv_votes (two passes)
   against the materialised softmax (einsum + softmax + sum), when that fits.
+
+Defaults (kernels/sparse/triton_ops.py, set from the 2026-11-30 --sweep, bench/NOTES-sparse.md):
+quest_scores 64 pages x 8 warps; select_topk "bisect" (TOPK_VARIANT; env SPARSE_TOPK_VARIANT =
+bisect32 | radix for the opt-in kernels); the decode kernel's launch config by decode_cfg:
+DECODE_CFG["few_rows"] below one (row, selection head) program per SM (B=1 here), "many_rows"
+from there (B=8). The JSON records them under "defaults".
 
 Times: triton.testing.do_bench medians (L2 flushed before each call), eager and, for the
 pipelines, replayed from a CUDA graph (launch gaps removed). Correctness first: at full budget
@@ -21,11 +27,9 @@ the sparse paths equal dense; Triton equals the torch twins.
 
 ``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
 Quest decode components timed separately (score launch configs; top-k variants bisect /
-bisect32 / radix / torch.topk; score + top-k fused in one launch; block-sparse attention variants split / gdot / gsum x tile,
-warps, stages, waves, fused merge; the merge alone), each checked against a torch reference on
-the GPU first, then end-to-end Quest with the current defaults vs the best components, all
-against dense SDPA. The variants are in kernels/sparse/triton_ops.py (BSD_VARIANT, BSD_CFG,
-TOPK_VARIANT; env SPARSE_DECODE_VARIANT / SPARSE_TOPK_VARIANT override the defaults).
+bisect32 / radix x warps; decode launch configs: tile, warps, stages, waves, against the default;
+the merge alone), each checked against a torch reference on the GPU first, then end-to-end Quest
+with the current defaults vs the best components, all against dense SDPA.
 
     python bench/sparse_decode.py --sweep --out bench/results/sparse_sweep.json
     TRITON_INTERPRET=1 python bench/sparse_decode.py --sweep --smoke --out /tmp/s.json  # CPU
@@ -166,11 +170,6 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
             s = sp.quest_scores(q, kmin, kmax)
             return sp.block_sparse_decode(q, k, v, sp.select_topk(s, n_pages), PAGE)
 
-        def quest_torchtopk():
-            s = sp.quest_scores(q, kmin, kmax)
-            idx = torch.topk(s, n_pages, dim=-1, sorted=False).indices.int()
-            return sp.block_sparse_decode(q, k, v, idx, PAGE)
-
         def quest_select():
             return sp.select_topk(sp.quest_scores(q, kmin, kmax), n_pages)
 
@@ -183,9 +182,8 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
 
         sel = quest_select()
         midx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0].contiguous()
-        entries = [("quest_total", quest), ("quest_total_torch_topk", quest_torchtopk),
-                   ("quest_select_only", quest_select), ("quest_scores_only", quest_scores_only),
-                   ("moba_total", moba),
+        entries = [("quest_total", quest), ("quest_select_only", quest_select),
+                   ("quest_scores_only", quest_scores_only), ("moba_total", moba),
                    ("quest_attn_only", lambda: sp.block_sparse_decode(q, k, v, sel, PAGE)),
                    ("moba_attn_only", lambda: sp.block_sparse_decode(q, k, v, midx, MOBA_BLOCK))]
         for name, fn in entries:
@@ -205,53 +203,6 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
     del k, v, kmin, kmax
     torch.cuda.empty_cache()
     return rows
-
-
-def sweep_decode_cfg(dev, dtype):
-    """Graph-replay times of our split-K decode under launch configs; returns the best."""
-    from kernels.sparse import triton_ops as to
-    g = torch.Generator(device=dev).manual_seed(3)
-    cases = []
-    for B, T in ((1, 131072), (8, 32768)):
-        k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
-        v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
-        q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
-        n = T // 16 // PAGE
-        idx = torch.randperm(T // PAGE, device=dev)[:n].sort().values.int().expand(B, H, n)
-        idx = idx.contiguous()
-        cases.append((lambda q=q, k=k, v=v: sp.dilated_decode(q, k, v, 1, 0, 0)))
-        cases.append((lambda q=q, k=k, v=v, idx=idx: sp.block_sparse_decode(q, k, v, idx, PAGE)))
-    base = dict(to.DECODE_CFG)
-    out = []
-    def trial(**cfg):
-        to.DECODE_CFG.update(cfg)
-        try:
-            out.append(dict(cfg=dict(to.DECODE_CFG), ms=[_bench(c, graph=True) for c in cases]))
-        except Exception as e:  # noqa: BLE001
-            out.append(dict(cfg=dict(to.DECODE_CFG), error=repr(e)[:120]))
-
-    def best_now():
-        ok = [r for r in out if "ms" in r]
-        ref = ok[0]["ms"]
-        for r in ok:
-            r["score"] = sum(t / t0 for t, t0 in zip(r["ms"], ref)) / len(ref)
-        return min(ok, key=lambda r: r["score"])
-
-    trial(**base)
-    for bt in (32, 64, 128):
-        for nw in (4, 8):
-            for ns in (2, 3):
-                if dict(base, bt=bt, num_warps=nw, num_stages=ns) != base:
-                    trial(bt=bt, num_warps=nw, num_stages=ns, waves=base["waves"])
-    b = best_now()["cfg"]
-    for waves in (2, 8):
-        trial(**dict(b, waves=waves))
-    best = best_now()
-    to.DECODE_CFG.update(best["cfg"])
-    del cases
-    torch.cuda.empty_cache()
-    return dict(cases=["dense B1 128K", "quest1/16 B1 128K", "dense B8 32K", "quest1/16 B8 32K"],
-                default=base, best=best, all=out)
 
 
 def run_snapkv(dev, dtype, B, T, W=64):
@@ -325,56 +276,42 @@ def _ref_gather_decode(q, k, v, idx, page):
 
 
 def _attn_grid(smoke):
-    """(variant, cfg) pairs timed at budget 1/16 of every shape. 'split' is the current kernel
-    (cfg goes to DECODE_CFG); 'gdot'/'gsum' the grouped kernel (cfg passed through)."""
-    from kernels.sparse import triton_ops as to
+    """Launch configs of the decode kernel timed at budget 1/16 of every shape (None: the
+    default, decode_cfg's choice for the shape)."""
     if smoke:
-        return [("split", dict(to.DECODE_CFG)), ("gdot", dict(bt=16, num_warps=4, num_stages=2, waves=4)),
-                ("gsum", dict(bt=16, num_warps=4, num_stages=2, waves=4))]
-    grid = [("split", dict(to.DECODE_CFG))]
-    for bt, ns in ((32, 2), (128, 2), (64, 3)):
-        grid.append(("split", dict(to.DECODE_CFG, bt=bt, num_stages=ns)))
+        return [None, dict(bt=16, num_warps=4, num_stages=2, waves=4)]
+    grid = [None]
     for bt in (32, 64, 128):
         for nw in (4, 8):
-            grid.append(("gdot", dict(bt=bt, num_warps=nw, num_stages=3, waves=4)))
+            grid.append(dict(bt=bt, num_warps=nw, num_stages=3, waves=4))
     for bt, nw, ns in ((64, 4, 2), (64, 4, 4), (128, 8, 2), (128, 8, 4)):
-        grid.append(("gdot", dict(bt=bt, num_warps=nw, num_stages=ns, waves=4)))
-    for bt, nw in ((16, 4), (32, 4), (64, 4), (32, 8)):
-        grid.append(("gsum", dict(bt=bt, num_warps=nw, num_stages=3, waves=4)))
+        grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves=4))
     return grid
 
 
-def _attn_fn(to, variant, cfg, q, k, v, idx, page):
-    if variant == "split":
-        def fn():
-            old = dict(to.DECODE_CFG)
-            to.DECODE_CFG.update(cfg)
-            try:
-                return to.block_sparse_decode(q, k, v, idx, page, variant="split")
-            finally:
-                to.DECODE_CFG.clear()
-                to.DECODE_CFG.update(old)
-        return fn
-    return lambda: to.block_sparse_decode(q, k, v, idx, page, variant=variant, cfg=cfg)
+def _attn_fn(to, cfg, q, k, v, idx, page):
+    return lambda: to.block_sparse_decode(q, k, v, idx, page, cfg=cfg)
 
 
 def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
-    """Per shape: dense SDPA; Quest score configs; top-k variants; attention variants x configs
-    (full grid at budget 1/16, the best few at the other budgets); merge alone; end-to-end
-    Quest (current default vs the best components). Each candidate is checked against a torch
-    reference on the device before it is timed; failures are recorded, not timed."""
+    """Per shape: dense SDPA; Quest score configs; top-k variants; decode launch configs (full
+    grid at budget 1/16, the default and the best few at the other budgets); merge alone;
+    end-to-end Quest (current defaults vs the best components). Each candidate is checked against
+    a torch reference on the device before it is timed; failures are recorded, not timed."""
     from kernels.sparse import naive
     from kernels.sparse import triton_ops as to
     tm = _timer(dev)
     t_start = time.time()
     out = dict(shapes=[], notes="ms = CUDA-graph replay medians, L2 flushed; rel = rel. L2 error "
-                                "vs fp32 torch reference on the device; x_sdpa = dense_sdpa_ms / ms")
+                                "vs fp32 torch reference on the device; x_sdpa = dense_sdpa_ms / ms; "
+                                "attention cfg null = the default (decode_cfg)",
+               decode_cfg=to.DECODE_CFG, topk_default=to.TOPK_VARIANT)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_vars = [("bisect", 8), ("bisect", 16), ("bisect32", 16), ("radix", 8), ("radix", 16),
-                 ("torch", None)]
+    topk_vars = [("bisect", 8), ("bisect", 16), ("bisect32", 8), ("bisect32", 16), ("radix", 8),
+                 ("radix", 16)]
     if smoke:
-        topk_vars = [("bisect", 4), ("bisect32", 4), ("radix", 4), ("torch", None)]
+        topk_vars = [("bisect", 4), ("bisect32", 4), ("radix", 4)]
     score_cfgs = [(bp, nw) for bp in (32, 64, 128) for nw in (4, 8)] if not smoke else [(16, 4)]
 
     def left():
@@ -399,8 +336,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
         q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
         kmin, kmax = sp.page_minmax(k, PAGE)
-        NP = kmin.shape[2]
-        shp = dict(B=B, T=T, components={}, attention={}, end_to_end={})
+        shp = dict(B=B, T=T, components={}, end_to_end={},
+                   decode_cfg_default=to.decode_cfg(B * H, dev))
         q4 = q[:, :, None]
         shp["dense_sdpa_ms"] = t_dense = tm(lambda: F.scaled_dot_product_attention(q4, k, v))
         log(f"[sweep {time.time() - t_start:6.1f}s] B={B} T={T} dense sdpa {t_dense:.4f} ms")
@@ -416,145 +353,87 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         best_score = min(okr, key=lambda r: r["ms"]) if okr else dict(bp=None, num_warps=None)
         log(f"[sweep {time.time() - t_start:6.1f}s]   score best {best_score}")
         scores = to.quest_scores(q, kmin, kmax)
-        best_per = {}
+        best_cfgs = []
         for bud in budgets:
             n = max(1, int(T * bud) // PAGE)
             comp = shp["components"].setdefault(f"{bud:.4g}", {})
-            # top-k
+            # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
-            ref_sum = torch.gather(scores, -1, sel_ref.long().clamp_min(0)).sum()
-
-            def chk_topk(r, exact):
-                if exact:
-                    return bool(torch.equal(r, sel_ref)), 0.0
-                e = abs((torch.gather(scores, -1, r.long().clamp_min(0)).sum() - ref_sum).item())
-                e /= max(abs(ref_sum.item()), 1e-9)
-                return e < 1e-6, e
-
             trows = []
             for var, nw in topk_vars:
                 trows.append(trial(dict(variant=var, num_warps=nw), f"topk {var} nw={nw}",
                                    lambda var=var, nw=nw: to.select_topk(scores, n, variant=var, num_warps=nw),
-                                   lambda r, var=var: chk_topk(r, var != "torch")))
+                                   lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
-            frows = []  # score + top-k fused in one launch
-            for var, bp, nw in (("radix", 64, 8), ("radix", 128, 8), ("bisect32", 64, 8)):
-                if smoke:
-                    bp, nw = 16, 4
-                frows.append(trial(dict(variant=var, bp=bp, num_warps=nw),
-                                   f"score+topk fused {var} bp={bp} nw={nw}",
-                                   lambda var=var, bp=bp, nw=nw: to.quest_select_fused(
-                                       q, kmin, kmax, n, variant=var, bp=bp, num_warps=nw)[0],
-                                   lambda r: chk_topk(r, True)))
-                if smoke:
-                    break
-            comp["score_topk_fused"] = frows
-            okf = [r for r in frows if "ms" in r]
-            best_fused = min(okf, key=lambda r: r["ms"]) if okf else None
             okt = [r for r in trows if "ms" in r]
             best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(variant="bisect", num_warps=None)
             # attention
             idx = sel_ref.contiguous()
             a_ref = _ref_gather_decode(q, k, v, idx, PAGE)
-            cands = grid if (bud == budgets[0] or not best_per) else \
-                [("split", dict(to.DECODE_CFG))] + [c for c in best_per.values()]
+            cands = grid if (bud == budgets[0] or not best_cfgs) else [None] + best_cfgs
             arows = []
-            for var, cfg in cands:
-                if left() < 0 and not (var == "split" and cfg == to.DECODE_CFG):
-                    arows.append(dict(variant=var, cfg=cfg, skipped="sweep time budget"))
+
+            def attn_trial(cfg, name):
+                r = trial(dict(cfg=cfg), name, _attn_fn(to, cfg, q, k, v, idx, PAGE),
+                          lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
+                if "ms" in r:
+                    r["x_sdpa"] = t_dense / r["ms"]
+                arows.append(r)
+
+            for cfg in cands:
+                if left() < 0 and cfg is not None:
+                    arows.append(dict(cfg=cfg, skipped="sweep time budget"))
                     continue
-                fn = _attn_fn(to, var, cfg, q, k, v, idx, PAGE)
-                arows.append(trial(dict(variant=var, cfg=cfg), f"attn {var} {cfg}", fn,
-                                   lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
-                if "ms" in arows[-1]:
-                    arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
-            # waves (runtime only) around the best grouped config of this budget, then the
-            # fused merge (last split merges) on the best config of each grouped variant
-            okg = [r for r in arows if "ms" in r and r["variant"] != "split"]
-            if okg and bud == budgets[0] and left() > 0:
-                bg = min(okg, key=lambda r: r["ms"])
-                for w in (2, 8, 16):
-                    cfg = dict(bg["cfg"], waves=w)
-                    fn = _attn_fn(to, bg["variant"], cfg, q, k, v, idx, PAGE)
-                    arows.append(trial(dict(variant=bg["variant"], cfg=cfg), f"attn waves {w}", fn,
-                                       lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
-                    if "ms" in arows[-1]:
-                        arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
-                for var in ("gdot", "gsum"):
-                    rv = [r for r in arows if "ms" in r and r["variant"] == var]
-                    if rv:
-                        cfg = dict(min(rv, key=lambda r: r["ms"])["cfg"], fuse_merge=True)
-                        fn = _attn_fn(to, var, cfg, q, k, v, idx, PAGE)
-                        arows.append(trial(dict(variant=var, cfg=cfg), f"attn {var} fused merge", fn,
-                                           lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref))))
-                        if "ms" in arows[-1]:
-                            arows[-1]["x_sdpa"] = t_dense / arows[-1]["ms"]
-            comp["attention"] = arows
+                attn_trial(cfg, f"attn {cfg or 'default'}")
+            # waves (runtime only) around the best config of this budget
             oka = [r for r in arows if "ms" in r]
-            if bud == budgets[0]:
-                for var in ("split", "gdot", "gsum"):
-                    rv = [r for r in oka if r["variant"] == var]
-                    if rv and var != "split":
-                        b_ = min(rv, key=lambda r: r["ms"])
-                        best_per[var] = (var, b_["cfg"])
-            best_attn = min(oka, key=lambda r: r["ms"]) if oka else dict(variant="split", cfg=dict(to.DECODE_CFG))
-            # merge alone, and the grouped kernel's partials alone (best grouped config)
-            okg = [r for r in oka if r["variant"] != "split"]
-            if okg:
-                bg = min(okg, key=lambda r: r["ms"])
-                comp["merge_of"] = dict(variant=bg["variant"], cfg=bg["cfg"])
-                try:
-                    m_, l_, acc_, S_ = to._bsd_group(q, k, v, idx, PAGE, None, None, bg["variant"],
-                                                     parts=True, **bg["cfg"])
-                    o_ = torch.empty_like(q)
-                    comp["merge"] = dict(splits=S_, ms=tm(lambda: to._merge_kernel[(B * H,)](
-                        m_, l_, acc_, o_, S_, D, *o_.stride(), H, BS_=to._p2(S_), BD=to._p2(D))))
-                    comp["attention_partials_only_ms"] = tm(lambda: to._bsd_group(
-                        q, k, v, idx, PAGE, None, None, bg["variant"], parts=True, **bg["cfg"]))
-                except Exception as e:  # noqa: BLE001
-                    comp["merge"] = dict(error=repr(e)[:300])
-            # end to end: current default vs best components
-            def e2e_default():
-                return sp.block_sparse_decode(q, k, v, sp.select_topk(sp.quest_scores(q, kmin, kmax), n), PAGE)
+            if oka and bud == budgets[0] and left() > 0:
+                bc = min(oka, key=lambda r: r["ms"])["cfg"] or to.decode_cfg(B * H, dev)
+                for w in (2, 8, 16):
+                    attn_trial(dict(bc, waves=w), f"attn waves {w}")
+                oka = [r for r in arows if "ms" in r]
+                bc = min(oka, key=lambda r: r["ms"])["cfg"]
+                if bc is not None:
+                    best_cfgs.append(bc)
+            comp["attention"] = arows
+            best_attn = min(oka, key=lambda r: r["ms"]) if oka else dict(cfg=None)
+            # merge alone, and the decode kernel's partials alone (best config)
+            try:
+                parts = lambda: to._decode_parts(q, k, v, idx.shape[2] * PAGE, None, None, idx=idx,
+                                                 bs=PAGE, cfg=best_attn["cfg"])
+                m_, l_, acc_, S_ = parts()
+                comp["merge"] = dict(cfg=best_attn["cfg"], splits=S_,
+                                     ms=tm(lambda: to._merge(q, m_, l_, acc_, S_)))
+                comp["attention_partials_only_ms"] = tm(parts)
+            except Exception as e:  # noqa: BLE001
+                comp["merge"] = dict(error=repr(e)[:300])
+            # end to end: current defaults vs best components
+            def e2e_default():  # the Triton ops (the public ones take the torch twins on CPU)
+                return to.block_sparse_decode(q, k, v, to.select_topk(to.quest_scores(q, kmin, kmax), n), PAGE)
 
             bs_, bt_, ba_ = best_score, best_topk, best_attn
 
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"))
                 i = to.select_topk(s, n, variant=bt_["variant"], num_warps=bt_.get("num_warps"))
-                return _attn_fn(to, ba_["variant"], ba_["cfg"], q, k, v, i, PAGE)()
-
-            bf_ = best_fused
-
-            def e2e_best_fused():
-                i = to.quest_select_fused(q, kmin, kmax, n, variant=bf_["variant"], bp=bf_["bp"],
-                                          num_warps=bf_["num_warps"])[0]
-                return _attn_fn(to, ba_["variant"], ba_["cfg"], q, k, v, i, PAGE)()
+                return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
             e2e = {}
-            runs = [("default", e2e_default), ("best", e2e_best)]
-            if bf_ is not None:
-                runs.append(("best_fused_select", e2e_best_fused))
-            for nm, fn in runs:
+            for nm, fn in (("default", e2e_default), ("best", e2e_best)):
                 r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
                 if "ms" in r:
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps")),
                                           topk=dict(variant=bt_["variant"], num_warps=bt_.get("num_warps")),
-                                          attention=dict(variant=ba_["variant"], cfg=ba_["cfg"]),
-                                          fused_select=None if bf_ is None else dict(
-                                              variant=bf_["variant"], bp=bf_["bp"],
-                                              num_warps=bf_["num_warps"]))
+                                          attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
                 f"topk best {bt_['variant']}/{bt_.get('num_warps')} {bt_.get('ms', float('nan')):.4f} ms, "
-                f"attn best {ba_['variant']} {ba_['cfg']} {ba_.get('ms', float('nan')):.4f} ms, "
+                f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
                 f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
                 f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
-                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f}), "
-                f"best with fused select {e2e.get('best_fused_select', {}).get('ms', float('nan')):.4f} ms "
-                f"(x{e2e.get('best_fused_select', {}).get('x_sdpa', float('nan')):.2f})")
+                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f})")
             del a_ref
         out["shapes"].append(shp)
         del k, v, kmin, kmax, scores
@@ -567,22 +446,21 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
 
 def _rank_attention(shapes):
     """Attention configs timed on every shape at budget 1/16, ranked by the geometric mean of
-    their time relative to the current default (split, DECODE_CFG) of the same shape."""
+    their time relative to the default (decode_cfg's choice) of the same shape."""
     per = {}
     for s in shapes:
         rows = s["components"].get(f"{1 / 16:.4g}", {}).get("attention", [])
-        base = next((r["ms"] for r in rows if "ms" in r and r["variant"] == "split"), None)
+        base = next((r["ms"] for r in rows if "ms" in r and r["cfg"] is None), None)
         if base is None:
             continue
         for r in rows:
             if "ms" in r:
-                key = json.dumps([r["variant"], r["cfg"]], sort_keys=True)
+                key = json.dumps(r["cfg"], sort_keys=True)
                 per.setdefault(key, []).append(r["ms"] / base)
     n = max((len(v) for v in per.values()), default=0)
     ranked = sorted(((math.exp(sum(map(math.log, v)) / len(v)), k) for k, v in per.items()
                      if len(v) == n))
-    return [dict(variant=json.loads(k)[0], cfg=json.loads(k)[1], rel_to_default=g)
-            for g, k in ranked[:8]]
+    return [dict(cfg=json.loads(k), rel_to_default=g) for g, k in ranked[:8]]
 
 
 def sweep_main(args):
@@ -612,15 +490,14 @@ def sweep_main(args):
     print("\nsummary (end to end Quest, ms and x dense SDPA):")
     for s in result["sweep"]["shapes"]:
         for bud, e in s["end_to_end"].items():
-            d, b, f = e["default"], e["best"], e.get("best_fused_select", {})
+            d, b = e["default"], e["best"]
             print(f"B={s['B']} T={s['T']} budget={bud}: sdpa {s['dense_sdpa_ms']:.4f}  default "
                   f"{d.get('ms', float('nan')):.4f} (x{d.get('x_sdpa', float('nan')):.2f})  best "
-                  f"{b.get('ms', float('nan')):.4f} (x{b.get('x_sdpa', float('nan')):.2f})  fused-select "
-                  f"{f.get('ms', float('nan')):.4f} (x{f.get('x_sdpa', float('nan')):.2f})  "
+                  f"{b.get('ms', float('nan')):.4f} (x{b.get('x_sdpa', float('nan')):.2f})  "
                   f"{json.dumps(e['best_components'])}")
-    print("attention configs at budget 1/16 (geomean time / current default over the shapes):")
+    print("attention configs at budget 1/16 (geomean time / default over the shapes; null = default):")
     for r in result["sweep"]["ranking_budget_1_16"]:
-        print(f"  {r['rel_to_default']:.3f}  {r['variant']} {json.dumps(r['cfg'])}")
+        print(f"  {r['rel_to_default']:.3f}  {json.dumps(r['cfg'])}")
     print(f"wrote {args.out} ({result['sweep']['wall_s']:.0f} s)")
 
 
@@ -631,9 +508,9 @@ def main():
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--budgets", default="1/8,1/16,1/32")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep", action="store_true",
-                    help="time every Quest-decode variant x launch configs, components separately")
+                    help="time the Quest-decode components (score configs, top-k variants, decode "
+                         "launch configs) separately, and end to end")
     ap.add_argument("--sweep-shapes", default="1x131072,8x131072,1x32768,8x32768",
                     help="BxT list for --sweep")
     ap.add_argument("--sweep-budget-s", type=float, default=150.0,
@@ -648,13 +525,17 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/sparse_decode.py needs a CUDA GPU")
     import triton
+    from kernels.sparse import triton_ops as to
     dev, dtype = torch.device("cuda"), torch.bfloat16
     budgets = [eval(b, {}) for b in args.budgets.split(",")]  # "1/16" -> 0.0625
+    batches = [int(x) for x in args.batches.split(",")]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(),
                   git_commit=_git_commit(), command=" ".join([sys.executable] + sys.argv),
                   dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  defaults=dict(decode_cfg=to.DECODE_CFG, topk=to.TOPK_VARIANT,
+                                decode_cfg_by_batch={B: to.decode_cfg(B * H, dev) for B in batches}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -664,13 +545,9 @@ def main():
     result["correctness"] = correctness(dev, dtype)
     print("correctness:", json.dumps(result["correctness"]), flush=True)
     save()
-    if not args.no_sweep:
-        result["decode_cfg_sweep"] = sweep_decode_cfg(dev, dtype)
-        print("decode cfg:", json.dumps(result["decode_cfg_sweep"]["best"]), flush=True)
-        save()
     result["decode"] = []
     for T in [int(x) for x in args.contexts.split(",")]:
-        for B in [int(x) for x in args.batches.split(",")]:
+        for B in batches:
             rows = run_decode(dev, dtype, B, T, budgets, not args.no_graphs)
             result["decode"].extend(rows)
             save()

@@ -9,18 +9,16 @@
   top (topk-1) by repeated arg-max (ties to the lower block), add the own block, write the chosen
   blocks in ascending order (prefix sum of the chosen mask), -1 elsewhere. The gate scores
   themselves are one fp32 matmul (cuBLAS).
-* ``_select_topk_kernel`` / ``_select_topk2_kernel``: Quest's top-k by threshold bisection over
-  the int32 image of the scores (int64 or int32 compares) or by radix select (4 x 8-bit
-  histograms); ties to the lower index, ascending output, -1 padding.
-* ``_bsd_group_kernel``: grouped block-sparse decode (variants "gdot"/"gsum", see there): one
-  program per (row, selection head, split) serves all query heads sharing that selection; the
-  last split can merge all splits itself (fused merge).
+* ``_select_topk_kernel`` (default) / ``_select_topk2_kernel`` (opt-in): Quest's top-k by
+  threshold bisection over the int32 image of the scores (int64 or int32 compares) or by radix
+  select (4 x 8-bit histograms); ties to the lower index, ascending output, -1 padding.
 * ``_decode_kernel`` + ``_merge_kernel``: split-K decoding over a *virtual token list*: the flat
   list of candidate positions of one query row (selected blocks in block_idx order, or the
-  RAT+ dilated set: prefix, chunk ends, local window) is cut into splits; each split runs an
-  online softmax over its tiles of gathered keys and writes (max, sum, acc); the merge combines
-  the splits by log-sum-exp. Masked loads fetch nothing, so -1 slots and masked tokens cost no
-  memory traffic.
+  RAT+ dilated set: prefix, chunk ends, local window) is cut into splits; one program per (row,
+  selection head, split) serves every query head sharing that list (tl.dot on the padded group),
+  runs an online softmax over its tiles of gathered keys and writes (max, sum, acc); the merge
+  combines the splits by log-sum-exp. Masked loads fetch nothing, so -1 slots and masked tokens
+  cost no memory traffic. Launch configs: DECODE_CFG / decode_cfg (from the H200 sweep).
 * ``_moba_prefill_kernel``: flash-attention style over query tiles that lie inside one block:
   every strictly-past block that some row of the tile selected is visited (rows that did not
   select it are masked), then the own block causally.
@@ -247,10 +245,12 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_wa
         n_pages = ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
     else:
         n_pages = out  # unused
+    # BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep on every shape
+    # (within 0.1 %; 4 warps: up to 2.5 % slower)
     BP = bp or (64 if not INTERPRET else 16)
     _quest_kernel[(B * Hq, triton.cdiv(NP, BP))](
         q, kmin, kmax, n_pages, out, Hq, G, Hkv, D, NP, *q.stride(), *kmin.stride(),
-        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), num_warps=num_warps or 4)
+        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), num_warps=num_warps or 8)
     return out
 
 
@@ -328,16 +328,15 @@ def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
 
 
 @triton.jit
-def _topk_row(s_ptr, o_ptr, row, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
-    """Indices of the K largest finite entries of score row ``row`` (ascending, -1 padded).
+def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
+    """Opt-in top-k of one row (select_topk variants "bisect32" / "radix"), ascending, -1 padded.
     RADIX=False: bisection on int32 keys (int32 compares instead of _select_topk_kernel's int64).
     RADIX=True: radix select, 4 passes of 8 bits, each a 256-bin histogram (tl.histogram) of the
-    candidates sharing the threshold's prefix so far. Ties at the threshold to the lower index.
-    Scores are read with .cg (they may have just been written by other programs)."""
+    candidates sharing the threshold's prefix so far. Ties at the threshold to the lower index."""
+    row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
-    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"),
-                cache_modifier=".cg")
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
     valid = nm & (x > float("-inf"))
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed, order-preserving
@@ -387,79 +386,11 @@ def _topk_row(s_ptr, o_ptr, row, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
                  mask=(pad >= need) & (pad < K))
 
 
-@triton.jit
-def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
-    _topk_row(s_ptr, o_ptr, tl.program_id(0), N, K, RADIX, BN)
-
-
-@triton.jit
-def _quest_select_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, s_ptr, cnt_ptr, o_ptr, Hq, G, D, NP, K,
-                         sqb, sqh, sqd, slb, slh, slp, sld,
-                         HAS_NP: tl.constexpr, RADIX: tl.constexpr, BP: tl.constexpr,
-                         BD: tl.constexpr, BN: tl.constexpr):
-    """Quest score + top-k in one launch: each program scores a tile of BP pages of one row (as
-    _quest_kernel); the last program of the row to finish (per-row counter, reset by it) runs
-    the row's top-k (_topk_row) on the scores the others wrote."""
-    bh = tl.program_id(0)
-    pt = tl.program_id(1)
-    b = bh // Hq
-    hq = bh % Hq
-    hk = hq // G
-    d = tl.arange(0, BD)
-    dm = d < D
-    p = pt * BP + tl.arange(0, BP)
-    pm = p < NP
-    q = tl.load(q_ptr + b * sqb + hq * sqh + d * sqd, mask=dm, other=0.).to(tl.float32)
-    off = b.to(tl.int64) * slb + hk.to(tl.int64) * slh + p.to(tl.int64)[:, None] * slp \
-        + d[None, :] * sld
-    m2 = pm[:, None] & dm[None, :]
-    lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
-    hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
-    s = tl.sum(tl.maximum(q[None, :] * hi, q[None, :] * lo), axis=1)
-    if HAS_NP:
-        n = tl.load(np_ptr + b)
-        s = tl.where(p < n, s, float("-inf"))
-    tl.store(s_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(1) - 1:
-        tl.debug_barrier()
-        _topk_row(s_ptr, o_ptr, bh, NP, K, RADIX, BN)
-        tl.store(cnt_ptr + bh, 0)
-
-
-def quest_select_fused(q, kmin, kmax, k, seq_len=None, page_size=None, *, variant="radix",
-                       bp=None, num_warps=None):
-    """select_topk(quest_scores(q, kmin, kmax, seq_len, page_size), k) in one launch
-    (_quest_select_kernel); variant "radix" or "bisect32". Returns (idx [B, Hq, k], scores)."""
-    B, Hq, D = q.shape
-    Hkv, NP = kmin.shape[1], kmin.shape[2]
-    G = _group(Hq, Hkv)
-    assert kmin.stride() == kmax.stride()
-    BN = _p2(NP)
-    if BN > 32768 or k <= 0 or variant not in ("radix", "bisect32"):
-        sc = quest_scores(q, kmin, kmax, seq_len, page_size)
-        return select_topk(sc, k, variant=variant if variant != "radix" or BN <= 32768 else None), sc
-    sc = torch.empty(B, Hq, NP, device=q.device, dtype=torch.float32)
-    if seq_len is not None:
-        if page_size is None:
-            raise ValueError("quest_select_fused: seq_len needs page_size")
-        sl = _seq_len(seq_len, B, NP * page_size, q.device)
-        n_pages = ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
-    else:
-        n_pages = sc  # unused
-    out = torch.empty(B, Hq, k, device=q.device, dtype=torch.int32)
-    BP = bp or (64 if not INTERPRET else 16)
-    cnt = _merge_counters(q.device, B * Hq, "select")
-    _quest_select_kernel[(B * Hq, triton.cdiv(NP, BP))](
-        q, kmin, kmax, n_pages, sc, cnt, out, Hq, G, D, NP, k, *q.stride(), *kmin.stride(),
-        HAS_NP=seq_len is not None, RADIX=variant == "radix", BP=BP, BD=_p2(D), BN=BN,
-        num_warps=num_warps or 8)
-    return out, sc
-
-
-# top-k variants: "bisect" (_select_topk_kernel), "bisect32" / "radix" (_select_topk2_kernel),
-# "torch" (torch.topk, then ascending order, -1 for non-finite picks).
+# top-k algorithms: "bisect" (_select_topk_kernel, 8 warps from 2048 pages) is the default; in the
+# 2026-11-30 H200 sweep (bench/NOTES-sparse.md) it was the fastest at B=8 (within 0.3 %) and 2 %
+# (128K) / 9-11 % (32K) behind the fastest at B=1, at most 1.5 us of a decode step. Opt-in, each
+# the fastest at one B=1 context: "bisect32" (128K) and "radix" (32K) (_select_topk2_kernel).
+# SPARSE_TOPK_VARIANT sets the variant for the whole process.
 TOPK_VARIANT = os.environ.get("SPARSE_TOPK_VARIANT", "bisect")
 
 
@@ -468,8 +399,8 @@ def select_topk(scores, k, *, variant=None, num_warps=None):
     shape = scores.shape
     N = shape[-1]
     variant = variant or TOPK_VARIANT
-    if variant == "torch":
-        return _select_topk_torchtopk(scores, k)
+    if variant not in ("bisect", "bisect32", "radix"):
+        raise ValueError(f"select_topk: unknown variant {variant!r}")
     s = scores.float().reshape(-1, N).contiguous()
     BN = _p2(N)
     if BN > 32768 or k <= 0:
@@ -479,51 +410,46 @@ def select_topk(scores, k, *, variant=None, num_warps=None):
     if variant == "bisect":
         out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
         _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=nw)
-    elif variant in ("bisect32", "radix"):
+    else:
         out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
         _select_topk2_kernel[(s.shape[0],)](s, out, N, k, RADIX=variant == "radix", BN=BN,
                                             num_warps=nw)
-    else:
-        raise ValueError(f"select_topk: unknown variant {variant!r}")
     return out.view(*shape[:-1], k)
-
-
-def _select_topk_torchtopk(scores, k):
-    """torch.topk picks (ties to any index), then ascending with -inf picks as -1 at the end."""
-    s = scores.float()
-    kk = min(k, s.shape[-1])
-    val, idx = torch.topk(s, kk, dim=-1, sorted=False)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.where(val > float("-inf"), idx.int(), big).sort(dim=-1).values
-    idx = torch.where(idx == big, -1, idx)
-    if kk < k:
-        idx = torch.nn.functional.pad(idx, (0, k - kk), value=-1)
-    return idx
 
 
 # --------------------------------------------------------------------------------------------
 # split-K decoding over a virtual token list
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hq", "Hsel", "G", "HSG", "NSEL", "BS", "TPS", "S",
+                               "CHUNK", "WINDOW", "PREFIX"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
-                   Hq, G, HSG, D, NSEL, BS, TPS, S, scale,
-                   CHUNK, WINDOW, PREFIX,
+                   Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale, CHUNK, WINDOW, PREFIX,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
-                   DILATED: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    bh = tl.program_id(0)
+                   DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
+                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    r = tl.program_id(0)
     sp = tl.program_id(1)
-    b = bh // Hq
-    hq = bh % Hq
-    hk = hq // G
+    b = r // Hsel
+    hs = r % Hsel
+    h0 = hs * HSG
+    hk = h0 // G
     L = tl.load(sl_ptr + b)
+    rows = tl.arange(0, BM)
+    rm = rows < HSG
+    hq = h0 + rows
     d = tl.arange(0, BD)
-    dm = d < D
-    q = tl.load(q_ptr + b * sqb + hq * sqh + d * sqd, mask=dm, other=0.).to(tl.float32)
-    q = q * scale
+    if EVEN_D:
+        dm = d < BD
+    else:
+        dm = d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + d[None, :] * sqd,
+                mask=rm[:, None] & dm[None, :], other=0.)
     kb = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     vb = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     if DILATED:
+        # query at t = L - 1: prefix [0, p_end), chunk ends c * CHUNK - 1 for c0 <= c < c0 + n_c,
+        # local window [wstart, t]
         t = L - 1
         p_end = tl.minimum(PREFIX, t + 1)
         wstart = tl.maximum(t - WINDOW, p_end)
@@ -531,43 +457,45 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
         n_c = tl.maximum(wstart // CHUNK - c0 + 1, 0)
         n_tok = p_end + n_c + tl.maximum(t - wstart + 1, 0)
     else:
-        ib = idx_ptr + b.to(tl.int64) * sib + (hq // HSG).to(tl.int64) * sih
+        ib = idx_ptr + b.to(tl.int64) * sib + hs.to(tl.int64) * sih
         n_tok = NSEL * BS
-    m_i = float("-inf")
-    l_i = 0.0
-    acc = tl.zeros([BD], tl.float32)
-    for i in range(TPS):
-        f = (sp * TPS + i) * BT + tl.arange(0, BT)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    t_beg = sp * TPS
+    for i in tl.range(0, TPS, num_stages=NUM_STAGES):
+        f = (t_beg + i) * BT + tl.arange(0, BT)
         fm = f < n_tok
         if DILATED:
             pos = tl.where(f < p_end, f,
                            tl.where(f < p_end + n_c, (c0 + f - p_end) * CHUNK - 1,
                                     wstart + f - p_end - n_c))
-            ok = fm
+            ok = fm & (pos >= 0) & (pos < L)
         else:
             slot = f // BS
             blk = tl.load(ib + slot * sin, mask=fm, other=-1)
-            pos = blk * BS + f % BS
-            ok = fm & (blk >= 0)
-        ok = ok & (pos < L) & (pos >= 0)
+            pos = blk * BS + (f - slot * BS)
+            ok = fm & (blk >= 0) & (pos < L)
         pos64 = pos.to(tl.int64)
-        kt = tl.load(kb + pos64[:, None] * skt + d[None, :] * skd,
-                     mask=ok[:, None] & dm[None, :], other=0.).to(tl.float32)
-        s = tl.sum(kt * q[None, :], axis=1)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        if EVEN_D:
+            lm = ok[:, None]
+        else:
+            lm = ok[:, None] & dm[None, :]
+        kt = tl.load(kb + pos64[:, None] * skt + d[None, :] * skd, mask=lm, other=0.)
+        vt = tl.load(vb + pos64[:, None] * svt + d[None, :] * svd, mask=lm, other=0.)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe)
-        vt = tl.load(vb + pos64[:, None] * svt + d[None, :] * svd,
-                     mask=ok[:, None] & dm[None, :], other=0.).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        p = tl.exp(s - m_safe[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    o = bh.to(tl.int64) * S + sp
-    tl.store(m_ptr + o, m_i)
-    tl.store(l_ptr + o, l_i)
-    tl.store(acc_ptr + o * D + d, acc, mask=dm)
+    o = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S + sp
+    tl.store(m_ptr + o, m_i, mask=rm)
+    tl.store(l_ptr + o, l_i, mask=rm)
+    tl.store(acc_ptr + o[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -593,253 +521,101 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
     tl.store(o_ptr + b * sob + hq * soh + d * sod, out.to(o_ptr.dtype.element_ty), mask=dm)
 
 
-# decode launch config (BT tokens per tile, warps, pipeline stages, programs per SM);
-# bench/sparse_decode.py sweeps these on the GPU and records the choice.
-DECODE_CFG = dict(bt=64, num_warps=4, num_stages=2, waves=8)  # best of the H200 sweep
+# Launch configs of _decode_kernel: BT gathered tokens per tile, warps, software-pipeline stages
+# of the tile loop, and waves (the splits per (row, selection head) are sized so that the grid
+# holds about waves x SMs programs). From the 2026-11-30 H200 sweep (bench/NOTES-sparse.md;
+# Quest, 32 heads x 128, bf16, page 16, budget 1/16, times relative to the per-shape best):
+# * "few_rows" (B x selection heads < SMs; measured: B=1, 32 rows): the best config at both 32K
+#   and 128K (1.000 / 1.000).
+# * "many_rows" (>= SMs; measured: B=8, 256 rows): best geometric mean over 32K and 128K among
+#   the configs timed at both (1.032 / 1.031; "few_rows" there: 1.018 / 1.091). The per-shape
+#   winners were bt 64 / 3 stages / 4 waves at 32K and bt 128 / 8 warps / 3 stages / 2 waves at
+#   128K.
+# The threshold between 32 and 256 rows (the SM count) is not measured. Dilated decoding uses the
+# same rule; it was not part of the sweep.
+DECODE_CFG = {"few_rows": dict(bt=64, num_warps=4, num_stages=2, waves=4),
+              "many_rows": dict(bt=128, num_warps=8, num_stages=3, waves=4)}
 
 
-def _split_decode(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=None,
-                  num_splits=None, bt=None):
+def decode_cfg(rows, device):
+    """The launch config for ``rows`` = batch x selection heads programs per split."""
+    return DECODE_CFG["many_rows" if rows >= _n_sms(device) else "few_rows"]
+
+
+def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=None,
+                  num_splits=None, cfg=None):
+    """Split-K partials (max, sum, acc) of one decode query per row over its virtual token list
+    (the selected blocks of ``idx``, or the ``dilated`` = (chunk, window, prefix) set), at most
+    n_max tokens. One program per (row, selection head, split) serves every query head that shares
+    the selection (the G heads of a KV group when the selection is per KV head, one head when it
+    is per query head), so a gathered K/V tile is read once per group; scores and P @ V use
+    tl.dot (query rows padded to 16), and the tile loop is a tl.range with num_stages so that the
+    (indirect) K/V loads are software-pipelined. Returns (m, l, acc, S)."""
     B, Hq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = _group(Hq, Hkv)
-    scale = D ** -0.5 if scale is None else float(scale)
-    sl = _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
-    cfg = DECODE_CFG
-    BT = bt or (16 if INTERPRET else cfg["bt"])
-    tiles = max(1, triton.cdiv(n_max, BT))
-    if num_splits is None:
-        target = cfg["waves"] * _n_sms(q.device)
-        num_splits = max(1, min(tiles, triton.cdiv(target, B * Hq)))
-    TPS = triton.cdiv(tiles, num_splits)
-    S = triton.cdiv(tiles, TPS)
-    m = torch.empty(B * Hq * S, device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
-    acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
     if dilated is None:
         Hsel, NSEL = idx.shape[1], idx.shape[2]
         if Hsel not in (Hq, Hkv):
             raise ValueError(f"block_idx has {Hsel} heads; expected {Hkv} (KV) or {Hq} (query)")
-        HSG = Hq // Hsel
         istr = idx.stride()
         chunk = window = prefix = 0
     else:
-        idx, HSG, NSEL, istr = sl, 1, 0, (0, 0, 0)
+        Hsel, NSEL, istr = Hkv, 0, (0, 0, 0)
         chunk, window, prefix = dilated
-    _decode_kernel[(B * Hq, S)](
-        q, k, v, idx, sl, m, l, acc, Hq, G, HSG, D, NSEL, bs, TPS, S, scale,
-        chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr,
-        DILATED=dilated is not None, BT=BT, BD=_p2(D), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
-    return out
-
-
-# Grouped variants of the block-sparse decode ("gdot" / "gsum"). One program per
-# (row, selection head, split) serves every query head that shares the selection (the G heads of
-# a KV group when block_idx is per KV head, one head when it is per query head), so a gathered K/V
-# tile is read from memory once per group. Tiles of BT gathered tokens; the loop is a tl.range
-# with num_stages so the compiler can software-pipeline the (indirect) K/V loads. "gdot" scores
-# and accumulates with tl.dot (query rows padded to 16: tensor cores, loads staged through shared
-# memory by the pipeliner); "gsum" with broadcast-multiply-reduce on CUDA cores. Splits per
-# (row, selection head) are sized so that the grid holds ``waves`` programs per SM. Partials go
-# to the same (max, sum, acc) buffers as _decode_kernel and are merged by _merge_kernel.
-
-
-@triton.jit(do_not_specialize=["Hq", "Hsel", "G", "HSG", "NSEL", "BS", "TPS", "S", "sob", "soh"])
-def _bsd_group_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
-                      Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale,
-                      sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
-                      cnt_ptr, o_ptr, sob, soh, sod,
-                      USE_DOT: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
-                      BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                      PREC: tl.constexpr, FUSE_MERGE: tl.constexpr):
-    r = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = r // Hsel
-    hs = r % Hsel
-    h0 = hs * HSG
-    hk = h0 // G
-    L = tl.load(sl_ptr + b)
-    rows = tl.arange(0, BM)
-    rm = rows < HSG
-    hq = h0 + rows
-    d = tl.arange(0, BD)
-    if EVEN_D:
-        dm = d < BD
-    else:
-        dm = d < D
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + d[None, :] * sqd,
-                mask=rm[:, None] & dm[None, :], other=0.)
-    kb = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    vb = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    ib = idx_ptr + b.to(tl.int64) * sib + hs.to(tl.int64) * sih
-    n_tok = NSEL * BS
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, BD], tl.float32)
-    if not USE_DOT:
-        qf = q.to(tl.float32) * scale
-    t_beg = sp * TPS
-    for i in tl.range(0, TPS, num_stages=NUM_STAGES):
-        f = (t_beg + i) * BT + tl.arange(0, BT)
-        fm = f < n_tok
-        slot = f // BS
-        blk = tl.load(ib + slot * sin, mask=fm, other=-1)
-        pos = blk * BS + (f - slot * BS)
-        ok = fm & (blk >= 0) & (pos < L)
-        pos64 = pos.to(tl.int64)
-        if EVEN_D:
-            lm = ok[:, None]
-        else:
-            lm = ok[:, None] & dm[None, :]
-        kt = tl.load(kb + pos64[:, None] * skt + d[None, :] * skd, mask=lm, other=0.)
-        vt = tl.load(vb + pos64[:, None] * svt + d[None, :] * svd, mask=lm, other=0.)
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
-        else:
-            s = tl.sum(qf[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        if USE_DOT:
-            pv = tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        else:
-            pv = tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    o = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S + sp
-    tl.store(m_ptr + o, m_i, mask=rm)
-    tl.store(l_ptr + o, l_i, mask=rm)
-    tl.store(acc_ptr + o[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
-    if FUSE_MERGE:
-        # the last split of this (row, selection head) to finish merges all splits (counter per
-        # (row, selection head), reset by that program for the next call)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
-        if done == S - 1:
-            tl.debug_barrier()
-            o0 = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S
-            mx = tl.full([BM], float("-inf"), tl.float32)
-            for j in range(S):
-                mx = tl.maximum(mx, tl.load(m_ptr + o0 + j, mask=rm, other=float("-inf"),
-                                            cache_modifier=".cg"))
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            num = tl.zeros([BM, BD], tl.float32)
-            den = tl.zeros([BM], tl.float32)
-            for j in range(S):
-                mj = tl.load(m_ptr + o0 + j, mask=rm, other=float("-inf"), cache_modifier=".cg")
-                lj = tl.load(l_ptr + o0 + j, mask=rm, other=0., cache_modifier=".cg")
-                aj = tl.load(acc_ptr + (o0 + j)[:, None] * D + d[None, :],
-                             mask=rm[:, None] & dm[None, :], other=0., cache_modifier=".cg")
-                w = tl.exp(mj - mx)
-                num += aj * w[:, None]
-                den += lj * w
-            res = num / tl.where(den > 0, den, 1.0)[:, None]
-            tl.store(o_ptr + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + d[None, :] * sod,
-                     res.to(o_ptr.dtype.element_ty), mask=rm[:, None] & dm[None, :])
-            tl.store(cnt_ptr + r, 0)
-
-
-# launch configs of the block-sparse decode variants: "split" is _decode_kernel (one program per
-# query head and split, DECODE_CFG); "gdot"/"gsum" are _bsd_group_kernel.
-# default; bench/sparse_decode.py --sweep measures the others. SPARSE_DECODE_VARIANT overrides.
-BSD_VARIANT = os.environ.get("SPARSE_DECODE_VARIANT", "split")
-BSD_CFG = {"gdot": dict(bt=64, num_warps=4, num_stages=3, waves=4),
-           "gsum": dict(bt=32, num_warps=4, num_stages=3, waves=4)}
-
-
-_MERGE_COUNTERS = {}
-
-
-def _merge_counters(device, n, name="merge"):
-    """Zeroed int32 counters for the fused merge / fused Quest select, kept per (device, user)
-    (each launch leaves them at zero again). One launch at a time per device: not for
-    concurrent streams."""
-    buf = _MERGE_COUNTERS.get((device, name))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
-        _MERGE_COUNTERS[(device, name)] = buf
-    return buf
-
-
-def _bsd_group(q, k, v, idx, bs, seq_len, scale, variant, *, num_splits=None, bt=None,
-               num_warps=None, num_stages=None, waves=None, fuse_merge=False, parts=False):
-    B, Hq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    G = _group(Hq, Hkv)
-    Hsel, NSEL = idx.shape[1], idx.shape[2]
-    if Hsel not in (Hq, Hkv):
-        raise ValueError(f"block_idx has {Hsel} heads; expected {Hkv} (KV) or {Hq} (query)")
     HSG = Hq // Hsel
     scale = D ** -0.5 if scale is None else float(scale)
     sl = _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
-    cfg = BSD_CFG[variant]
-    use_dot = variant == "gdot"
-    BT = bt or (16 if INTERPRET else cfg["bt"])
-    BD = _p2(D)
-    if use_dot:
-        BT, BD = max(16, BT), max(16, BD)
-    BM = max(16, _p2(HSG)) if use_dot else _p2(HSG)
-    tiles = max(1, triton.cdiv(NSEL * bs, BT))
+    BD = max(16, _p2(D))
+    c = dict(decode_cfg(B * Hsel, q.device))
+    # the configs were measured for bf16, D=128: a K tile of at most 32 KiB, so fp32 or wider heads
+    # take fewer tokens per tile (fp32 dilated at 128 x 128 x 3 stages would need 272 KiB of shared
+    # memory, over the H200's 227; at 64 tokens 140 KiB)
+    c["bt"] = 16 if INTERPRET else min(c["bt"], max(16, 32768 // (BD * q.element_size())))
+    c.update(cfg or {})
+    BT = max(16, c["bt"])
+    BM = max(16, _p2(HSG))
+    tiles = max(1, triton.cdiv(n_max, BT))
     if num_splits is None:
-        target = (waves or cfg["waves"]) * _n_sms(q.device)
-        num_splits = max(1, min(tiles, triton.cdiv(target, B * Hsel)))
+        num_splits = max(1, min(tiles, triton.cdiv(c["waves"] * _n_sms(q.device), B * Hsel)))
     TPS = triton.cdiv(tiles, num_splits)
     S = triton.cdiv(tiles, TPS)
     m = torch.empty(B * Hq * S, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
-    ns = num_stages or cfg["num_stages"]
+    _decode_kernel[(B * Hsel, S)](
+        q, k, v, idx if dilated is None else sl, sl, m, l, acc, Hq, Hsel, G, HSG, D, NSEL, bs,
+        TPS, S, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr,
+        DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM, BT=BT,
+        BD=BD, PREC=_prec(q.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return m, l, acc, S
+
+
+def _merge(q, m, l, acc, S):
+    B, Hq, D = q.shape
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    fuse = bool(fuse_merge) and not parts
-    cnt = _merge_counters(q.device, B * Hsel) if fuse else sl
-    _bsd_group_kernel[(B * Hsel, S)](
-        q, k, v, idx, sl, m, l, acc, Hq, Hsel, G, HSG, D, NSEL, bs, TPS, S, scale,
-        *q.stride(), *k.stride(), *v.stride(), *idx.stride(), cnt, out, *out.stride(),
-        USE_DOT=use_dot, EVEN_D=BD == D, NUM_STAGES=ns, BM=BM, BT=BT, BD=BD,
-        PREC=_prec(q.dtype), FUSE_MERGE=fuse, num_warps=num_warps or cfg["num_warps"],
-        num_stages=ns)
-    if parts:
-        return m, l, acc, S
-    if fuse:
-        return out
     _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
     return out
 
 
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None, *,
-                        num_splits=None, bt=None, variant=None, cfg=None):
-    """``variant``: "split" (_decode_kernel), "gdot" or "gsum" (_bsd_group_kernel); None takes
-    BSD_VARIANT. ``cfg`` overrides the variant's launch config (bt, num_warps, num_stages, waves)."""
+                        num_splits=None, cfg=None):
+    """``cfg`` overrides decode_cfg's launch config (bt, num_warps, num_stages, waves)."""
     if block_idx.dtype != torch.int32:
         block_idx = block_idx.to(torch.int32)
-    variant = variant or BSD_VARIANT
-    if variant in BSD_CFG:
-        kw = dict(cfg or {})
-        if bt:
-            kw["bt"] = bt
-        return _bsd_group(q, k, v, block_idx, block_size, seq_len, scale, variant,
-                          num_splits=num_splits, **kw)
-    if variant != "split":
-        raise ValueError(f"block_sparse_decode: unknown variant {variant!r}")
     n_max = block_idx.shape[2] * block_size
-    return _split_decode(q, k, v, n_max, seq_len, scale, idx=block_idx, bs=block_size,
-                         num_splits=num_splits, bt=bt)
+    return _merge(q, *_decode_parts(q, k, v, n_max, seq_len, scale, idx=block_idx, bs=block_size,
+                                    num_splits=num_splits, cfg=cfg))
 
 
 def dilated_decode(q, k, v, chunk, window, prefix, seq_len=None, scale=None, *,
-                   num_splits=None, bt=None):
+                   num_splits=None, cfg=None):
     if chunk < 1 or window < 0 or prefix < 0:
         raise ValueError("dilated_decode: chunk >= 1, window >= 0, prefix >= 0")
     T = k.shape[2]
     n_max = min(T, prefix + T // chunk + window + 1)
-    return _split_decode(q, k, v, n_max, seq_len, scale, dilated=(chunk, window, prefix),
-                         num_splits=num_splits, bt=bt)
+    return _merge(q, *_decode_parts(q, k, v, n_max, seq_len, scale, dilated=(chunk, window, prefix),
+                                    num_splits=num_splits, cfg=cfg))
 
 
 # --------------------------------------------------------------------------------------------
