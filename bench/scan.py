@@ -2,19 +2,21 @@
 
     python bench/scan.py [--out bench/results/scan.json] [--quick] [--commit SHA]
 
-bf16, heads 32, dim 128, batch 1 and 8, seq 4096..32768, forward and forward+backward.
-In the same run: a device-to-device copy (the bandwidth ceiling), torch ``associative_scan``
-under ``torch.compile`` in fp32 (RAT+'s approach, k and v concatenated), fla-core's
-``chunk_hgrn`` (when importable) and our torch twin. Bytes counted for the scan: gate logits,
-k and v read, k~ and v~ written (5 tensors); forward+backward adds the backward's 7 reads
+bf16, heads 32, dim 128, batch 1 and 8, seq 4096..32768, forward and forward+backward: the
+default plan (forward: "chunk" kernels with the CT rule of fused._fwd_plan; backward: "scan"
+kernel) and a few pinned alternatives. In the same run: a device-to-device copy (the bandwidth
+ceiling), torch ``associative_scan`` under ``torch.compile`` in fp32 (RAT+'s approach, k and v
+concatenated), fla-core's ``chunk_hgrn`` (when importable) and our torch twin. Bytes counted
+for the scan: gate logits, k and v read, k~ and v~ written (5 tensors); forward+backward adds the backward's 7 reads
 (z, k, v, k~, v~, dk~, dv~) and 3 writes (dz, dk, dv): 15 tensors.
-Correctness on the GPU (bf16 and fp32 against the float64 loop, both schedules, cu_seqlens,
-every output element written) runs before any timing; the chained schedule is first tried in
-a subprocess with a time limit, so a hang cannot eat the whole run.
+Correctness on the GPU (bf16 and fp32 against the float64 loop, both backward schedules,
+cu_seqlens, every output element written) runs before any timing; the backward's chained
+schedule (spin-waits) is first tried in a subprocess with a time limit, so a hang cannot eat the
+whole run.
 
     python bench/scan.py --sweep --out $OUT/scan_sweep.json [--budget-s 170]
 
-times the forward kernel variants (kernel x tile sizes x num_warps x prefetch x chunk length,
+times forward configs of the "chunk" kernels (tile sizes x num_warps x prefetch x chunk length,
 see ``sweep_main``) on the issue's shapes after checking each against the torch twin on the
 same inputs; writes every row plus the best per shape.
 """
@@ -42,22 +44,17 @@ from kernels.memory_scan.fused import memory_scan_fused, scan_bwd, scan_fwd  # n
 from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
 
 H, D = 32, 128
-R, S = "rows", "scan"
-# The "rows" kernels unroll BT rows: each of their variants takes several seconds to compile
-# (seen: a run with 9 rows variants spent its whole 390 s before finishing the checks).
+# forward configs timed beside the default plan (fused._fwd_plan): the 2026-11-30 sweep's winner
+# at B=1 T=4096 (2.8 % ahead of the default's tile there) and the default tile at a fixed CT
 FWD_VARIANTS = [
-    dict(kernel=S, schedule="chained", BT=32, BD=64, num_warps=2),
-    dict(kernel=S, schedule="chained", BT=128, BD=32, num_warps=4),
-    dict(kernel=S, schedule="loop", BT=128, BD=16, num_warps=4),
-    dict(kernel=R, schedule="chained", BT=16, BD=32, num_warps=1),
-    dict(kernel=R, schedule="chained", BT=8, BD=64, num_warps=2),
-    dict(kernel=R, schedule="loop", BT=16, BD=32, num_warps=1),
+    dict(BH=2, BT=2, num_warps=1, CT=64),
+    dict(BH=4, BT=2, num_warps=2, CT=512),
 ]
+# backward configs: the default (BT64 BD32 w4) under both schedules and run 1's runner-up
 BWD_VARIANTS = [
-    dict(kernel=S, schedule="chained", BT=64, BD=32, num_warps=4),
-    dict(kernel=S, schedule="loop", BT=64, BD=32, num_warps=4),
-    dict(kernel=R, schedule="chained", BT=16, BD=32, num_warps=1),
-    dict(kernel=R, schedule="loop", BT=16, BD=32, num_warps=1),
+    dict(schedule="chained", BT=64, BD=32, num_warps=4),
+    dict(schedule="loop", BT=64, BD=32, num_warps=4),
+    dict(schedule="loop", BT=128, BD=16, num_warps=4),
 ]
 T0 = time.time()
 
@@ -67,7 +64,16 @@ def log(*a):
 
 
 def vname(v):
-    return f"{v['kernel']}-{v['schedule']}-BT{v['BT']}-BD{v['BD']}-w{v['num_warps']}"
+    """A backward config's name."""
+    return f"{v['schedule']}-BT{v['BT']}-BD{v['BD']}-w{v['num_warps']}"
+
+
+def fname(c):
+    """A forward config's name (CT 'auto': the default rule)."""
+    n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
+    if not c.get("prefetch", True):
+        n += "-nopf"
+    return n
 
 
 def bench(fn, rep=60, grad_to_none=None):
@@ -92,7 +98,8 @@ def poison_allocator(nbytes=2 << 30):
     del x
 
 
-def check_variant(opts, dtype, B=2, T=777, Hh=4, Dd=128, cu=None, seed=0, with_h0=True):
+def check_variant(plan, dtype, B=2, T=777, Hh=4, Dd=128, cu=None, seed=0, with_h0=True):
+    """Largest relative error of the forward outputs and final states; plan: dict(fwd=, bwd=)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     z = torch.randn(B, T, Hh, Dd, device="cuda", generator=gen) * 2
     k = torch.randn(B, T, Hh, Dd, device="cuda", generator=gen)
@@ -107,13 +114,13 @@ def check_variant(opts, dtype, B=2, T=777, Hh=4, Dd=128, cu=None, seed=0, with_h
     ref = memory_scan_loop(*(t.double() for t in x), h0, cu_seqlens=cu_t, output_final_state=True)
     poison_allocator()
     out = memory_scan_fused(*x, h0 if with_h0 else None, cu_seqlens=cu_t, output_final_state=True,
-                            **opts)
+                            **plan)
     torch.cuda.synchronize()
     errs = [rel(a, b) for a, b in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2]))]
     return max(errs)
 
 
-def check_grads(opts, dtype, B=2, T=301, Hh=2, Dd=128, cu=None, seed=1, with_h0=True):
+def check_grads(plan, dtype, B=2, T=301, Hh=2, Dd=128, cu=None, seed=1, with_h0=True):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     base = [torch.randn(B, T, Hh, Dd, device="cuda", generator=gen, dtype=torch.float64)
             for _ in range(3)]
@@ -132,52 +139,59 @@ def check_grads(opts, dtype, B=2, T=301, Hh=2, Dd=128, cu=None, seed=1, with_h0=
     fi = [t.to(dtype).requires_grad_() for t in base] + [t.float().requires_grad_() for t in h0[:nh]]
     poison_allocator()
     o = memory_scan_fused(*fi[:3], tuple(fi[3:]) or None, cu_seqlens=cu_t, output_final_state=True,
-                          **opts)
+                          **plan)
     got = torch.autograd.grad(sum((a.double() * b).sum() for a, b in zip((o[0], o[1], *o[2]), w)), fi)
     return max(rel(a, b) for a, b in zip(got, ref))
 
 
 def chained_smoke():
-    """Run in a subprocess: a large chained launch must finish and match the loop schedule."""
+    """Run in a subprocess: a large chained backward must finish and match the loop schedule."""
     torch.manual_seed(0)
     z, k, v = (torch.randn(1, 8192, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dok, dov = torch.randn_like(k), torch.randn_like(v)
+    ok, ov, _, _, aux = scan_fwd(z, k, v)
     outs = {}
     for sched in ("loop", "chained"):
-        outs[sched] = scan_fwd(z, k, v, schedule=sched, kernel="scan", BT=64, BD=32)[:3]
+        outs[sched] = scan_bwd(z, k, v, ok, ov, dok, dov, None, None, False, aux, schedule=sched,
+                               BT=64, BD=32)[:3]
     torch.cuda.synchronize()
-    e = max(rel(outs["chained"][0], outs["loop"][0]), rel(outs["chained"][1], outs["loop"][1]),
-            rel(outs["chained"][2], outs["loop"][2]))
+    e = max(rel(a, b) for a, b in zip(outs["chained"], outs["loop"]))
     print("CHAINED_SMOKE_REL", e)
     sys.exit(0 if e < 1e-2 else 1)
 
 
-def run_checks(variants):
-    """Every timed variant in bf16 (forward and gradients, no initial state: the compiled kernels
-    the timing reuses); the two default plans also in fp32 with initial state and cu_seqlens."""
+def run_checks(fwd_vs, bwd_vs):
+    """Every timed config in bf16 (forward outputs for the forward configs, gradients for the
+    backward ones; no initial state: the compiled kernels the timing reuses); the default plan
+    and each backward schedule also in fp32 with initial state and cu_seqlens."""
     checks = {}
-    for v in variants:
-        name = vname(v)
-        checks[f"fwd/{name}/bfloat16"] = e = check_variant(v, torch.bfloat16, with_h0=False)
+    for c in [{}] + fwd_vs:
+        name = fname(c) if c else "default"
+        checks[f"fwd/{name}/bfloat16"] = e = check_variant(dict(fwd=c), torch.bfloat16,
+                                                           with_h0=False)
         log(f"check fwd {name}: {e:.1e}")
         assert e < 1e-2, (name, e)
-        checks[f"grad/{name}/bfloat16"] = e = check_grads(v, torch.bfloat16, with_h0=False)
+    for c in bwd_vs:
+        name = vname(c)
+        checks[f"grad/{name}/bfloat16"] = e = check_grads(dict(bwd=c), torch.bfloat16,
+                                                          with_h0=False)
         log(f"check grad {name}: {e:.1e}")
         assert e < 3e-2, (name, e)
     cu = [0, 100, 100, 357, 358, 900]
-    for o in [{"kernel": kn, "schedule": sc} for kn in ("scan", "rows") for sc in ("loop", "chained")
-              if any(v["kernel"] == kn for v in variants)]:
-        sched = o["kernel"] + "-" + o["schedule"]
-        checks[f"fwd/{sched}-default/float32+h0"] = e = check_variant(o, torch.float32)
-        log(f"check fwd {sched} fp32+h0: {e:.1e}")
-        assert e < 1e-5, (sched, e)
-        checks[f"grad/{sched}-default/float32+h0"] = e = check_grads(o, torch.float32)
-        assert e < 1e-5, (sched, e)
-        checks[f"fwd-varlen/{sched}-default/float32+h0"] = e = check_variant(
-            o, torch.float32, B=1, T=900, cu=cu)
-        assert e < 1e-5, (sched, e)
-        checks[f"grad-varlen/{sched}-default/float32+h0"] = e = check_grads(
-            o, torch.float32, B=1, T=900, cu=cu)
-        assert e < 1e-5, (sched, e)
+    for sched in sorted({c["schedule"] for c in bwd_vs}) + ["default"]:
+        plan = {} if sched == "default" else dict(bwd=dict(schedule=sched))
+        name = "default" if sched == "default" else f"default-fwd+bwd-{sched}"
+        checks[f"fwd/{name}/float32+h0"] = e = check_variant(plan, torch.float32)
+        log(f"check fwd {name} fp32+h0: {e:.1e}")
+        assert e < 1e-5, (name, e)
+        checks[f"grad/{name}/float32+h0"] = e = check_grads(plan, torch.float32)
+        assert e < 1e-5, (name, e)
+        checks[f"fwd-varlen/{name}/float32+h0"] = e = check_variant(
+            plan, torch.float32, B=1, T=900, cu=cu)
+        assert e < 1e-5, (name, e)
+        checks[f"grad-varlen/{name}/float32+h0"] = e = check_grads(
+            plan, torch.float32, B=1, T=900, cu=cu)
+        assert e < 1e-5, (name, e)
     return checks
 
 
@@ -246,18 +260,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
     ap.add_argument("--no-assoc", action="store_true")
-    ap.add_argument("--kernels", default="scan,rows", help="which kernels' variants to time")
     ap.add_argument("--chained-smoke", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--sweep", action="store_true", help="forward variant sweep (sweep_main)")
-    ap.add_argument("--sweep-smoke", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep", action="store_true", help="forward config sweep (sweep_main)")
     ap.add_argument("--dry-run", action="store_true",
                     help="sweep on CPU through the Triton interpreter, tiny shapes (logic test)")
     args = ap.parse_args()
     if args.chained_smoke:
         chained_smoke()
-        return
-    if args.sweep_smoke:
-        sweep_smoke(args.dry_run)
         return
     if args.sweep:
         sweep_main(args)
@@ -288,20 +297,16 @@ def main():
         res["notes"].append("chained smoke: " + (p.stdout + p.stderr)[-400:])
     except subprocess.TimeoutExpired:
         chained_ok = False
-        res["notes"].append("chained smoke: TIMEOUT (hang) - chained variants skipped")
+        res["notes"].append("chained smoke: TIMEOUT (hang) - chained backward skipped")
     log("chained smoke ok:", chained_ok)
-    kinds = args.kernels.split(",")
-    fwd_vs = [v for v in FWD_VARIANTS if (chained_ok or v["schedule"] == "loop")
-              and v["kernel"] in kinds]
-    bwd_vs = [v for v in BWD_VARIANTS if (chained_ok or v["schedule"] == "loop")
-              and v["kernel"] in kinds]
+    if not chained_ok:  # the default backward would pick the chained schedule at batch 1
+        res["notes"].append("chained backward broken: fwd+bwd timed with the loop schedule")
+    fwd_vs = list(FWD_VARIANTS)
+    bwd_vs = [v for v in BWD_VARIANTS if chained_ok or v["schedule"] == "loop"]
+    bwd_default = {} if chained_ok else dict(schedule="loop")
 
     # 2. correctness
-    uniq = []
-    for v in fwd_vs + bwd_vs:
-        if v not in uniq:
-            uniq.append(v)
-    res["checks"] = run_checks(uniq)
+    res["checks"] = run_checks(fwd_vs, bwd_vs)
     log("checks passed:", json.dumps({k: f"{e:.1e}" for k, e in res["checks"].items()}))
     save()
 
@@ -340,17 +345,17 @@ def main():
         dok, dov = torch.randn_like(k), torch.randn_like(v)
         # ours: forward variants
         fwd = {}
-        for var in fwd_vs:
-            fwd[vname(var)] = bench(lambda: scan_fwd(z, k, v, **var))
-            add(B, T, "fwd", "fused", fwd[vname(var)], 5, vname(var))
-        plain = bench(lambda: scan_fwd(z, k, v))
-        add(B, T, "fwd", "fused", plain, 5, "default-plan")
+        for var in [{}] + fwd_vs:
+            name = fname(var) if var else "default-plan"
+            fwd[name] = bench(lambda: scan_fwd(z, k, v, **var))
+            add(B, T, "fwd", "fused", fwd[name], 5, name)
         if T == 4096:  # launch overhead out: the same calls replayed from a CUDA graph
-            for var in [dict()]:
+            for var in [{}] + fwd_vs:
                 try:
                     ms = triton.testing.do_bench_cudagraph(lambda: scan_fwd(z, k, v, **var), rep=60,
                                                            return_mode="median")
-                    add(B, T, "fwd", "fused (CUDA graph)", ms, 5, vname(var) if var else "default-plan")
+                    add(B, T, "fwd", "fused (CUDA graph)", ms, 5,
+                        fname(var) if var else "default-plan")
                 except Exception as e:  # noqa: BLE001
                     res["notes"].append(f"cudagraph timing failed: {str(e)[:200]}")
                     break
@@ -362,7 +367,7 @@ def main():
             add(B, T, "bwd", "fused", bwd[vname(var)], 10, vname(var))
         bf = min(fwd, key=fwd.get)
         bb = min(bwd, key=bwd.get)
-        vf = next(x for x in fwd_vs if vname(x) == bf)
+        vf = next((x for x in fwd_vs if fname(x) == bf), {})
         vb = next(x for x in bwd_vs if vname(x) == bb)
 
         zr, kr, vr = (t.detach().requires_grad_() for t in (z, k, v))
@@ -374,7 +379,7 @@ def main():
         add(B, T, "fwd+bwd", "fused", bench(lambda: ours_fb(vf, vb), grad_to_none=[zr, kr, vr]), 15, f"{bf} + {bb}")
 
         def ours_autograd():
-            a, b2 = memory_scan_fused(zr, kr, vr)
+            a, b2 = memory_scan_fused(zr, kr, vr, bwd=bwd_default)
             torch.autograd.backward([a, b2], [dok, dov])
 
         add(B, T, "fwd+bwd", "fused", bench(ours_autograd, grad_to_none=[zr, kr, vr]), 15, "default-plan (autograd)")
@@ -472,30 +477,20 @@ def main():
 
 
 # ---------------------------------------------------------------------------------------------
-# forward sweep (issue 3): the "wide" kernels (kernels/memory_scan/fused.py) over a grid
+# forward sweep (issue 3): the "chunk" kernels (kernels/memory_scan/fused.py) over a grid
 
 
-def wname(c):
-    n = f"{c['kernel']}-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
-    if not c.get("prefetch", True):
-        n += "-nopf"
-    if c["kernel"] == "chunklb":
-        n += f"-lbw{c.get('lbw', 4)}"
-    return n
-
-
-def stage_a_grid(kernels):
+def stage_a_grid():
     """Base tiles at CT=64: heads per program x warps (lanes = BH * 128: 256 lanes per warp keep
     every tile row inside one thread for bf16), rows per tile, prefetch on/off."""
     grid = []
-    for kn in kernels:
-        for bh, w in ((2, 1), (1, 1), (4, 2), (4, 1), (2, 2)):
-            for bt in (4, 2, 8):
-                if (bh, w) in ((4, 1), (2, 2)) and bt != 4:
-                    continue
-                grid.append(dict(kernel=kn, BH=bh, BT=bt, num_warps=w, CT=64, prefetch=True))
-        grid.append(dict(kernel=kn, BH=2, BT=4, num_warps=1, CT=64, prefetch=False))
-        grid.append(dict(kernel=kn, BH=1, BT=4, num_warps=1, CT=64, prefetch=False))
+    for bh, w in ((2, 1), (1, 1), (4, 2), (4, 1), (2, 2)):
+        for bt in (4, 2, 8):
+            if (bh, w) in ((4, 1), (2, 2)) and bt != 4:
+                continue
+            grid.append(dict(BH=bh, BT=bt, num_warps=w, CT=64, prefetch=True))
+    grid.append(dict(BH=2, BT=4, num_warps=1, CT=64, prefetch=False))
+    grid.append(dict(BH=1, BT=4, num_warps=1, CT=64, prefetch=False))
     return grid
 
 
@@ -515,9 +510,9 @@ def _precompile_worker(cfgs, shapes, dry):
         for c in cfgs:
             try:
                 scan_fwd(z, k, v, **c)
-                done.append(wname(c))
+                done.append(fname(c))
             except Exception as e:  # noqa: BLE001
-                done.append(f"{wname(c)}: {str(e)[:120]}")
+                done.append(f"{fname(c)}: {str(e)[:120]}")
     if not dry:
         torch.cuda.synchronize()
     return done
@@ -543,21 +538,6 @@ def precompile(cfgs, shapes, dry, workers, timeout_s):
     ex.shutdown(wait=False, cancel_futures=True)
     return (f"{len(cfgs)} configs in {time.time() - t0:.0f}s, {len(pending)} workers timed out"
             + (f"; errors: {errs[:5]}" if errs else ""))
-
-
-def sweep_smoke(dry=False):
-    """Subprocess: chunklb (spin-waits) must finish and match the chunk kernel at a long shape."""
-    dev = "cpu" if dry else "cuda"
-    B, T, Hh, Dd = (1, 64, 4, 16) if dry else (1, 8192, H, D)
-    z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
-    ref = scan_fwd(z, k, v, kernel="chunk", CT=16 if dry else 64)
-    e = 0.0
-    for c in [dict(kernel="chunklb", CT=16 if dry else 64, lbw=4),
-              dict(kernel="chunklb", CT=8 if dry else 32, lbw=1, BT=4)]:
-        out = scan_fwd(z, k, v, **c)
-        e = max(e, *(rel(a, b) for a, b in zip(out[:4], ref[:4])))
-    print("SWEEP_SMOKE_REL", e)
-    sys.exit(0 if e < 1e-2 else 1)
 
 
 def sweep_main(args):
@@ -605,25 +585,10 @@ def sweep_main(args):
         res["rows"].append(row)
         return row
 
-    # 1. look-back smoke in a subprocess (a hang costs its timeout, not the run)
-    kernels = ["chunk", "chunklb"]
-    try:
-        cmd = [sys.executable, __file__, "--sweep-smoke"] + (["--dry-run"] if dry else [])
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=150 if dry else 60)
-        ok = p.returncode == 0
-        res["notes"].append("sweep smoke: " + (p.stdout + p.stderr)[-300:])
-    except subprocess.TimeoutExpired:
-        ok = False
-        res["notes"].append("sweep smoke: TIMEOUT - chunklb skipped")
-    if not ok:
-        kernels = ["chunk"]
-    log("sweep smoke ok:", ok)
-
-    # 2. stage A: base tiles at CT=64 on the two batch-size probes, compiled in parallel
-    grid = stage_a_grid(kernels)
+    # 1. stage A: base tiles at CT=64 on the two batch-size probes, compiled in parallel
+    grid = stage_a_grid()
     if dry:
-        grid = [dict(c, CT=16) for c in grid[:3]] + [dict(c, CT=16) for c in grid
-                                                      if c["kernel"] == "chunklb"][:2]
+        grid = [dict(c, CT=16) for c in grid[:3]]
     workers = int(os.environ.get("SCAN_SWEEP_WORKERS",
                                  0 if dry else max(1, min(12, (os.cpu_count() or 2) - 2))))
     res["notes"].append("precompile A: " + precompile(grid, shapes_a[:1], dry, workers,
@@ -632,18 +597,21 @@ def sweep_main(args):
     ref_cache = {}
 
     def reference(B, T, z, k, v):
-        """fp32 torch twin on the bf16 inputs (small shapes) or the default fused plan."""
+        """fp32 torch twin on the bf16 inputs, in slices of 4096 steps that hand the state on
+        (independent of the kernels; the whole length at once would need too much memory)."""
         if (B, T) not in ref_cache:
-            if B * T <= 8 * 4096:
-                o = memory_scan_torch(z.float(), k.float(), v.float(), output_final_state=True)
-                ref_cache[(B, T)] = ("torch twin fp32", (o[0], o[1], *o[2]))
-            else:
-                o = scan_fwd(z, k, v)
-                ref_cache[(B, T)] = ("default fused plan", o[:4])
+            outs, state = [], None
+            for s0 in range(0, T, 4096):
+                o = memory_scan_torch(*(x[:, s0:s0 + 4096].float() for x in (z, k, v)),
+                                      initial_state=state, output_final_state=True)
+                outs.append(o[:2])
+                state = o[2]
+            ref_cache[(B, T)] = ("torch twin fp32", (torch.cat([o[0] for o in outs], 1),
+                                                     torch.cat([o[1] for o in outs], 1), *state))
         return ref_cache[(B, T)]
 
     def check_and_time(c, B, T, z, k, v):
-        name = wname(c)
+        name = fname(c)
         what, ref = reference(B, T, z, k, v)
         if not dry:
             poison_allocator(1 << 30)
@@ -662,7 +630,7 @@ def sweep_main(args):
     for B, T in shapes_a:
         z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
         ms = tbench(lambda: scan_fwd(z, k, v))
-        add(B, T, "fwd", "default-plan (scan chained)", ms, 5)
+        add(B, T, "fwd", "default-plan", ms, 5)
         log(f"B={B} T={T} default plan {ms:.4f} ms")
         for c in grid:
             if left() < 60:
@@ -670,30 +638,25 @@ def sweep_main(args):
                 break
             r = check_and_time(c, B, T, z, k, v)
             if r:
-                base.setdefault(wname(c), []).append(r["ms"] / ms)
-                log(f"  {wname(c)}: {r['ms']:.4f} ms ({r['pct_copy'] or 0:.0f}% copy)")
+                base.setdefault(fname(c), []).append(r["ms"] / ms)
+                log(f"  {fname(c)}: {r['ms']:.4f} ms ({r['pct_copy'] or 0:.0f}% copy)")
         del z, k, v
         ref_cache.clear()
         save()
 
-    # 3. stage B: the best base tiles of each kernel with every chunk length, on every shape
+    # 2. stage B: the two best base tiles with every chunk length, on every shape
     score = {n: sum(x) / len(x) for n, x in base.items() if len(x) == len(shapes_a)}
-    by_name = {wname(c): c for c in grid}
-    top = []
-    for kn in kernels:
-        ranked = sorted((n for n in score if by_name[n]["kernel"] == kn), key=score.get)
-        top += [by_name[n] for n in ranked[:2]]
+    by_name = {fname(c): c for c in grid}
+    top = [by_name[n] for n in sorted(score, key=score.get)[:2]]
     stage_b = []
     for c in top:
         for ct in cts:
             stage_b.append(dict(c, CT=ct))
-        if c["kernel"] == "chunklb":
-            stage_b += [dict(c, lbw=w) for w in (1, 2, 8) if w != c.get("lbw", 4)]
         stage_b.append(dict(c, CT="auto"))
     stage_b = [c for i, c in enumerate(stage_b) if c not in stage_b[:i]]
     if dry:
-        stage_b = stage_b[:2] + [c for c in stage_b if c["kernel"] == "chunklb"][:2]
-    res["stage_b_configs"] = [wname(c) for c in stage_b]
+        stage_b = stage_b[:3]
+    res["stage_b_configs"] = [fname(c) for c in stage_b]
     if left() > 90 and workers > 1:
         res["notes"].append("precompile B: " + precompile(
             [c for c in stage_b if c["CT"] != 64], shapes_a[:1], dry, workers,
@@ -706,7 +669,7 @@ def sweep_main(args):
         z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
         if (B, T) not in shapes_a:
             ms = tbench(lambda: scan_fwd(z, k, v))
-            add(B, T, "fwd", "default-plan (scan chained)", ms, 5)
+            add(B, T, "fwd", "default-plan", ms, 5)
         best = None
         for c in stage_b:
             if (B, T) in shapes_a and c in grid:
@@ -733,19 +696,16 @@ def sweep_main(args):
             torch.cuda.empty_cache()
         save()
 
-    # 4. the best per kernel at B=1 T=4096: CUDA graph (no launch overhead), fwd+bwd, baselines
+    # 3. the best config at B=1 T=4096 and the default plan: CUDA graph (no launch overhead),
+    # fwd+bwd (autograd, default backward: host overhead shows there), baselines
     B, T = shapes_a[0]
     z, k, v = _sweep_inputs(B, T, Hh, Dd, dev)
     fwd_rows = [r for r in res["rows"] if (r["batch"], r["seq"]) == (B, T) and "cfg" in r]
-    finals = []
-    for kn in kernels:
-        rk = [r for r in fwd_rows if r["cfg"]["kernel"] == kn]
-        if rk:
-            finals.append(min(rk, key=lambda r: r["ms"])["cfg"])
+    finals = [min(fwd_rows, key=lambda r: r["ms"])["cfg"]] if fwd_rows else []
     zr, kr, vr = (t.detach().clone().requires_grad_() for t in (z, k, v))
     dok, dov = torch.randn_like(k), torch.randn_like(v)
     for c in finals + [None]:
-        name = wname(c) if c else "default-plan (scan chained)"
+        name = fname(c) if c else "default-plan"
         opts = c or {}
         if not dry:
             try:
@@ -756,7 +716,7 @@ def sweep_main(args):
                 res["notes"].append(f"cudagraph {name}: {str(e)[:200]}")
 
         def fb():
-            a2, b2 = memory_scan_fused(zr, kr, vr, **opts)
+            a2, b2 = memory_scan_fused(zr, kr, vr, fwd=opts)
             torch.autograd.backward([a2, b2], [dok, dov])
 
         add(B, T, "fwd+bwd", name + " (autograd, default backward)",
@@ -783,16 +743,18 @@ def sweep_main(args):
             log(f"fla chunk_hgrn fwd+bwd {res['rows'][-1]['ms']:.4f} ms")
         save()
         # fp32 + initial state + packed sequences through the float64 loop, best config each
-        for c in finals:
+        for c in finals + [{}]:
             for cu in (None, [0, 100, 100, 357, 358, 900]):
                 try:
-                    e = check_variant(c, torch.float32, B=1 if cu else 2, T=900 if cu else 777,
-                                      cu=cu)
+                    e = check_variant(dict(fwd=c), torch.float32, B=1 if cu else 2,
+                                      T=900 if cu else 777, cu=cu)
                 except Exception as ex:  # noqa: BLE001
                     e = float("nan")
-                    res["notes"].append(f"fp32 check {wname(c)}: {str(ex)[:200]}")
-                res["checks"][f"{wname(c)}/float32+h0{'+varlen' if cu else ''} vs loop"] = e
-                log(f"check {wname(c)} fp32+h0{'+varlen' if cu else ''}: {e:.1e}")
+                    res["notes"].append(f"fp32 check {fname(c) if c else 'default'}: "
+                                        f"{str(ex)[:200]}")
+                name = f"{fname(c) if c else 'default-plan'}/float32+h0{'+varlen' if cu else ''}"
+                res["checks"][f"{name} vs loop"] = e
+                log(f"check {name}: {e:.1e}")
         if left() > 45 and not args.no_assoc:
             try:
                 prepared, _ = assoc_scan_fns()

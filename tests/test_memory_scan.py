@@ -18,15 +18,18 @@ needs_kernels = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_availab
                                    reason="Triton needs CUDA or TRITON_INTERPRET=1")
 DEV = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
-# (kernel, schedule) pairs: every launch path of fused.py
-VARIANTS = [dict(kernel=kn, schedule=sc) for kn in ("rows", "scan") for sc in ("loop", "chained")]
-VARIANT_IDS = [f"{v['kernel']}-{v['schedule']}" for v in VARIANTS]
-ROWS = VARIANTS[:2]
-# forward-only "wide" kernels (the backward runs its defaults); CT=16 gives several chunks and,
-# with BT=8, two tiles per chunk on the shapes below
-WIDE = [dict(kernel="chunk", CT=16, BH=2), dict(kernel="chunklb", CT=16, BH=2)]
-VARIANTS += WIDE
-VARIANT_IDS += ["chunk", "chunklb"]
+# Launch plans of fused.py: the default (what memory_scan runs on a GPU; on these small shapes
+# one forward chunk and the backward's loop schedule) and small tiles that take the other paths:
+# several forward chunks of several tiles (all three forward launches; CT=6 leaves a partial
+# last chunk), several channel blocks per head (BD < D), and the backward's loop and chained
+# (look-back) schedules. Masked heads: test_forward_tiles.
+SMALL_FWD = dict(BT=4, CT=8, BH=2, BD=8)
+PLANS = {"default": {},
+         "chunks-loop": dict(fwd=SMALL_FWD, bwd=dict(BT=8, BD=8, schedule="loop")),
+         "chunks-chained": dict(fwd=dict(BT=2, CT=6, BH=1, BD=4),
+                                bwd=dict(BT=8, BD=8, schedule="chained"))}
+PLAN_IDS = list(PLANS)
+FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD)}  # forward-only tests
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
@@ -76,34 +79,29 @@ def test_torch_twin_matches_loop(cu):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("plan", FWD_PLANS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 37, 2, 8), (1, 1, 2, 8), (1, 40, 1, 24)])
-def test_fused_forward(shape, dtype, variant):
-    if variant["kernel"] == "scan" and shape != (2, 37, 2, 8):
-        pytest.skip("the scan kernel is covered on the first shape")
+def test_fused_forward(shape, dtype, plan):
     B, T, H, D = shape
     z, k, v, h0 = _inputs(*shape, seed=T)
     x = [t.to(DEV, dtype) for t in (z, k, v)]
     # fp16 inputs are rounded: the reference sees the same rounded values
     ref = memory_scan_loop(*(t.double().cpu() for t in x), h0, output_final_state=True)
     out = memory_scan_fused(*x, tuple(s.float().to(DEV) for s in h0), output_final_state=True,
-                            **variant, BT=16, BD=16)
+                            **FWD_PLANS[plan])
     _check_fwd(out, ref, dtype)
 
 
-GATE_EXTREME_CASES = [dict(v, BT=8, BD=8) for v in ROWS] + \
-    [dict(kernel=kernel, BT=4, CT=8, BD=8, BH=2) for kernel in ("chunk", "chunklb")]
-
-
 @needs_kernels
-@pytest.mark.parametrize("variant", GATE_EXTREME_CASES, ids=VARIANT_IDS[:2] + ["chunk", "chunklb"])
+@pytest.mark.parametrize("plan", FWD_PLANS)
 @pytest.mark.parametrize("gate_shift", [-12.0, 12.0])
-def test_fused_gates_near_0_and_1(gate_shift, variant):
+def test_fused_gates_near_0_and_1(gate_shift, plan):
     z, k, v, h0 = _inputs(2, 33, 2, 8, gate_shift=gate_shift, gate_scale=1.0)
     ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
     out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
-                            tuple(s.float().to(DEV) for s in h0), output_final_state=True, **variant)
+                            tuple(s.float().to(DEV) for s in h0), output_final_state=True,
+                            **FWD_PLANS[plan])
     _check_fwd(out, ref, torch.float32)
 
 
@@ -157,34 +155,36 @@ def _grads_fused(z, k, v, h0, w, dtype, cu=None, **opts):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("plan", PLAN_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_gradients(variant, dtype):
-    if variant["kernel"] == "scan" and dtype == torch.float16:
-        pytest.skip("fp16 gradients are covered on the rows kernel; keeps the file fast")
+def test_fused_gradients(plan, dtype):
+    if plan == "chunks-chained" and dtype == torch.float16:
+        pytest.skip("fp16 gradients are covered on the other plans; keeps the file fast")
     shape = (2, 21, 2, 8)
     z, k, v, h0 = _inputs(*shape, seed=3)
     z, k, v = (t.to(dtype).double() for t in (z, k, v))
     w = [torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64),
          torch.randn(2, 2, 8, dtype=torch.float64), torch.randn(2, 2, 8, dtype=torch.float64)]
     ref = _grads_ref(z, k, v, h0, w)
-    got = _grads_fused(z, k, v, h0, w, dtype, **variant, BT=8, BD=8)
+    got = _grads_fused(z, k, v, h0, w, dtype, **PLANS[plan])
     tol = 2e-5 if dtype == torch.float32 else 1e-2  # fp16 outputs feed the gate gradient
     for a, b in zip(got, ref):
         assert _rel(a, b) < tol
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_fused_cu_seqlens_resets_and_gradients(variant):
-    cu = [0, 5, 5, 18, 19, 30]  # includes an empty and a length-1 sequence
+@pytest.mark.parametrize("plan", PLAN_IDS)
+def test_fused_cu_seqlens_resets_and_gradients(plan):
+    # an empty and a length-1 sequence; with the small plans' tiles (BT 4 / 2, CT 8 / 6) bounds
+    # fall inside tiles, on tile and chunk edges, and sequences span several chunks
+    cu = [0, 3, 3, 8, 9, 24, 41, 50]
     N, T, H, D = len(cu) - 1, cu[-1], 2, 8
     z, k, v, h0 = _inputs(1, T, H, D, n_states=N, seed=7)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
     out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
                             tuple(s.float().to(DEV) for s in h0), cu_seqlens=cu_t.to(DEV),
-                            output_final_state=True, **variant, BT=8, BD=8)
+                            output_final_state=True, **PLANS[plan])
     _check_fwd(out, ref, torch.float32)
     # each packed sequence equals its own unpacked scan
     for n, (s, e) in enumerate(zip(cu, cu[1:])):
@@ -194,8 +194,7 @@ def test_fused_cu_seqlens_resets_and_gradients(variant):
     w = [torch.randn(1, T, H, D, dtype=torch.float64), torch.randn(1, T, H, D, dtype=torch.float64),
          torch.randn(N, H, D, dtype=torch.float64), torch.randn(N, H, D, dtype=torch.float64)]
     ref_g = _grads_ref(z, k, v, h0, w, cu=cu_t)
-    got_g = _grads_fused(z, k, v, h0, w, torch.float32, cu=cu_t.to(DEV), **variant,
-                         BT=8, BD=8)
+    got_g = _grads_fused(z, k, v, h0, w, torch.float32, cu=cu_t.to(DEV), **PLANS[plan])
     for a, b in zip(got_g, ref_g):
         assert _rel(a, b) < 2e-5
 
@@ -205,14 +204,16 @@ def test_fused_cu_seqlens_resets_and_gradients(variant):
 
 
 @needs_kernels
-def test_state_handoff():
+@pytest.mark.parametrize("plan", FWD_PLANS)
+def test_state_handoff(plan):
     z, k, v, h0 = _inputs(2, 27, 2, 8, seed=11)
     x = [t.float().to(DEV) for t in (z, k, v)]
     s0 = tuple(s.float().to(DEV) for s in h0)
-    full = memory_scan_fused(*x, s0, output_final_state=True, BT=8, BD=8)
+    opts = FWD_PLANS[plan]
+    full = memory_scan_fused(*x, s0, output_final_state=True, **opts)
     cut = 13
-    a = memory_scan_fused(*(t[:, :cut] for t in x), s0, output_final_state=True, BT=8, BD=8)
-    b = memory_scan_fused(*(t[:, cut:] for t in x), a[2], output_final_state=True, BT=8, BD=8)
+    a = memory_scan_fused(*(t[:, :cut] for t in x), s0, output_final_state=True, **opts)
+    b = memory_scan_fused(*(t[:, cut:] for t in x), a[2], output_final_state=True, **opts)
     torch.testing.assert_close(torch.cat([a[0], b[0]], 1), full[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([a[1], b[1]], 1), full[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b[2][0], full[2][0], rtol=1e-5, atol=1e-6)
@@ -220,8 +221,8 @@ def test_state_handoff():
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_transposed_seq_first_views(variant):
+@pytest.mark.parametrize("plan", PLAN_IDS)
+def test_transposed_seq_first_views(plan):
     T, B, H, D = 21, 2, 2, 8
     gen = torch.Generator().manual_seed(5)
     # megatron's [seq, batch, heads, dim]; k and v are slices of one fused projection
@@ -234,7 +235,7 @@ def test_transposed_seq_first_views(variant):
     zz = leaves[0].transpose(0, 1)
     kk = leaves[1][..., D:2 * D].transpose(0, 1)
     vv = leaves[1][..., 2 * D:].transpose(0, 1)
-    out = memory_scan_fused(zz, kk, vv, **variant, BT=8, BD=8)
+    out = memory_scan_fused(zz, kk, vv, **PLANS[plan])
     _check_fwd(out, ref, torch.float32)
     assert out[0].transpose(0, 1).is_contiguous()  # seq-first in, seq-first out
     (out[0].sum() + 2 * out[1].sum()).backward()
@@ -273,61 +274,49 @@ def test_decode_step_matches_scan(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# wide forward kernels: tile shapes, several chunks and tiles, packed sequences, fp16
+# forward tile shapes, several chunks and tiles, fp16; the default plan's rule
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
-@pytest.mark.parametrize("cfg", [dict(BT=4, CT=8, BH=2, BD=8, lbw=2), dict(BT=2, CT=8, BH=4),
-                                 dict(BT=4, CT=8, BH=1, BD=16, prefetch=False, lbw=1),
-                                 dict(BT=4, CT=8, BD=8, lbw=4, publish_inclusive=False)],
-                         ids=["BT4-CT8-BH2-BD8-lbw2", "BT2-CT8-BH4", "BT4-CT8-BH1-BD16-noprefetch-lbw1",
-                              "aggregates-only-lbw4"])
-def test_wide_forward_tiles(kernel, cfg):
+@pytest.mark.parametrize("cfg", [dict(BT=4, CT=8, BH=2, BD=8), dict(BT=2, CT=8, BH=4),
+                                 dict(BT=4, CT=8, BH=1, BD=16, prefetch=False)],
+                         ids=["BT4-CT8-BH2-BD8", "BT2-CT8-BH4", "BT4-CT8-BH1-BD16-noprefetch"])
+def test_forward_tiles(cfg):
     # H=3 heads with BH=2 or 4 leaves masked heads; D=24 is not a power of two; T=45 with CT=8:
-    # 6 chunks, so look-back windows of 2 and 4 take several rounds; publish_inclusive=False
-    # (chunklb) publishes only aggregates past chunk 0, so the look-back walks them to chunk 0
-    # (on CPU programs run in order and would otherwise always find an inclusive state)
+    # 6 chunks (the carry launch scans 5 aggregates)
     B, T, H, D = 2, 45, 3, 24
     z, k, v, h0 = _inputs(B, T, H, D, seed=21)
     x = [t.to(DEV, torch.float32) for t in (z, k, v)]
     ref = memory_scan_loop(z, k, v, h0, output_final_state=True)
     out = memory_scan_fused(*x, tuple(s.float().to(DEV) for s in h0), output_final_state=True,
-                            kernel=kernel, **cfg)
+                            fwd=cfg)
     _check_fwd(out, ref, torch.float32)
     # fp16 in and out, no initial state
     x16 = [t.to(torch.float16) for t in x]
     ref16 = memory_scan_loop(*(t.double().cpu() for t in x16), output_final_state=True)
-    out16 = memory_scan_fused(*x16, output_final_state=True, kernel=kernel, **cfg)
+    out16 = memory_scan_fused(*x16, output_final_state=True, fwd=cfg)
     _check_fwd(out16, ref16, torch.float16)
 
 
-@needs_kernels
-@pytest.mark.parametrize("kernel", ["chunk", "chunklb"])
-def test_wide_packed_sequences_across_chunks(kernel):
-    # sequence bounds fall inside tiles, on tile and chunk edges, and span several chunks
-    cu = [0, 3, 3, 8, 9, 24, 41, 50]
-    N, T, H, D = len(cu) - 1, cu[-1], 2, 8
-    z, k, v, h0 = _inputs(1, T, H, D, n_states=N, seed=9)
-    cu_t = torch.tensor(cu, dtype=torch.int32)
-    ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
-    out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
-                            tuple(s.float().to(DEV) for s in h0), cu_seqlens=cu_t.to(DEV),
-                            output_final_state=True, kernel=kernel, BT=4, CT=8, BD=8, BH=2,
-                            lbw=2, publish_inclusive=False)
-    _check_fwd(out, ref, torch.float32)
+# the sweep's best chunk length per (batch, seq) at bf16, 32 heads x 128 on 132 SMs (H200)
+SWEEP_BEST_CT = {(1, 4096): 64, (1, 8192): 64, (1, 16384): 128, (1, 32768): 256,
+                 (8, 4096): 256, (8, 8192): 512, (8, 16384): 512, (8, 32768): 512}
 
 
-@needs_kernels
-def test_wide_default_switch(monkeypatch):
-    """The module-level default forward kernel is what the public op runs."""
-    from kernels.memory_scan import fused
-    z, k, v, h0 = _inputs(1, 20, 2, 8, seed=4)
-    x = [t.float().to(DEV) for t in (z, k, v)]
-    ref = memory_scan_loop(z, k, v)
-    seen = []
-    real = fused._wide_fwd
-    monkeypatch.setattr(fused, "_wide_fwd", lambda *a: seen.append(a[-2]) or real(*a))
-    monkeypatch.setitem(fused._DEFAULTS, "fwd_kernel", "chunk")
-    _check_fwd(memory_scan(*x, backend="triton"), ref, torch.float32)
-    assert seen == ["chunk"]
+def test_default_forward_plan_follows_the_sweep():
+    from kernels.memory_scan.fused import _fwd_plan
+    for (B, T), ct in SWEEP_BEST_CT.items():
+        p = _fwd_plan(B, T, 32, 128, torch.device("cpu"))  # CPU plans for 132 SMs
+        assert (p["BH"], p["BT"], p["num_warps"], p["CT"], p["prefetch"]) == (4, 2, 2, ct, True)
+    # small shapes: tiles shrink to the heads and channels there are
+    p = _fwd_plan(2, 37, 2, 8, torch.device("cpu"))
+    assert (p["BH"], p["BD"], p["CT"], p["NC"], p["num_warps"]) == (2, 8, 64, 1, 1)
+    assert _fwd_plan(1, 100, 2, 8, torch.device("cpu"), dict(CT=8, BT=4))["NC"] == 13
+
+
+def test_unknown_options_are_refused():
+    z = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="forward options"):
+        memory_scan_fused(z, z, z, fwd=dict(kernel="chunklb"))
+    with pytest.raises(ValueError, match="backward options"):
+        memory_scan_fused(z, z, z, bwd=dict(CT=8))
