@@ -50,6 +50,9 @@ def test_driver_toy_end_to_end(tmp_path):
     assert (results / "summary.md").is_file()
     info = json.loads((results / "run.json").read_text())
     assert info["training"]["memory-sft"]["iterations"] == 3 and info["sft_data"]["pairs"] == 6
+    for kind in ("attention", "memory"):  # the NIAH probe and held-out loss during pretraining
+        evals = info["training"][f"{kind}-pretrain"]["evals"]
+        assert [e["iteration"] for e in evals] == [2, 4] and all(e["probe_loss"] > 0 and e["val_loss"] > 0 for e in evals)
     # a second call finds every stage done and starts no trainer or eval worker
     proc = subprocess.run(cmd[:2] + ["pretrain,sft,eval"] + cmd[3:], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)

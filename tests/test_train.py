@@ -132,6 +132,13 @@ def test_bad_config_is_one_line_error(override, expect):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
 
 
+def test_probe_needs_an_eval_interval():
+    from ratplus_megatron.train.config import TrainConfigError, load_config
+
+    with pytest.raises(TrainConfigError, match="train.probe is evaluated at train.eval_interval"):
+        load_config(None, ["train.probe=/some/x_sft", "train.train_iters=4"]).validate()
+
+
 @pytest.mark.parametrize("name", ["olmo2_7b_ratplus_10b", "olmo2_7b_attention_10b", "tiny_ratplus_cpu",
                                   "tiny_attention_cpu"])
 def test_recipes_parse(name):

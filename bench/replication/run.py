@@ -50,7 +50,7 @@ SIZES = {
         length=4096, retrieval_docs=36000, synthetic_docs=3000, retrieval_chars=7500,
         blend=(0.85, 0.13, 0.02), sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
-        combos=(("attention", "plain"), ("memory", "mem")),
+        combos=(("attention", "plain"), ("memory", "mem")), probe_interval=500,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
     ),
@@ -58,7 +58,7 @@ SIZES = {
         length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200,
         blend=(0.7, 0.15, 0.15), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
-        combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")),
+        combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2,
         methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
         max_new_tokens=8, eval_batch=2, dtype="fp32",
         overrides=["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -267,8 +267,10 @@ def pretrain_overrides(size: dict, work: Path, kind: str) -> list[str]:
     d = work / "data"
     prefixes = ",".join(str(d / f"{k}_text_document") for k in ("retrieval", "synthetic", "essays"))
     weights = ",".join(str(w) for w in size["blend"])
+    # the probe: answer-only loss on the NIAH train split (the SFT data), to see when recall appears
     return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
-            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}"] + list(size["overrides"])
+            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", f"train.probe={d / 'sft_sft'}",
+            f"train.eval_interval={size['probe_interval']}", "train.eval_iters=2"] + list(size["overrides"])
 
 
 def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
@@ -426,9 +428,11 @@ def _train_numbers(run: Path) -> dict:
         return {}
     last = train[-1]
     tps = [r["tokens_per_s"] for r in train[1:]] or [train[0]["tokens_per_s"]]
+    evals = [r for r in recs if r.get("kind") == "eval"]
     return {"iterations": last["iteration"], "final_loss": last["loss"], "first_logged_loss": train[0]["loss"],
             "tokens_per_s_median": sorted(tps)[len(tps) // 2], "memory_gib": last.get("memory_gib"),
-            "train_seconds": sum(r["seconds"] for r in train)}
+            "train_seconds": sum(r["seconds"] for r in train),
+            "evals": [{k: r[k] for k in ("iteration", "val_loss", "probe_loss") if k in r} for r in evals]}
 
 
 def stage_collect(work: Path, size: dict, results: Path) -> bool:

@@ -103,6 +103,9 @@ class TrainSection:
     eval_interval: int = 0  # 0 = no validation
     eval_iters: int = 10  # validation batches (global batches) per evaluation
     exit_at_iter: Optional[int] = None  # save and stop here (like a signal): tests, manual pauses
+    # SFT data (data_prep/tokenize.py --sft) whose answer-only loss is logged at each evaluation as
+    # probe_loss: e.g. NIAH prompts during pretraining, to see when recall appears. Never trained on.
+    probe: Optional[str] = None
     metrics_file: Optional[str] = None  # JSON lines of every logged step (default SAVE/metrics.jsonl)
 
 
@@ -174,6 +177,7 @@ class TrainConfig:
              "set exactly one of train.train_iters and train.train_tokens")
         need((t.train_iters or 1) > 0 and (t.train_tokens or 1) > 0, "the training length must be positive")
         need(b.micro_batch_size > 0 and b.global_batch_size > 0, "batch sizes must be positive")
+        need(t.probe is None or t.eval_interval > 0, "train.probe is evaluated at train.eval_interval: set it > 0")
         need(d.seq_length > 0, f"data.seq_length must be positive, got {d.seq_length}")
         need(len(d.prefixes) > 0, "data.prefixes is empty: give one or more PREFIX_text_document paths")
         need(d.weights is None or len(d.weights) == len(d.prefixes),

@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> int:
 
     from ..parallel import destroy_parallel, init_parallel
     from . import checkpoint as ckpt
-    from .data import build_datasets, dilated_attention_mask
+    from .data import build_datasets, build_probe, dilated_attention_mask
     from .flops import flops_per_token
     from .schedule import learning_rate
 
@@ -96,6 +96,7 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- 3. data
     train_ds, valid_ds = build_datasets(cfg, total_iters, rank, torch.distributed.barrier)
+    probe_ds = build_probe(cfg) if cfg.train.probe else None
 
     # ---- 4. resume, or initialise from a converted checkpoint
     save = cfg.checkpoint.save
@@ -137,12 +138,13 @@ def train(cfg: TrainConfig) -> int:
 
     def evaluate(it):
         result = {}
-        for name, mask in (("val_loss", None), ("val_loss_dilated", dilated_mask)):
-            if name == "val_loss_dilated" and mask is None:
+        for name, dataset, mask in (("val_loss", valid_ds, None), ("val_loss_dilated", valid_ds, dilated_mask),
+                                    ("probe_loss", probe_ds, None)):
+            if dataset is None or (name == "val_loss_dilated" and mask is None):
                 continue
             pair = torch.zeros(2, dtype=torch.float64, device=device)
             for k in range(cfg.train.eval_iters):
-                pair += step(batches(valid_ds, k), lr=None, mask=mask)["pair"]
+                pair += step(batches(dataset, k), lr=None, mask=mask)["pair"]
             result[name] = reduce_loss(pair)
         log.metrics(it, result, kind="eval")
 
