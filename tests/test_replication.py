@@ -82,6 +82,14 @@ def test_retrieval_documents_are_seeded_and_answered():
             assert v in head, (i, v, last)
         styles.add("noise" if "Keep reading" in doc or "On we go" in doc or "We walk on" in doc else "other")
     assert styles == {"noise", "other"}
+    for i in range(20):  # the recall probe: the document cut before its last answer
+        row = gen.probe_row(i)
+        assert row["input"] + row["target"] == gen.document(i)
+        assert row["target"].startswith(" " + row["outputs"][0]) and row["outputs"][0] in last_line_of(gen.document(i))
+
+
+def last_line_of(doc: str) -> str:
+    return doc.rstrip().split("\n")[-1]
 
 
 def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -50,7 +50,7 @@ SIZES = {
         length=4096, retrieval_docs=36000, synthetic_docs=3000, retrieval_chars=7500,
         blend=(0.85, 0.13, 0.02), sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
-        combos=(("attention", "plain"), ("memory", "mem")), probe_interval=500,
+        combos=(("attention", "plain"), ("memory", "mem")), probe_interval=500, probe_docs=256,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
     ),
@@ -58,7 +58,7 @@ SIZES = {
         length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200,
         blend=(0.7, 0.15, 0.15), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
-        combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2,
+        combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
         methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
         max_new_tokens=8, eval_batch=2, dtype="fp32",
         overrides=["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -235,6 +235,17 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
             pass
     log(f"prep: RULER train ({size['sft_pairs_per_task']}/task) and test ({size['test_samples']}/task) splits "
         f"at {L} in {time.time() - t:.0f} s")
+    if not (data / "probe_sft.tokens.npy").is_file():
+        # the recall probe: held-out retrieval documents (indices past the corpus) cut before their last answer
+        from ratplus_megatron.data.retrieval_corpus import RetrievalDocs, essay_sentences
+        from ratplus_megatron.data.sft import build_sft_dataset
+
+        gen = RetrievalDocs(seed=0, target_chars=size["retrieval_chars"], filler_sentences=essay_sentences())
+        rows = work / "probe" / "probe.jsonl"
+        rows.parent.mkdir(parents=True, exist_ok=True)
+        rows.write_text("".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(size["probe_docs"])))
+        s = build_sft_dataset(str(rows), str(REPO / TOKENIZER), str(data / "probe"), L)
+        log(f"prep: recall probe: {s['pairs']} held-out retrieval documents ({s['dropped_too_long']} too long)")
     if not (data / "sft_sft.tokens.npy").is_file():
         from ratplus_megatron.data.sft import build_sft_dataset
 
@@ -267,9 +278,9 @@ def pretrain_overrides(size: dict, work: Path, kind: str) -> list[str]:
     d = work / "data"
     prefixes = ",".join(str(d / f"{k}_text_document") for k in ("retrieval", "synthetic", "essays"))
     weights = ",".join(str(w) for w in size["blend"])
-    # the probe: answer-only loss on the NIAH train split (the SFT data), to see when recall appears
+    # the probe: answer-only loss on held-out retrieval documents, to see when (whether) recall appears
     return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
-            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", f"train.probe={d / 'sft_sft'}",
+            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", f"train.probe={d / 'probe_sft'}",
             f"train.eval_interval={size['probe_interval']}", "train.eval_iters=2"] + list(size["overrides"])
 
 

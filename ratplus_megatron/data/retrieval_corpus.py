@@ -148,6 +148,19 @@ class RetrievalDocs:
         return out
 
     def document(self, i: int) -> str:
+        return self._document(i)[0]
+
+    def probe_row(self, i: int) -> dict:
+        """Document ``i`` as a prompt/answer pair cut before its last answer (RULER jsonl fields, read
+        by ``data.sft``): ``target`` is the rest of the document, so with the EOS that follows it the
+        answer tokens are exactly what pretraining sees. Its answer-only loss measures recall."""
+        text, answer = self._document(i)
+        cut = text.rindex(answer)
+        cut -= text[cut - 1] == " "
+        return {"index": i, "input": text[:cut], "target": text[cut:], "outputs": [answer], "answer_prefix": ""}
+
+    def _document(self, i: int) -> tuple[str, str]:
+        """(text, the last answer in it)."""
         rng = random.Random(f"retrieval|{self.seed}|{i}")
         style = rng.choices(["prose", "synthetic", "noise", "list"], weights=[4 if self.prose else 0, 3, 1.5, 1.5])[0]
         sep = "\n" if style in ("noise", "list") or rng.random() < 0.3 else " "
@@ -199,7 +212,7 @@ class RetrievalDocs:
                 q, a = rng.choice(_QUESTION_TEMPLATES)
                 answer = ", ".join(values[k])
                 parts.append(q.format(kind=kind, key=k) + a.format(kind=kind, key=k, answer=answer))
-        return "\n".join(parts)
+        return "\n".join(parts), answer
 
     def documents(self, start: int, count: int) -> List[str]:
         return [self.document(i) for i in range(start, start + count)]
