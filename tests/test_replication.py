@@ -50,7 +50,7 @@ def test_driver_toy_end_to_end(tmp_path):
     assert (results / "summary.md").is_file()
     info = json.loads((results / "run.json").read_text())
     assert info["training"]["memory-sft"]["iterations"] == 3 and info["sft_data"]["pairs"] == 6
-    for kind in ("attention", "memory"):  # the NIAH probe and held-out loss during pretraining
+    for kind in ("attention", "memory"):  # the recall probe and held-out loss during pretraining
         evals = info["training"][f"{kind}-pretrain"]["evals"]
         assert [e["iteration"] for e in evals] == [2, 4] and all(e["probe_loss"] > 0 and e["val_loss"] > 0 for e in evals)
     # a second call finds every stage done and starts no trainer or eval worker
@@ -74,7 +74,7 @@ def test_retrieval_documents_are_seeded_and_answered():
     for i in range(60):
         doc = gen.document(i)
         assert 100 < len(doc) < 6000
-        last = doc.rstrip().split("\n")[-1]
+        last = last_line_of(doc)
         # the answer's values all occur earlier in the document, before the final question
         head = doc[: doc.rindex(last)]
         values = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b", last)

@@ -235,10 +235,11 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
             pass
     log(f"prep: RULER train ({size['sft_pairs_per_task']}/task) and test ({size['test_samples']}/task) splits "
         f"at {L} in {time.time() - t:.0f} s")
+    from ratplus_megatron.data.sft import build_sft_dataset
+
     if not (data / "probe_sft.tokens.npy").is_file():
         # the recall probe: held-out retrieval documents (indices past the corpus) cut before their last answer
         from ratplus_megatron.data.retrieval_corpus import RetrievalDocs, essay_sentences
-        from ratplus_megatron.data.sft import build_sft_dataset
 
         gen = RetrievalDocs(seed=0, target_chars=size["retrieval_chars"], filler_sentences=essay_sentences())
         rows = work / "probe" / "probe.jsonl"
@@ -247,8 +248,6 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
         s = build_sft_dataset(str(rows), str(REPO / TOKENIZER), str(data / "probe"), L)
         log(f"prep: recall probe: {s['pairs']} held-out retrieval documents ({s['dropped_too_long']} too long)")
     if not (data / "sft_sft.tokens.npy").is_file():
-        from ratplus_megatron.data.sft import build_sft_dataset
-
         s = build_sft_dataset(str(work / "ruler" / "train" / str(L)), str(REPO / TOKENIZER), str(data / "sft"), L)
         log(f"prep: SFT: {s['pairs']} pairs ({s['dropped_too_long']} too long), answers {s['answer_tokens_mean']:.1f} "
             f"tokens on average (max {s['answer_tokens_max']})")

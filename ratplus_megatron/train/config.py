@@ -104,7 +104,7 @@ class TrainSection:
     eval_iters: int = 10  # validation batches (global batches) per evaluation
     exit_at_iter: Optional[int] = None  # save and stop here (like a signal): tests, manual pauses
     # SFT data (data_prep/tokenize.py --sft) whose answer-only loss is logged at each evaluation as
-    # probe_loss: e.g. NIAH prompts during pretraining, to see when recall appears. Never trained on.
+    # probe_loss: e.g. held-out documents cut before an answer, to see when recall appears. Never trained on.
     probe: Optional[str] = None
     metrics_file: Optional[str] = None  # JSON lines of every logged step (default SAVE/metrics.jsonl)
 
