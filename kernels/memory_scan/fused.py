@@ -229,7 +229,7 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
     v = v + b64 * svb
     ok = ok + b64 * sokb
     ov = ov + b64 * sovb
-    plane = NC.to(tl.int64) * NCHB * L
+    plane = tl.cast(NC, tl.int64) * NCHB * L  # NC == 1 arrives as a constexpr int (no .to)
     if WRITE:
         o = ((c - 1).to(tl.int64) * NCHB + j) * L + lane
         cm = (lane < L) & (c > 0)
@@ -258,7 +258,7 @@ def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
     state planes). M = lanes per chunk; blocks of NCB chunks, scanned in order."""
     col = tl.program_id(0) * CH + tl.arange(0, CH)
     cm = col < M
-    plane = NC.to(tl.int64) * M
+    plane = tl.cast(NC, tl.int64) * M
     rr = tl.arange(0, NCB)
     hk = tl.zeros([CH], tl.float32)
     hv = tl.zeros([CH], tl.float32)
