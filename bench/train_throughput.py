@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,fp8", help="bf16 and/or fp8 (hybrid, --fp8-recipe)")
     ap.add_argument("--fp8-recipe", default="tensorwise")
     ap.add_argument("--memory", default="off,on")
+    ap.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallelism (tp > 1)")
     ap.add_argument("--use-te", default="true", choices=["true", "false"])
     ap.add_argument("--tokenizer", default="data_prep/assets/tiny-bpe", help="the data's tokenizer")
     ap.add_argument("--workdir", default="/tmp/train_throughput")
@@ -50,6 +51,7 @@ def main() -> None:
             f"train.train_iters={args.iters}", "train.train_tokens=null", "train.log_interval=2",
             "train.eval_interval=0", "checkpoint.save=null", "checkpoint.save_interval=0",
             "checkpoint.init_from=null", "wandb.mode=disabled", "schedule.warmup_iters=1",
+            f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}",
             f"data.cache_dir={args.workdir}/data_cache", f"data.tokenizer={args.tokenizer}"]
     runs = []
     for prec in args.precisions.split(","):
@@ -63,6 +65,7 @@ def main() -> None:
     for r, (_, _, ov, _) in zip(results, runs):
         train = train_records(r)[1:]  # the first interval holds warm-up and allocation
         row = {"run": r["name"], "returncode": r["returncode"], "tp": args.tp, "pp": args.pp,
+               "sequence_parallel": args.sequence_parallel,
                "layers": args.layers, "seq": args.seq, "micro_batch": 1, "global_batch": args.global_batch,
                "use_te": args.use_te, "precision": r["name"].split("_")[0],
                "fp8_recipe": args.fp8_recipe if r["name"].startswith("fp8") else None,
