@@ -47,15 +47,15 @@ NOT_FINISHED = 3
 # Sizes. "full" is the GPU recipe (estimates in README.md); "toy" is the CPU smoke test.
 SIZES = {
     "full": dict(
-        length=4096, retrieval_docs=36000, synthetic_docs=3000, retrieval_chars=7500,
+        length=4096, retrieval_docs=36000, synthetic_docs=3000, retrieval_chars=7500, drill_weight=6.0,
         blend=(0.85, 0.13, 0.02), sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
-        combos=(("attention", "plain"), ("memory", "mem")), probe_interval=500, probe_docs=256,
+        combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
     ),
     "toy": dict(
-        length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200,
+        length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200, drill_weight=6.0,
         blend=(0.7, 0.15, 0.15), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
         combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
@@ -143,7 +143,7 @@ def _encode_docs(job):
             from ratplus_megatron.data.retrieval_corpus import RetrievalDocs, essay_sentences
 
             _W["gen"] = RetrievalDocs(seed=a["seed"], target_chars=a["retrieval_chars"],
-                                      filler_sentences=essay_sentences())
+                                      filler_sentences=essay_sentences(), drill_weight=a["drill_weight"])
         docs = _W["gen"].documents(start, count)
     elif kind == "synthetic":
         from ratplus_megatron.data.synthetic_corpus import iter_documents
@@ -217,7 +217,7 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
         "essays": [("essays", s, 10) for s in range(0, 60, 10)],
     }
     ctx = mp.get_context("fork")
-    args = {"seed": 0, "retrieval_chars": size["retrieval_chars"]}
+    args = {"seed": 0, "retrieval_chars": size["retrieval_chars"], "drill_weight": size["drill_weight"]}
     todo = [k for k in plan if not (data / f"{k}_text_document.idx").is_file()]
     if todo:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(args,)) as pool:

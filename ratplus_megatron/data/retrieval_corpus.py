@@ -88,9 +88,14 @@ class RetrievalDocs:
     """Document ``i`` of a seeded retrieval corpus (see the module docstring)."""
 
     def __init__(self, seed: int = 0, target_chars: int = 7000, filler_sentences: Optional[Sequence[str]] = None,
-                 synthetic_documents: int = 400):
+                 synthetic_documents: int = 400, drill_weight: float = 0.0):
         self.seed = seed
         self.target_chars = target_chars
+        # "drill" documents: 8-32 facts and nothing else, then questions on at least half of them.
+        # Dense, short-range recall (every fact is a key): the signal that starts a small model's
+        # copying circuits, which filler-heavy documents alone did not (replication run 2).
+        # The weight is relative to the filler styles' 10; 0 leaves the corpus as before.
+        self.drill_weight = drill_weight
         self.words = make_word_list(3000, seed=1000 + seed)
         synth = generate_documents(synthetic_documents, seed=2000 + seed, max_sentences=30)
         self.synthetic = [s for d in synth for s in d.replace("\n\n", " ").split(". ") if s]
@@ -162,12 +167,15 @@ class RetrievalDocs:
     def _document(self, i: int) -> tuple[str, str]:
         """(text, the last answer in it)."""
         rng = random.Random(f"retrieval|{self.seed}|{i}")
-        style = rng.choices(["prose", "synthetic", "noise", "list"], weights=[4 if self.prose else 0, 3, 1.5, 1.5])[0]
+        style = rng.choices(["prose", "synthetic", "noise", "list", "drill"],
+                            weights=[4 if self.prose else 0, 3, 1.5, 1.5, self.drill_weight])[0]
         sep = "\n" if style in ("noise", "list") or rng.random() < 0.3 else " "
         kind = rng.choice(_KINDS)
         key_style = rng.choices(["pair", "uuid", "item", "number", "word"], weights=[5, 2, 1, 1, 1])[0]
         value_style = rng.choices(["number7", "number", "uuid", "word", "pair"], weights=[5, 2, 2, 1, 1])[0]
         n_keys = rng.choices([1, 2, 3, 4, 6, 8, 12, 16], weights=[3, 2, 2, 3, 2, 2, 1, 1])[0]
+        if style == "drill":
+            n_keys = rng.choice([8, 12, 16, 24, 32])
         n_values = rng.choices([1, 2, 3, 4], weights=[7, 1, 1, 2])[0] if n_keys <= 4 else 1
         template = rng.choice(_FACT_TEMPLATES)
         used: set = set()
@@ -192,7 +200,7 @@ class RetrievalDocs:
         # log-uniform length: many short documents (short-range recall, the first thing a small model
         # learns, and more answers per token) and some as long as the context
         length = int(self.target_chars * math.exp(rng.uniform(math.log(0.05), math.log(1.3))))
-        body = self._filler(rng, style, length, distractor)
+        body = [] if style == "drill" else self._filler(rng, style, length, distractor)
         facts = [(k, v) for k in keys for v in values[k]]
         rng.shuffle(facts)
         slots = sorted(rng.choices(range(len(body) + 1), k=len(facts)))  # with replacement: no fact is lost in a short body
