@@ -30,6 +30,30 @@ def test_recipes_identical_but_memory():
         assert 50e6 <= cfg.model.build().num_parameters() <= 150e6
 
 
+def _driver():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replication_run", HERE / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_set_changes_one_recipe_field_and_refuses_unknown_ones(capsys):
+    run = _driver()
+    size = run.apply_sets(run.SIZES["full"], ["drill_weight=0", "blend=[0.9, 0.08, 0.02]",
+                                              "combos=[[attention, plain]]"])
+    assert size["drill_weight"] == 0.0 and size["blend"] == (0.9, 0.08, 0.02)
+    assert size["combos"] == (("attention", "plain"),)
+    assert run.SIZES["full"]["drill_weight"] == 6.0  # the recipe itself is untouched
+    for bad in ("nope=1", "drill_weight=many", "overrides=[]", "drill_weight"):
+        with pytest.raises(ValueError, match="drill_weight|KEY=VALUE"):
+            run.apply_sets(run.SIZES["full"], [bad])
+    assert run.main(["prep", "--set", "nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope=1" in err[0] and "--train-set" in err[0]
+
+
 @pytest.mark.slow
 def test_driver_toy_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -86,6 +110,16 @@ def test_retrieval_documents_are_seeded_and_answered():
         row = gen.probe_row(i)
         assert row["input"] + row["target"] == gen.document(i)
         assert row["target"].startswith(" " + row["outputs"][0]) and row["outputs"][0] in last_line_of(gen.document(i))
+    # drills: only facts (8-32 of them, no filler), then questions whose answers are all among them
+    drills = RetrievalDocs(seed=3, target_chars=3000, filler_sentences=["A prose sentence about work."],
+                           drill_weight=1e9)
+    for i in range(10):
+        doc = drills.document(i)
+        assert "prose sentence" not in doc and "Keep reading" not in doc
+        values = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b", last_line_of(doc))
+        assert all(v in doc[: doc.rindex(last_line_of(doc))] for v in values), (i, doc)
+    assert RetrievalDocs(seed=3, target_chars=3000, drill_weight=0.0).document(7) == \
+        RetrievalDocs(seed=3, target_chars=3000).document(7)
 
 
 def last_line_of(doc: str) -> str:

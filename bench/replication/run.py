@@ -494,6 +494,27 @@ def replot(results: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def apply_sets(size: dict, sets: list[str]) -> dict:
+    """size with --set KEY=VALUE applied (VALUE parsed as YAML, lists become tuples like the defaults)."""
+    import yaml
+
+    size = dict(size)
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in size or key == "overrides":
+            known = ", ".join(sorted(k for k in size if k != "overrides"))
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {known} (trainer settings go to --train-set)")
+        value = yaml.safe_load(raw)
+        if isinstance(size[key], tuple) and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif isinstance(size[key], (int, float)) and not isinstance(size[key], bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{item!r}: {key} takes a number")
+            value = type(size[key])(value) if isinstance(size[key], float) else value
+        size[key] = value
+    return size
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/replication/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("stages", help="comma-separated: " + ", ".join(STAGES) + ", all, or replot")
@@ -507,6 +528,11 @@ def main(argv=None) -> int:
     p.add_argument("--memory-plain", action="store_true",
                    help="also evaluate the memory model with selection and attention on its plain K/V")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "replication"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one field of the size's recipe (e.g. drill_weight=0, blend=[0.9,0.08,0.02]); "
+                        "YAML values; recorded in run.json")
+    p.add_argument("--train-set", action="append", default=[], metavar="OVERRIDE",
+                   help="extra trainer override for pretraining and SFT (e.g. optimizer.lr=2e-3, model.num_layers=6)")
     a = p.parse_args(argv)
     names = [s.strip() for s in a.stages.split(",") if s.strip()]
     if names == ["all"]:
@@ -521,6 +547,12 @@ def main(argv=None) -> int:
         return 2
     work = Path(a.work).resolve()
     size = dict(SIZES[a.size])
+    try:
+        size = apply_sets(size, a.set)
+    except ValueError as e:
+        print(f"error: --set: {e}", file=sys.stderr)
+        return 2
+    size["overrides"] = [*size["overrides"], *a.train_set]
     if a.memory_plain and ("memory", "plain") not in size["combos"]:
         size["combos"] = (*size["combos"], ("memory", "plain"))
     clock = Clock(a.deadline)
