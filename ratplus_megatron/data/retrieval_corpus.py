@@ -7,7 +7,8 @@ a repeated noise line, or a list of distractor facts) with a few facts planted a
 key sometimes), followed by questions about some of the keys and their answers, comma-joined
 when there are several. Wording of facts and questions varies (our own templates; not RULER's
 strings, so the NIAH prompts stay unseen until SFT); key and value types vary too (pseudo-word
-pairs, numbers of 3 to 9 digits, uuids, item numbers, single words).
+pairs, numbers of 3 to 9 digits, uuids, item numbers, single words). With ``drill_weight`` some
+documents are drills instead: 8-32 facts and no filler, then the questions.
 
 Every document is a function of (seed, index) only, so shards can be generated in parallel and
 the corpus is reproducible:
@@ -91,10 +92,10 @@ class RetrievalDocs:
                  synthetic_documents: int = 400, drill_weight: float = 0.0):
         self.seed = seed
         self.target_chars = target_chars
-        # "drill" documents: 8-32 facts and nothing else, then questions on at least half of them.
-        # Dense, short-range recall (every fact is a key): the signal that starts a small model's
-        # copying circuits, which filler-heavy documents alone did not (replication run 2).
-        # The weight is relative to the filler styles' 10; 0 leaves the corpus as before.
+        # "drill" documents: 8-32 facts and nothing else, then questions on at least half of them:
+        # dense, short-range recall, meant to start a small model's copying circuits sooner than
+        # filler-heavy documents (not shown yet: replication run 3's probe had not moved by step
+        # 1250). The weight is relative to the filler styles' 10; 0 leaves the corpus unchanged.
         self.drill_weight = drill_weight
         self.words = make_word_list(3000, seed=1000 + seed)
         synth = generate_documents(synthetic_documents, seed=2000 + seed, max_sentences=30)
@@ -234,12 +235,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-chars", type=int, default=7000, help="typical document length in characters")
     p.add_argument("--essays", action="store_true", help="use the offline essay sentences as prose filler")
+    p.add_argument("--drill-weight", type=float, default=0.0,
+                   help="weight of drill documents (facts only, then questions) against the filler styles' 10")
     a = p.parse_args(argv)
-    if a.documents < 1 or a.target_chars < 100:
-        print("error: --documents must be >= 1 and --target-chars >= 100", file=sys.stderr)
+    if a.documents < 1 or a.target_chars < 100 or a.drill_weight < 0:
+        print("error: --documents must be >= 1, --target-chars >= 100 and --drill-weight >= 0", file=sys.stderr)
         return 2
     try:
-        gen = RetrievalDocs(a.seed, a.target_chars, essay_sentences() if a.essays else None)
+        gen = RetrievalDocs(a.seed, a.target_chars, essay_sentences() if a.essays else None,
+                            drill_weight=a.drill_weight)
     except Exception as e:  # noqa: BLE001 - missing offline data: one line
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
