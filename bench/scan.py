@@ -43,6 +43,9 @@ import triton  # noqa: E402
 from kernels.memory_scan.fused import memory_scan_fused, scan_bwd, scan_fwd  # noqa: E402
 from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from _runs import commit as run_commit  # noqa: E402
+
 H, D = 32, 128
 # forward configs timed beside the default plan (fused._fwd_plan): the 2026-11-30 sweep's winner
 # at B=1 T=4096 (2.8 % ahead of the default's tile there) and the default tile at a fixed CT
@@ -271,13 +274,7 @@ def main():
     if args.sweep:
         sweep_main(args)
         return
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                    text=True, check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
+    commit = args.commit or run_commit()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "commit": commit, "command": " ".join(sys.argv),
            "shape": {"heads": H, "dim": D, "dtype": "bfloat16"},
@@ -555,7 +552,7 @@ def sweep_main(args):
     tbench = (lambda fn, **kw: _cpu_bench(fn)) if dry else (
         lambda fn, grad_to_none=None: triton.testing.do_bench(
             fn, warmup=5, rep=25, return_mode="median", grad_to_none=grad_to_none))
-    commit = args.commit or _git_commit()
+    commit = args.commit or run_commit()
     res = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -781,14 +778,6 @@ def _cpu_bench(fn):
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,20 +49,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.sparse as sp  # noqa: E402
+from _runs import commit  # noqa: E402  (COMMIT first: the GPU machine runs an archive of HEAD)
 
 H, D = 32, 128
 PAGE, MOBA_BLOCK = 16, 512
-
-
-def _git_commit():
-    if os.environ.get("COMMIT"):  # the GPU machine runs an archive of HEAD: its .git, if any, is stale
-        return os.environ["COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return os.environ.get("GIT_COMMIT", "unknown")
 
 
 def _rel(a, b):
@@ -482,7 +473,7 @@ def sweep_main(args):
         budgets = sorted(budgets, key=lambda b: abs(b - 1 / 16))  # 1/16 first: the full grid
     result = dict(mode="sweep", device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                   torch=torch.__version__, triton=triton.__version__,
-                  python=platform.python_version(), git_commit=_git_commit(),
+                  python=platform.python_version(), git_commit=commit(),
                   command=" ".join([sys.executable] + sys.argv), dtype=str(dtype), heads=H,
                   head_dim=D, page=PAGE, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   shapes=shapes, budgets=budgets)
@@ -533,7 +524,7 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(),
-                  git_commit=_git_commit(), command=" ".join([sys.executable] + sys.argv),
+                  git_commit=commit(), command=" ".join([sys.executable] + sys.argv),
                   dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
                   date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   defaults=dict(decode_cfg=to.DECODE_CFG, topk=to.TOPK_VARIANT,
