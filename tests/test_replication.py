@@ -7,6 +7,7 @@ every stage finds everything done. Also: the two GPU recipes differ only in mode
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,8 +87,6 @@ def test_driver_toy_end_to_end(tmp_path):
 
 def test_retrieval_documents_are_seeded_and_answered():
     """Each planted fact that is asked about is answered with its value, later in the same document."""
-    import re
-
     from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
 
     gen = RetrievalDocs(seed=3, target_chars=3000, filler_sentences=["A prose sentence about work.", "Another one."])
@@ -101,7 +100,7 @@ def test_retrieval_documents_are_seeded_and_answered():
         last = last_line_of(doc)
         # the answer's values all occur earlier in the document, before the final question
         head = doc[: doc.rindex(last)]
-        values = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b", last)
+        values = ANSWER_VALUES.findall(last)
         for v in values:
             assert v in head, (i, v, last)
         styles.add("noise" if "Keep reading" in doc or "On we go" in doc or "We walk on" in doc else "other")
@@ -116,10 +115,13 @@ def test_retrieval_documents_are_seeded_and_answered():
     for i in range(10):
         doc = drills.document(i)
         assert "prose sentence" not in doc and "Keep reading" not in doc
-        values = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b", last_line_of(doc))
+        values = ANSWER_VALUES.findall(last_line_of(doc))
         assert all(v in doc[: doc.rindex(last_line_of(doc))] for v in values), (i, doc)
     assert RetrievalDocs(seed=3, target_chars=3000, drill_weight=0.0).document(7) == \
         RetrievalDocs(seed=3, target_chars=3000).document(7)
+
+
+ANSWER_VALUES = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b")  # uuids, numbers
 
 
 def last_line_of(doc: str) -> str:

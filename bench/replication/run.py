@@ -510,7 +510,8 @@ def apply_sets(size: dict, sets: list[str]) -> dict:
         elif isinstance(size[key], (int, float)) and not isinstance(size[key], bool):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{item!r}: {key} takes a number")
-            value = type(size[key])(value) if isinstance(size[key], float) else value
+            if isinstance(size[key], float):
+                value = float(value)
         size[key] = value
     return size
 
