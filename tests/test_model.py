@@ -157,3 +157,20 @@ def test_presets_match_published_shapes():
     assert mem.num_parameters() - seven.num_parameters() == 32 * 4096 * 4096  # one d x d gate per layer
     one = preset("olmo2-1b")
     assert (one.num_layers, one.hidden_size, one.ffn_hidden_size) == (16, 2048, 8192)
+
+
+def test_weight_decay_skips_every_norm_gain():
+    """megatron's optimizer decays all but 1-D parameters and biases: every norm gain, the QK norms
+    included, must be 1-D (a 2-D QK gain was decayed towards 0, capping attention's sharpness)."""
+    from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
+
+    from ratplus_megatron.model import build_model, to_transformer_config
+
+    cfg = preset("tiny", **TINY, memory=MemoryConfig(enabled=True))
+    model = build_model(cfg, to_transformer_config(cfg), use_te=False)
+    no_decay_keys = [k for k, o in get_standard_config_overrides(OptimizerConfig(lr=1e-3)).items()
+                     if o.get("wd_mult") == 0.0]
+    skipped = {n for n, p in model.named_parameters() if any(k.matches(p, n) for k in no_decay_keys)}
+    norms = {n for n, _ in model.named_parameters() if "norm" in n}
+    assert {n for n in norms if "q_layernorm" in n or "k_layernorm" in n}, "no QK norm found"
+    assert skipped == norms, (sorted(skipped ^ norms))

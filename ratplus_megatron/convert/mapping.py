@@ -110,8 +110,8 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tu
             parts.append(hf[h + "self_attn.og_proj.weight"].view(ng, per_group * hn, -1))
         # megatron's fused qkv: per query group [q heads, (output gate), k, v]
         yield m + "self_attention.linear_qkv.weight", torch.cat(parts + [k, v], dim=1).reshape(-1, q.shape[-1])
-        yield m + "self_attention.q_layernorm.weight", hf[h + "self_attn.q_norm.weight"].view(np_, hn)
-        yield m + "self_attention.k_layernorm.weight", hf[h + "self_attn.k_norm.weight"].view(ng, hn)
+        yield m + "self_attention.q_layernorm.weight", hf[h + "self_attn.q_norm.weight"]
+        yield m + "self_attention.k_layernorm.weight", hf[h + "self_attn.k_norm.weight"]
         if cfg.memory.enabled:
             yield m + "self_attention.linear_gate.weight", hf[h + "self_attn.g_proj.weight"]
             if cfg.memory.has_gate_bias:
@@ -143,8 +143,8 @@ def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tu
         yield h + "self_attn.k_proj.weight", parts[-2].reshape(-1, hidden)
         yield h + "self_attn.v_proj.weight", parts[-1].reshape(-1, hidden)
         yield h + "self_attn.o_proj.weight", mc[m + "self_attention.linear_proj.weight"]
-        yield h + "self_attn.q_norm.weight", mc[m + "self_attention.q_layernorm.weight"].reshape(-1)
-        yield h + "self_attn.k_norm.weight", mc[m + "self_attention.k_layernorm.weight"].reshape(-1)
+        yield h + "self_attn.q_norm.weight", mc[m + "self_attention.q_layernorm.weight"]
+        yield h + "self_attn.k_norm.weight", mc[m + "self_attention.k_layernorm.weight"]
         if cfg.memory.enabled:
             yield h + "self_attn.g_proj.weight", mc[m + "self_attention.linear_gate.weight"]
             if cfg.memory.has_gate_bias:

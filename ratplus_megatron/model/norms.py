@@ -60,10 +60,13 @@ class FullWidthQKNorm(MegatronModule):
     head_dim) and applied to the [s, b, local_heads, head_dim] shard: the sum of squares is
     all-reduced over the TP group.
 
-    The weight ([heads, head_dim]) is replicated on every TP rank and each rank uses its heads'
-    rows. megatron treats q/k-layernorm weights as replicated and sums their gradients over TP
-    (finalize_model_grads); a rank's gradient is non-zero only in its own rows, so that sum is the
-    true gradient. (A head-sharded weight would have its shards' gradients added together.)
+    The weight ([heads * head_dim], HF's shape) is replicated on every TP rank and each rank uses
+    its heads' slice. megatron treats q/k-layernorm weights as replicated and sums their gradients
+    over TP (finalize_model_grads); a rank's gradient is non-zero only in its own slice, so that sum
+    is the true gradient. (A head-sharded weight would have its shards' gradients added together.)
+    It is 1-D so that optimizers skip weight decay on it as on every other norm gain: megatron's
+    rule (and ours on CPU) is "no decay for 1-D parameters"; a 2-D gain was decayed towards 0,
+    capping how sharp attention can get.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6,
@@ -80,7 +83,8 @@ class FullWidthQKNorm(MegatronModule):
         self.eps = eps
         self.local_heads = heads // tp
         self.first_head = parallel_state.get_tensor_model_parallel_rank() * self.local_heads
-        self.weight = torch.nn.Parameter(torch.ones(heads, hidden_size, dtype=config.params_dtype))
+        self.head_dim = hidden_size
+        self.weight = torch.nn.Parameter(torch.ones(heads * hidden_size, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -88,7 +92,8 @@ class FullWidthQKNorm(MegatronModule):
         if torch.distributed.is_initialized() and self.tp_group.size() > 1:
             sumsq = _AllReduceBothWays.apply(sumsq, self.tp_group)
         xf = xf * torch.rsqrt(sumsq / self.full_width + self.eps)
-        weight = self.weight.narrow(0, self.first_head, self.local_heads)
+        weight = self.weight.narrow(0, self.first_head * self.head_dim,
+                                    self.local_heads * self.head_dim).view(self.local_heads, self.head_dim)
         return (weight * xf).to(x.dtype)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -1,0 +1,119 @@
+"""Pretraining arms side by side on the GPUs, to find a recipe under which recall forms (issue #9).
+
+    python bench/replication/sweep.py --work /tmp/sweep --deadline 540 --results $OUT/sweep \
+        --arm "name=lr3e-3 kind=attention optimizer.lr=3e-3" \
+        --arm "name=seq1024 kind=attention data.seq_length=1024 batch.global_batch_size=32"
+
+Every arm is the replication recipe (`run.py`'s pretraining overrides, `--set` for its fields) plus
+the arm's trainer overrides, trained from scratch in WORK/runs/NAME on GPU (i mod #GPUs); the data
+is prepared once (`run.py prep`). The recall probe is rebuilt at an arm's own sequence length when
+it differs. At the deadline the trainers checkpoint and stop (SIGTERM), so `run.py` can continue a
+winning arm. Writes RESULTS/sweep.json (each arm's overrides, probe and validation curves, speed)
+and a table; RESULTS/NAME.jsonl are the trainers' metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as rp  # noqa: E402  (the replication driver: sizes, prep, recipe overrides)
+
+
+def parse_arm(text: str) -> dict:
+    fields = text.split()
+    head = dict(f.split("=", 1) for f in fields if f.startswith(("name=", "kind=")))
+    if "name" not in head or head.get("kind") not in rp.KINDS:
+        raise SystemExit(f"--arm {text!r}: needs name=NAME and kind=attention|memory first")
+    return {"name": head["name"], "kind": head["kind"],
+            "overrides": [f for f in fields if not f.startswith(("name=", "kind="))]}
+
+
+def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
+    from ratplus_megatron.train.config import load_config
+
+    ov = rp.pretrain_overrides(size, work, arm["kind"]) + arm["overrides"]
+    ov.append(f"checkpoint.save={work / 'runs' / arm['name']}")
+    seq = load_config(rp.recipe(arm["kind"]), ov).data.seq_length
+    if seq != size["length"]:  # the probe's rows have the sequence length baked in
+        from ratplus_megatron.data.sft import build_sft_dataset
+
+        prefix = work / "data" / f"probe{seq}"
+        if not Path(str(prefix) + "_sft.tokens.npy").is_file():
+            s = build_sft_dataset(str(work / "probe" / "probe.jsonl"), str(rp.REPO / rp.TOKENIZER), str(prefix), seq)
+            rp.log(f"sweep: probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
+        ov.append(f"train.probe={prefix}_sft")
+    return [sys.executable, "-m", "ratplus_megatron.train", "--config", rp.recipe(arm["kind"]), *ov]
+
+
+def curves(metrics: Path) -> dict:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    train = [r for r in rows if r.get("kind") == "train"]
+    pick = lambda key: [(r["iteration"], round(r[key], 4)) for r in rows if key in r]  # noqa: E731
+    return {"probe_loss": pick("probe_loss"), "val_loss": pick("val_loss"),
+            "last_iteration": train[-1]["iteration"] if train else 0,
+            "train_loss": round(train[-1]["loss"], 4) if train else None,
+            "tokens_per_s": round(sum(r["tokens_per_s"] for r in train[-5:]) / len(train[-5:])) if train else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arm", action="append", required=True, type=parse_arm,
+                   help='"name=NAME kind=attention|memory KEY=VALUE ..." (trainer overrides)')
+    p.add_argument("--work", default="/tmp/sweep")
+    p.add_argument("--results", required=True)
+    p.add_argument("--deadline", type=float, default=None, help="seconds this command may use")
+    p.add_argument("--size", choices=sorted(rp.SIZES), default="full")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="replication recipe fields")
+    p.add_argument("--workers", type=int, default=15)
+    a = p.parse_args(argv)
+    names = [arm["name"] for arm in a.arm]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--arm: names must be distinct, got {names}")
+    size, work, results = rp.apply_sets(dict(rp.SIZES[a.size]), a.set), Path(a.work), Path(a.results)
+    clock = rp.Clock(a.deadline)
+    rp.stage_prep(work, size, clock, a.workers)
+    gpus = max(rp.cuda_count(), 1)
+    commands = [arm_command(arm, work, size) for arm in a.arm]  # every probe built before any trainer starts
+    procs = []
+    for i, (arm, cmd) in enumerate(zip(a.arm, commands)):
+        run = work / "runs" / arm["name"]
+        run.mkdir(parents=True, exist_ok=True)
+        out = open(run / "train.log", "a")
+        gpu = i % gpus if rp.cuda_count() else None
+        rp.log(f"sweep: {arm['name']} ({arm['kind']}) on GPU {gpu}: {' '.join(arm['overrides'])}")
+        procs.append((arm, subprocess.Popen(cmd, cwd=rp.REPO, env=rp.env_for(gpu), stdout=out,
+                                            stderr=subprocess.STDOUT), out))
+    while any(proc.poll() is None for _, proc, _ in procs) and clock.left() > 45:
+        time.sleep(2)
+    for _, proc, _ in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints, then exits
+    for _, proc, out in procs:
+        proc.wait()
+        out.close()
+    results.mkdir(parents=True, exist_ok=True)
+    report = {"commit": os.environ.get("COMMIT"), "sets": a.set, "arms": []}
+    for arm, proc, _ in procs:
+        run = work / "runs" / arm["name"]
+        if (run / "metrics.jsonl").is_file():
+            shutil.copy(run / "metrics.jsonl", results / f"{arm['name']}.jsonl")
+        if proc.returncode not in (0, -signal.SIGTERM):
+            print((run / "train.log").read_text()[-2000:], file=sys.stderr)
+        report["arms"].append({**arm, "exit": proc.returncode, **curves(run / "metrics.jsonl")})
+    (results / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    for r in report["arms"]:
+        probe = " ".join(f"{it}:{v:.2f}" for it, v in r["probe_loss"])
+        print(f"{r['name']:>12} {r['kind']:>9} it {r['last_iteration']:>5} tok/s {r['tokens_per_s']} probe {probe}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
