@@ -3,6 +3,7 @@
     python bench/replication/sweep.py --work /tmp/sweep --deadline 540 --results $OUT/sweep \
         --arm "name=lr3e-3 kind=attention optimizer.lr=3e-3" \
         --arm "name=seq1024 kind=attention data.seq_length=1024 batch.global_batch_size=32"
+    python bench/replication/sweep.py --arms bench/replication/arms/explore1.txt --work /tmp/sweep ...
 
 Every arm is the replication recipe (`run.py`'s pretraining overrides, `--set` for its fields) plus
 the arm's trainer overrides, trained from scratch in WORK/runs/NAME on GPU (i mod #GPUs); the data
@@ -65,8 +66,9 @@ def curves(metrics: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", action="append", required=True, type=parse_arm,
+    p.add_argument("--arm", action="append", default=[], type=parse_arm,
                    help='"name=NAME kind=attention|memory KEY=VALUE ..." (trainer overrides)')
+    p.add_argument("--arms", help="a file of --arm lines (# comments)")
     p.add_argument("--work", default="/tmp/sweep")
     p.add_argument("--results", required=True)
     p.add_argument("--deadline", type=float, default=None, help="seconds this command may use")
@@ -74,6 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="replication recipe fields")
     p.add_argument("--workers", type=int, default=15)
     a = p.parse_args(argv)
+    if a.arms:
+        lines = (x.split("#", 1)[0].strip() for x in Path(a.arms).read_text().splitlines())
+        a.arm += [parse_arm(x) for x in lines if x]
+    if not a.arm:
+        raise SystemExit("sweep: no arms (--arm or --arms FILE)")
     names = [arm["name"] for arm in a.arm]
     if len(set(names)) != len(names):
         raise SystemExit(f"--arm: names must be distinct, got {names}")
