@@ -6,6 +6,7 @@ the attention model and on the memory model with both K/V sources -> collect. Th
 every stage finds everything done. Also: the two GPU recipes differ only in model.memory.enabled.
 """
 import json
+from pathlib import Path
 import os
 import re
 import subprocess
@@ -47,6 +48,13 @@ def test_set_changes_one_recipe_field_and_refuses_unknown_ones(capsys):
     assert size["drill_weight"] == 0.0 and size["blend"] == (0.9, 0.08, 0.02)
     assert size["combos"] == (("attention", "plain"),)
     assert run.SIZES["full"]["drill_weight"] == 6.0  # the recipe itself is untouched
+    for bad in ("blend=[1, 2]", "blend=[0, 0, 0, 0]", "blend=[0.5, -0.1, 0.3, 0.3]"):
+        with pytest.raises(ValueError, match="blend takes"):
+            run.apply_sets(run.SIZES["full"], [bad])
+    # a zero weight leaves its corpus out of the blend: the default recipe trains on three corpora
+    ov = run.pretrain_overrides(run.SIZES["full"], Path("/w"), "attention")
+    assert "data.prefixes=[/w/data/retrieval_text_document,/w/data/synthetic_text_document," \
+           "/w/data/essays_text_document]" in ov and "data.weights=[0.85,0.13,0.02]" in ov
     for bad in ("nope=1", "drill_weight=many", "overrides=[]", "drill_weight"):
         with pytest.raises(ValueError, match="drill_weight|KEY=VALUE"):
             run.apply_sets(run.SIZES["full"], [bad])
@@ -119,6 +127,23 @@ def test_retrieval_documents_are_seeded_and_answered():
         assert all(v in doc[: doc.rindex(last_line_of(doc))] for v in values), (i, doc)
     assert RetrievalDocs(seed=3, target_chars=3000, drill_weight=0.0).document(7) == \
         RetrievalDocs(seed=3, target_chars=3000).document(7)
+
+
+def test_copy_documents_repeat_a_stretch_found_by_content():
+    """Each copied stretch is a run of consecutive items of the list that opens the document."""
+    from ratplus_megatron.data.copy_corpus import copy_document
+    from ratplus_megatron.data.synthetic_corpus import make_word_list
+
+    words = make_word_list(300, seed=1)
+    assert copy_document(4, 0, words) == copy_document(4, 0, words) != copy_document(5, 0, words)
+    starts = set()
+    for i in range(40):
+        doc = copy_document(i, 0, words)
+        head, *copies = re.split(r"\nAgain: |\nRepeat from [^:\n]*: |\nOnce more, from [^:\n]*: | \| |\nCopy: |\n\n", doc)
+        for c in copies:
+            assert c in head, (i, c)  # items joined as in the list: a stretch of consecutive items
+            starts.add(not head.startswith(c))
+    assert starts == {True, False}  # copies start mid-list too: no fixed offset predicts them
 
 
 ANSWER_VALUES = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b")  # uuids, numbers

@@ -41,22 +41,23 @@ if str(REPO) not in sys.path:
 HERE = Path(__file__).resolve().parent
 TOKENIZER = "data_prep/assets/tiny-bpe"
 KINDS = ("attention", "memory")
+CORPORA = ("retrieval", "synthetic", "essays", "copy")  # the pretraining blend's order
 STAGES = ("prep", "pretrain", "sft", "convert", "eval", "collect")
 NOT_FINISHED = 3
 
 # Sizes. "full" is the GPU recipe (estimates in README.md); "toy" is the CPU smoke test.
 SIZES = {
     "full": dict(
-        length=4096, retrieval_docs=36000, synthetic_docs=3000, retrieval_chars=7500, drill_weight=6.0,
-        blend=(0.85, 0.13, 0.02), sft_pairs_per_task=250, test_samples=100, tasks="all",
+        length=4096, retrieval_docs=36000, synthetic_docs=3000, copy_docs=20000, retrieval_chars=7500,
+        drill_weight=6.0, blend=(0.85, 0.13, 0.02, 0.0), sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
         combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
     ),
     "toy": dict(
-        length=512, retrieval_docs=24, synthetic_docs=24, retrieval_chars=1200, drill_weight=6.0,
-        blend=(0.7, 0.15, 0.15), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
+        length=512, retrieval_docs=24, synthetic_docs=24, copy_docs=24, retrieval_chars=1200, drill_weight=6.0,
+        blend=(0.7, 0.15, 0.15, 0.0), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
         combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
         methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
@@ -145,6 +146,12 @@ def _encode_docs(job):
             _W["gen"] = RetrievalDocs(seed=a["seed"], target_chars=a["retrieval_chars"],
                                       filler_sentences=essay_sentences(), drill_weight=a["drill_weight"])
         docs = _W["gen"].documents(start, count)
+    elif kind == "copy":
+        from ratplus_megatron.data.copy_corpus import copy_document
+        from ratplus_megatron.data.synthetic_corpus import make_word_list
+
+        words = _W.setdefault("words", make_word_list(3000, seed=1000 + a["seed"]))
+        docs = [copy_document(i, a["seed"], words) for i in range(start, start + count)]
     elif kind == "synthetic":
         from ratplus_megatron.data.synthetic_corpus import iter_documents
 
@@ -214,6 +221,7 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
     plan = {
         "retrieval": [("retrieval", s, min(chunk, size["retrieval_docs"] - s)) for s in range(0, size["retrieval_docs"], chunk)],
         "synthetic": [("synthetic", s, min(chunk, size["synthetic_docs"] - s)) for s in range(0, size["synthetic_docs"], chunk)],
+        "copy": [("copy", s, min(chunk * 4, size["copy_docs"] - s)) for s in range(0, size["copy_docs"], chunk * 4)],
         "essays": [("essays", s, 10) for s in range(0, 60, 10)],
     }
     ctx = mp.get_context("fork")
@@ -275,8 +283,9 @@ def total_iters(kind: str, overrides: list[str]) -> int:
 
 def pretrain_overrides(size: dict, work: Path, kind: str) -> list[str]:
     d = work / "data"
-    prefixes = ",".join(str(d / f"{k}_text_document") for k in ("retrieval", "synthetic", "essays"))
-    weights = ",".join(str(w) for w in size["blend"])
+    parts = [(k, w) for k, w in zip(CORPORA, size["blend"]) if w > 0]  # a zero weight leaves its corpus out
+    prefixes = ",".join(str(d / f"{k}_text_document") for k, _ in parts)
+    weights = ",".join(str(w) for _, w in parts)
     # the probe: answer-only loss on held-out retrieval documents, to see when (whether) recall appears
     return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
             f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", f"train.probe={d / 'probe_sft'}",
@@ -512,6 +521,10 @@ def apply_sets(size: dict, sets: list[str]) -> dict:
                 raise ValueError(f"{item!r}: {key} takes a number")
             if isinstance(size[key], float):
                 value = float(value)
+        if key == "blend" and (not isinstance(value, tuple) or not 3 <= len(value) <= len(CORPORA)
+                               or min(value) < 0 or sum(value) <= 0):
+            raise ValueError(f"{item!r}: blend takes 3-{len(CORPORA)} weights >= 0 ({', '.join(CORPORA)}), "
+                             "not all zero")
         size[key] = value
     return size
 
@@ -530,7 +543,7 @@ def main(argv=None) -> int:
                    help="also evaluate the memory model with selection and attention on its plain K/V")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "replication"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change one field of the size's recipe (e.g. drill_weight=0, blend=[0.9,0.08,0.02]); "
+                   help="change one field of the size's recipe (e.g. drill_weight=0, blend=[0.6,0.13,0.02,0.25]: retrieval, synthetic, essays, copy); "
                         "YAML values; recorded in run.json")
     p.add_argument("--train-set", action="append", default=[], metavar="OVERRIDE",
                    help="extra trainer override for pretraining and SFT (e.g. optimizer.lr=2e-3, model.num_layers=6)")

@@ -2,6 +2,7 @@
 
     python bench/replication/sweep.py --work /tmp/sweep --deadline 540 --results $OUT/sweep \
         --arm "name=lr3e-3 kind=attention optimizer.lr=3e-3" \
+        --arm "name=copy25 kind=attention recipe.blend=[0.6,0.13,0.02,0.25]" \
         --arm "name=seq1024 kind=attention data.seq_length=1024 batch.global_batch_size=32"
     python bench/replication/sweep.py --arms bench/replication/arms/explore1.txt --work /tmp/sweep ...
 
@@ -34,13 +35,15 @@ def parse_arm(text: str) -> dict:
     if "name" not in head or head.get("kind") not in rp.KINDS:
         raise SystemExit(f"--arm {text!r}: needs name=NAME and kind=attention|memory first")
     return {"name": head["name"], "kind": head["kind"],
-            "overrides": [f for f in fields if not f.startswith(("name=", "kind="))]}
+            # recipe.KEY=VALUE: a replication-recipe field for this arm only (one that needs no prep, e.g. blend)
+            "sets": [f[len("recipe."):] for f in fields if f.startswith("recipe.")],
+            "overrides": [f for f in fields if not f.startswith(("name=", "kind=", "recipe."))]}
 
 
 def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
     from ratplus_megatron.train.config import load_config
 
-    ov = rp.pretrain_overrides(size, work, arm["kind"]) + arm["overrides"]
+    ov = rp.pretrain_overrides(rp.apply_sets(size, arm["sets"]), work, arm["kind"]) + arm["overrides"]
     ov.append(f"checkpoint.save={work / 'runs' / arm['name']}")
     seq = load_config(rp.recipe(arm["kind"]), ov).data.seq_length
     if seq != size["length"]:  # the probe's rows have the sequence length baked in

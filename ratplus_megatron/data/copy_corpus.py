@@ -1,0 +1,49 @@
+"""Seeded copy documents: a list of random items, then a stretch of it written out again.
+
+Recall in a long context rests on induction (find the earlier occurrence of what was just
+written, continue as it continued), a circuit that text-like data forms late: almost every token
+there is predictable without looking back. In these documents the second part can only be
+predicted by copying, and it starts at a random item, so a fixed "N tokens back" rule does not
+work: the model has to find its place by content. Items are the retrieval corpus's value types
+(numbers, uuids, pseudo-word pairs, words), so the copying is of the same token sequences that
+recall later has to copy.
+
+    from ratplus_megatron.data.copy_corpus import copy_document
+    text = copy_document(17, seed=0, words=make_word_list(3000, seed=1000))
+"""
+from __future__ import annotations
+
+import random
+import uuid
+from typing import Sequence
+
+__all__ = ["copy_document"]
+
+_BRIDGES = ["\nAgain: ", "\nRepeat from {first}: ", "\n\n", "\nOnce more, from {first}: ", " | ", "\nCopy: "]
+
+
+def _item(rng: random.Random, style: str, words: Sequence[str]) -> str:
+    if style == "number7":
+        return str(rng.randint(10**6, 10**7 - 1))
+    if style == "number":
+        d = rng.randint(3, 9)
+        return str(rng.randint(10 ** (d - 1), 10**d - 1))
+    if style == "uuid":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    if style == "pair":
+        return f"{rng.choice(words)}-{rng.choice(words)}"
+    return rng.choice(words)
+
+
+def copy_document(i: int, seed: int, words: Sequence[str]) -> str:
+    """Document ``i``: 16-160 random items of one type, then 1-3 copied stretches of them."""
+    rng = random.Random(f"copy|{seed}|{i}")
+    style = rng.choices(["number7", "number", "uuid", "pair", "word"], weights=[3, 2, 2, 2, 1])[0]
+    sep = rng.choice([", ", " ", "\n", "; "])
+    items = [_item(rng, style, words) for _ in range(rng.randint(16, 160 if style != "uuid" else 48))]
+    parts = [sep.join(items)]
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        first = rng.randrange(len(items))
+        stop = rng.randint(first + 1, len(items))
+        parts.append(rng.choice(_BRIDGES).format(first=items[first]) + sep.join(items[first:stop]))
+    return "".join(parts)
