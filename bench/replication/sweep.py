@@ -45,8 +45,9 @@ def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
 
     ov = rp.pretrain_overrides(rp.apply_sets(size, arm["sets"]), work, arm["kind"]) + arm["overrides"]
     ov.append(f"checkpoint.save={work / 'runs' / arm['name']}")
-    seq = load_config(rp.recipe(arm["kind"]), ov).data.seq_length
-    if seq != size["length"]:  # the probe's rows have the sequence length baked in
+    cfg = load_config(rp.recipe(arm["kind"]), ov)
+    seq = cfg.data.seq_length
+    if cfg.train.probe and seq != size["length"]:  # the probe's rows have the sequence length baked in
         from ratplus_megatron.data.sft import build_sft_dataset
 
         prefix = work / "data" / f"probe{seq}"
