@@ -169,3 +169,40 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert summary["runs"][0]["average"] == 100.0
     assert (tmp_path / "out" / "summary.md").is_file() and not (tmp_path / "out" / "accuracy_vs_budget.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
+    """sweep.py: an arm is the recipe + its overrides (+ recipe.KEY=VALUE); a different sequence
+    length gets the probe rebuilt at that length; every arms file in the repo parses and loads."""
+    from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
+    from ratplus_megatron.train.config import load_config
+
+    sys.path.insert(0, str(HERE))
+    try:
+        import sweep
+    finally:
+        sys.path.remove(str(HERE))
+    with pytest.raises(SystemExit, match="needs name=NAME and kind"):
+        sweep.parse_arm("name=x kind=hybrid optimizer.lr=1e-3")
+    arm = sweep.parse_arm("name=x kind=memory optimizer.lr=2e-3 recipe.blend=[0.5,0.2,0.05,0.25]")
+    assert arm == {"name": "x", "kind": "memory", "sets": ["blend=[0.5,0.2,0.05,0.25]"],
+                   "overrides": ["optimizer.lr=2e-3"]}
+    gen = RetrievalDocs(seed=0, target_chars=600)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe.jsonl").write_text(
+        "".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(8)))
+    size = dict(sweep.rp.SIZES["full"])
+    cmd = sweep.arm_command(sweep.parse_arm("name=s kind=attention data.seq_length=1024 "
+                                            "recipe.blend=[0.5,0.2,0.05,0.25]"), tmp_path, size)
+    ov = cmd[cmd.index("--config") + 2:]
+    assert f"train.probe={tmp_path}/data/probe1024_sft" == ov[-1]
+    assert (tmp_path / "data" / "probe1024_sft.tokens.npy").is_file()
+    assert any(o.startswith("data.weights=[0.5,0.2,0.05,0.25]") for o in ov)
+    assert f"checkpoint.save={tmp_path}/runs/s" in ov
+    for arms in sorted((HERE / "arms").glob("*.txt")):
+        for line in arms.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                a = sweep.parse_arm(line)
+                ov = sweep.rp.pretrain_overrides(sweep.rp.apply_sets(size, a["sets"]), tmp_path, a["kind"])
+                load_config(sweep.rp.recipe(a["kind"]), ov + a["overrides"])  # raises on a bad override
