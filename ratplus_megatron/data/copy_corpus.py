@@ -14,25 +14,13 @@ recall later has to copy.
 from __future__ import annotations
 
 import random
-import uuid
 from typing import Sequence
+
+from .retrieval_corpus import random_value
 
 __all__ = ["copy_document"]
 
 _BRIDGES = ["\nAgain: ", "\nRepeat from {first}: ", "\n\n", "\nOnce more, from {first}: ", " | ", "\nCopy: "]
-
-
-def _item(rng: random.Random, style: str, words: Sequence[str]) -> str:
-    if style == "number7":
-        return str(rng.randint(10**6, 10**7 - 1))
-    if style == "number":
-        d = rng.randint(3, 9)
-        return str(rng.randint(10 ** (d - 1), 10**d - 1))
-    if style == "uuid":
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    if style == "pair":
-        return f"{rng.choice(words)}-{rng.choice(words)}"
-    return rng.choice(words)
 
 
 def copy_document(i: int, seed: int, words: Sequence[str]) -> str:
@@ -40,7 +28,7 @@ def copy_document(i: int, seed: int, words: Sequence[str]) -> str:
     rng = random.Random(f"copy|{seed}|{i}")
     style = rng.choices(["number7", "number", "uuid", "pair", "word"], weights=[3, 2, 2, 2, 1])[0]
     sep = rng.choice([", ", " ", "\n", "; "])
-    items = [_item(rng, style, words) for _ in range(rng.randint(16, 160 if style != "uuid" else 48))]
+    items = [random_value(rng, style, words) for _ in range(rng.randint(16, 160 if style != "uuid" else 48))]
     parts = [sep.join(items)]
     for _ in range(rng.choice([1, 1, 2, 3])):
         first = rng.randrange(len(items))

