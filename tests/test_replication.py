@@ -206,3 +206,25 @@ def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
                 a = sweep.parse_arm(line)
                 ov = sweep.rp.pretrain_overrides(sweep.rp.apply_sets(size, a["sets"]), tmp_path, a["kind"])
                 load_config(sweep.rp.recipe(a["kind"]), ov + a["overrides"])  # raises on a bad override
+
+
+def test_short_phase_overrides(tmp_path):
+    """short_length/short_iters: a first phase at the short length with the same tokens per step and
+    its own probe; pretraining then starts from its weights (end to end: README's toy command)."""
+    from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
+
+    run = _driver()
+    gen = RetrievalDocs(seed=0, target_chars=600)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe.jsonl").write_text(
+        "".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(8)))
+    size = run.apply_sets(run.SIZES["full"], ["short_length=512", "short_iters=1500"])
+    ov = run.phase_overrides(size, tmp_path, "memory", "short")
+    last = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in ov}  # later overrides win, as in the trainer
+    assert last["data.seq_length"] == "512" and last["batch.global_batch_size"] == "64"
+    assert last["batch.micro_batch_size"] == "32" and last["train.train_iters"] == "1500"
+    assert last["train.train_tokens"] == "null" and last["train.probe"] == f"{tmp_path}/data/probe512_sft"
+    assert last["checkpoint.save"] == f"{tmp_path}/runs/memory-short" and "checkpoint.init_from" not in last
+    assert (tmp_path / "data" / "probe512_sft.tokens.npy").is_file()
+    assert f"checkpoint.init_from={tmp_path}/runs/memory-short" in run.phase_overrides(size, tmp_path, "memory", "pretrain")
+    assert not any("init_from" in o for o in run.phase_overrides(run.SIZES["full"], tmp_path, "memory", "pretrain"))

@@ -6,7 +6,9 @@ Stages (each resumable and skipped when done; see bench/replication/README.md fo
 
   prep      offline corpora -> indexed datasets (retrieval documents, synthetic text, essays), the
             RULER NIAH train split -> SFT sequences (answer-only loss mask), the RULER test split
-  pretrain  both models (attention.yaml, memory.yaml), concurrently, one per GPU
+  pretrain  both models (attention.yaml, memory.yaml), concurrently, one per GPU; with
+            --set short_length=S --set short_iters=N first N steps at S tokens per sequence
+            (runs/KIND-short), then the recipe from those weights
   sft       both models: fine-tune on the NIAH train split from their pretrained checkpoints
   convert   both SFT checkpoints -> Hugging Face (mcore-to-hf)
   eval      eval/niah.py: 8 tasks x (dense + quest, moba, snapkv, random at 1/4..1/32), attention
@@ -49,7 +51,7 @@ NOT_FINISHED = 3
 SIZES = {
     "full": dict(
         length=4096, retrieval_docs=36000, synthetic_docs=3000, copy_docs=20000, retrieval_chars=7500,
-        drill_weight=6.0, blend=(0.85, 0.13, 0.02, 0.0), sft_pairs_per_task=250, test_samples=100, tasks="all",
+        drill_weight=6.0, blend=(0.85, 0.13, 0.02, 0.0), short_length=0, short_iters=0, sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
         combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
@@ -57,7 +59,7 @@ SIZES = {
     ),
     "toy": dict(
         length=512, retrieval_docs=24, synthetic_docs=24, copy_docs=24, retrieval_chars=1200, drill_weight=6.0,
-        blend=(0.7, 0.15, 0.15, 0.0), sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
+        blend=(0.7, 0.15, 0.15, 0.0), short_length=0, short_iters=0, sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
         combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
         methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
@@ -281,7 +283,37 @@ def total_iters(kind: str, overrides: list[str]) -> int:
     return load_config(recipe(kind), overrides).total_iters()
 
 
-def pretrain_overrides(size: dict, work: Path, kind: str) -> list[str]:
+def probe_at(work: Path, seq: int) -> str:
+    """The recall probe's documents as SFT rows of `seq` tokens (built once; rows that do not fit
+    are dropped): a trainer at another sequence length than the recipe's needs its own."""
+    from ratplus_megatron.data.sft import SFTError, build_sft_dataset
+
+    prefix = work / "data" / f"probe{seq}"
+    if not Path(str(prefix) + "_sft.tokens.npy").is_file():
+        try:
+            s = build_sft_dataset(str(work / "probe" / "probe.jsonl"), str(REPO / TOKENIZER), str(prefix), seq)
+        except SFTError as e:
+            raise SystemExit(f"recall probe at {seq} tokens: {e}") from None
+        log(f"recall probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
+    return f"{prefix}_sft"
+
+
+def short_overrides(size: dict, work: Path, kind: str) -> list[str]:
+    """The optional first phase: the pretraining recipe at size["short_length"] tokens per sequence
+    for size["short_iters"] steps, with as many tokens per step, rounded down (a copying circuit forms sooner in
+    short contexts: README, "Context length delays copying"); pretraining then starts from it."""
+    from ratplus_megatron.train.config import load_config
+
+    L, S = size["length"], size["short_length"]
+    b = load_config(recipe(kind), list(size["overrides"])).batch
+    return pretrain_overrides(size, work, kind, short=False) + [
+        f"data.seq_length={S}", f"batch.global_batch_size={b.global_batch_size * L // S}",
+        f"batch.micro_batch_size={b.micro_batch_size * L // S}", "train.train_tokens=null",
+        f"train.train_iters={size['short_iters']}", f"train.probe={probe_at(work, S)}",
+        f"checkpoint.save={work / 'runs' / (kind + '-short')}"]
+
+
+def pretrain_overrides(size: dict, work: Path, kind: str, short: bool = True) -> list[str]:
     d = work / "data"
     parts = [(k, w) for k, w in zip(CORPORA, size["blend"]) if w > 0]  # a zero weight leaves its corpus out
     prefixes = ",".join(str(d / f"{k}_text_document") for k, _ in parts)
@@ -289,7 +321,9 @@ def pretrain_overrides(size: dict, work: Path, kind: str) -> list[str]:
     # the probe: answer-only loss on held-out retrieval documents, to see when (whether) recall appears
     return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
             f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", f"train.probe={d / 'probe_sft'}",
-            f"train.eval_interval={size['probe_interval']}", "train.eval_iters=2"] + list(size["overrides"])
+            f"train.eval_interval={size['probe_interval']}", "train.eval_iters=2",
+            *([f"checkpoint.init_from={work / 'runs' / (kind + '-short')}"] if short and size["short_length"] else []),
+            *size["overrides"]]
 
 
 def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
@@ -297,10 +331,7 @@ def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
     gpus = cuda_count()
     jobs = []
     for i, kind in enumerate(KINDS):
-        if phase == "pretrain":
-            ov = pretrain_overrides(size, work, kind)
-        else:
-            ov = list(size["overrides"]) + sft_overrides(size, work, kind)
+        ov = phase_overrides(size, work, kind, phase)
         run = work / "runs" / f"{kind}-{phase}"
         if latest(run) >= total_iters(kind, ov):
             log(f"{phase}: {kind} already done ({latest(run)} iterations)")
@@ -338,9 +369,16 @@ def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
                 out.close()
                 log(f"{phase}: {kind} saved at iteration {latest(run)}")
             return False
-    return all(latest(work / "runs" / f"{k}-{phase}") >= total_iters(
-        k, pretrain_overrides(size, work, k) if phase == "pretrain" else list(size["overrides"]) + sft_overrides(size, work, k))
-        for k in KINDS)
+    return all(latest(work / "runs" / f"{k}-{phase}") >= total_iters(k, phase_overrides(size, work, k, phase))
+               for k in KINDS)
+
+
+def phase_overrides(size: dict, work: Path, kind: str, phase: str) -> list[str]:
+    if phase == "short":
+        return short_overrides(size, work, kind)
+    if phase == "pretrain":
+        return pretrain_overrides(size, work, kind)
+    return list(size["overrides"]) + sft_overrides(size, work, kind)
 
 
 def stage_convert(work: Path, size: dict, clock: Clock) -> bool:
@@ -481,9 +519,9 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
         versions = {}
     info = {"commit": os.environ.get("COMMIT", commit), **versions, "size": size,
             "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k in KINDS
-                         for p in ("pretrain", "sft")},
+                         for p in ("short", "pretrain", "sft") if (work / "runs" / f"{k}-{p}").is_dir()},
             "data": {k: json.loads((work / "data" / f"{k}_text_document.json").read_text())
-                     for k in ("retrieval", "synthetic", "essays")
+                     for k in CORPORA
                      if (work / "data" / f"{k}_text_document.json").is_file()},
             "sft_data": json.loads((work / "data" / "sft_sft.json").read_text())
             if (work / "data" / "sft_sft.json").is_file() else None}
@@ -575,7 +613,10 @@ def main(argv=None) -> int:
         t = time.time()
         if stage == "prep":
             ok = stage_prep(work, size, clock, a.workers)
-        elif stage in ("pretrain", "sft"):
+        elif stage == "pretrain":
+            ok = (not size["short_length"] or run_trainers(work, size, clock, "short")) and \
+                run_trainers(work, size, clock, "pretrain")
+        elif stage == "sft":
             ok = run_trainers(work, size, clock, stage)
         elif stage == "convert":
             ok = stage_convert(work, size, clock)

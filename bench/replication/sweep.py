@@ -48,13 +48,7 @@ def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
     cfg = load_config(rp.recipe(arm["kind"]), ov)
     seq = cfg.data.seq_length
     if cfg.train.probe and seq != size["length"]:  # the probe's rows have the sequence length baked in
-        from ratplus_megatron.data.sft import build_sft_dataset
-
-        prefix = work / "data" / f"probe{seq}"
-        if not Path(str(prefix) + "_sft.tokens.npy").is_file():
-            s = build_sft_dataset(str(work / "probe" / "probe.jsonl"), str(rp.REPO / rp.TOKENIZER), str(prefix), seq)
-            rp.log(f"sweep: probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
-        ov.append(f"train.probe={prefix}_sft")
+        ov.append(f"train.probe={rp.probe_at(work, seq)}")
     return [sys.executable, "-m", "ratplus_megatron.train", "--config", rp.recipe(arm["kind"]), *ov]
 
 
