@@ -171,10 +171,19 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
+def _write_probe_rows(work: Path) -> None:
+    """WORK/probe/probe.jsonl as prep writes it: a few short held-out retrieval documents."""
+    from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
+
+    gen = RetrievalDocs(seed=0, target_chars=600)
+    (work / "probe").mkdir()
+    (work / "probe" / "probe.jsonl").write_text(
+        "".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(8)))
+
+
 def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
     """sweep.py: an arm is the recipe + its overrides (+ recipe.KEY=VALUE); a different sequence
     length gets the probe rebuilt at that length; every arms file in the repo parses and loads."""
-    from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
     from ratplus_megatron.train.config import load_config
 
     sys.path.insert(0, str(HERE))
@@ -187,10 +196,7 @@ def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
     arm = sweep.parse_arm("name=x kind=memory optimizer.lr=2e-3 recipe.blend=[0.5,0.2,0.05,0.25]")
     assert arm == {"name": "x", "kind": "memory", "sets": ["blend=[0.5,0.2,0.05,0.25]"],
                    "overrides": ["optimizer.lr=2e-3"]}
-    gen = RetrievalDocs(seed=0, target_chars=600)
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "probe.jsonl").write_text(
-        "".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(8)))
+    _write_probe_rows(tmp_path)
     size = dict(sweep.rp.SIZES["full"])
     cmd = sweep.arm_command(sweep.parse_arm("name=s kind=attention data.seq_length=1024 "
                                             "recipe.blend=[0.5,0.2,0.05,0.25]"), tmp_path, size)
@@ -211,13 +217,8 @@ def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
 def test_short_phase_overrides(tmp_path):
     """short_length/short_iters: a first phase at the short length with the same tokens per step and
     its own probe; pretraining then starts from its weights (end to end: README's toy command)."""
-    from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
-
     run = _driver()
-    gen = RetrievalDocs(seed=0, target_chars=600)
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "probe.jsonl").write_text(
-        "".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(8)))
+    _write_probe_rows(tmp_path)
     size = run.apply_sets(run.SIZES["full"], ["short_length=512", "short_iters=1500"])
     ov = run.phase_overrides(size, tmp_path, "memory", "short")
     last = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in ov}  # later overrides win, as in the trainer

@@ -10,14 +10,13 @@ Every arm is the replication recipe (`run.py`'s pretraining overrides, `--set` f
 the arm's trainer overrides, trained from scratch in WORK/runs/NAME on GPU (i mod #GPUs); the data
 is prepared once (`run.py prep`). The recall probe is rebuilt at an arm's own sequence length when
 it differs. At the deadline the trainers checkpoint and stop (SIGTERM), so `run.py` can continue a
-winning arm. Writes RESULTS/sweep.json (each arm's overrides, probe and validation curves, speed)
+winning arm. Writes RESULTS/sweep.json (device, versions, commit, command; each arm's overrides, probe and validation curves, speed)
 and a table; RESULTS/NAME.jsonl are the trainers' metrics.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,6 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as rp  # noqa: E402  (the replication driver: sizes, prep, recipe overrides)
+
+sys.path.insert(0, str(rp.REPO / "bench"))
+from _runs import environment, trainer_command, write_json  # noqa: E402
 
 
 def parse_arm(text: str) -> dict:
@@ -49,7 +51,7 @@ def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
     seq = cfg.data.seq_length
     if cfg.train.probe and seq != size["length"]:  # the probe's rows have the sequence length baked in
         ov.append(f"train.probe={rp.probe_at(work, seq)}")
-    return [sys.executable, "-m", "ratplus_megatron.train", "--config", rp.recipe(arm["kind"]), *ov]
+    return trainer_command(rp.recipe(arm["kind"]), ov, nproc=1)
 
 
 def curves(metrics: Path) -> dict:
@@ -85,14 +87,14 @@ def main(argv=None) -> int:
     size, work, results = rp.apply_sets(dict(rp.SIZES[a.size]), a.set), Path(a.work), Path(a.results)
     clock = rp.Clock(a.deadline)
     rp.stage_prep(work, size, clock, a.workers)
-    gpus = max(rp.cuda_count(), 1)
+    gpus = rp.cuda_count()
     commands = [arm_command(arm, work, size) for arm in a.arm]  # every probe built before any trainer starts
     procs = []
     for i, (arm, cmd) in enumerate(zip(a.arm, commands)):
         run = work / "runs" / arm["name"]
         run.mkdir(parents=True, exist_ok=True)
         out = open(run / "train.log", "a")
-        gpu = i % gpus if rp.cuda_count() else None
+        gpu = i % gpus if gpus else None
         rp.log(f"sweep: {arm['name']} ({arm['kind']}) on GPU {gpu}: {' '.join(arm['overrides'])}")
         procs.append((arm, subprocess.Popen(cmd, cwd=rp.REPO, env=rp.env_for(gpu), stdout=out,
                                             stderr=subprocess.STDOUT), out))
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         proc.wait()
         out.close()
     results.mkdir(parents=True, exist_ok=True)
-    report = {"commit": os.environ.get("COMMIT"), "sets": a.set, "arms": []}
+    report = {**environment(), "sets": a.set, "arms": []}
     for arm, proc, _ in procs:
         run = work / "runs" / arm["name"]
         if (run / "metrics.jsonl").is_file():
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
         if proc.returncode not in (0, -signal.SIGTERM):
             print((run / "train.log").read_text()[-2000:], file=sys.stderr)
         report["arms"].append({**arm, "exit": proc.returncode, **curves(run / "metrics.jsonl")})
-    (results / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(results / "sweep.json", report)
     for r in report["arms"]:
         probe = " ".join(f"{it}:{v:.2f}" for it, v in r["probe_loss"])
         print(f"{r['name']:>12} {r['kind']:>9} it {r['last_iteration']:>5} tok/s {r['tokens_per_s']} probe {probe}")
