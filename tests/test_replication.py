@@ -85,7 +85,8 @@ def test_driver_toy_end_to_end(tmp_path):
     assert info["training"]["memory-sft"]["iterations"] == 3 and info["sft_data"]["pairs"] == 6
     for kind in ("attention", "memory"):  # the recall probe and held-out loss during pretraining
         evals = info["training"][f"{kind}-pretrain"]["evals"]
-        assert [e["iteration"] for e in evals] == [2, 4] and all(e["probe_loss"] > 0 and e["val_loss"] > 0 for e in evals)
+        assert [e["iteration"] for e in evals] == [2, 4]
+        assert all(e["probe_loss"] > 0 and e["copy_loss"] > 0 and e["val_loss"] > 0 for e in evals)
     # a second call finds every stage done and starts no trainer or eval worker
     proc = subprocess.run(cmd[:2] + ["pretrain,sft,eval"] + cmd[3:], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -131,7 +132,7 @@ def test_retrieval_documents_are_seeded_and_answered():
 
 def test_copy_documents_repeat_a_stretch_found_by_content():
     """Each copied stretch is a run of consecutive items of the list that opens the document."""
-    from ratplus_megatron.data.copy_corpus import copy_document
+    from ratplus_megatron.data.copy_corpus import copy_document, copy_probe_row
     from ratplus_megatron.data.synthetic_corpus import make_word_list
 
     words = make_word_list(300, seed=1)
@@ -144,6 +145,11 @@ def test_copy_documents_repeat_a_stretch_found_by_content():
             assert c in head, (i, c)  # items joined as in the list: a stretch of consecutive items
             starts.add(not head.startswith(c))
     assert starts == {True, False}  # copies start mid-list too: no fixed offset predicts them
+    rows = [r for r in (copy_probe_row(i, 0, words) for i in range(40)) if r]
+    assert len(rows) > 20
+    for r in rows:  # the copy probe: the document cut after the first two items of its last stretch
+        assert r["input"] + r["target"] == copy_document(r["index"], 0, words)
+        assert r["target"].strip() in r["input"]  # predictable by copying alone
 
 
 ANSWER_VALUES = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}|\b\d{3,9}\b")  # uuids, numbers
@@ -172,13 +178,15 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
 
 
 def _write_probe_rows(work: Path) -> None:
-    """WORK/probe/probe.jsonl as prep writes it: a few short held-out retrieval documents."""
+    """WORK/probe/{probe,copy}.jsonl as prep writes them: a few short held-out retrieval and copy documents."""
+    from ratplus_megatron.data.copy_corpus import copy_probe_row
     from ratplus_megatron.data.retrieval_corpus import RetrievalDocs
 
     gen = RetrievalDocs(seed=0, target_chars=600)
-    (work / "probe").mkdir()
-    (work / "probe" / "probe.jsonl").write_text(
-        "".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(8)))
+    run = _driver()
+    run.write_probe_rows(work, "probe", (gen.probe_row(10**7 + i) for i in range(8)))
+    rows = (copy_probe_row(i, 0, ["alpha", "beta", "gamma"]) for i in range(200))
+    run.write_probe_rows(work, "copy", [r for r in rows if r and len(r["input"]) < 600][:8])
 
 
 def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
@@ -201,8 +209,9 @@ def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
     cmd = sweep.arm_command(sweep.parse_arm("name=s kind=attention data.seq_length=1024 "
                                             "recipe.blend=[0.5,0.2,0.05,0.25]"), tmp_path, size)
     ov = cmd[cmd.index("--config") + 2:]
-    assert f"train.probe={tmp_path}/data/probe1024_sft" == ov[-1]
+    assert ov[-2:] == [f"train.probe={tmp_path}/data/probe1024_sft", f"train.probes={{copy: {tmp_path}/data/copy1024_sft}}"]
     assert (tmp_path / "data" / "probe1024_sft.tokens.npy").is_file()
+    assert load_config(sweep.rp.recipe("attention"), ov).train.probes == {"copy": f"{tmp_path}/data/copy1024_sft"}
     assert any(o.startswith("data.weights=[0.5,0.2,0.05,0.25]") for o in ov)
     assert f"checkpoint.save={tmp_path}/runs/s" in ov
     for arms in sorted((HERE / "arms").glob("*.txt")):
@@ -226,6 +235,7 @@ def test_short_phase_overrides(tmp_path):
     assert last["batch.micro_batch_size"] == "32" and last["train.train_iters"] == "1500"
     assert last["train.train_tokens"] == "null" and last["train.probe"] == f"{tmp_path}/data/probe512_sft"
     assert last["checkpoint.save"] == f"{tmp_path}/runs/memory-short" and "checkpoint.init_from" not in last
-    assert (tmp_path / "data" / "probe512_sft.tokens.npy").is_file()
+    assert last["train.probes"] == f"{{copy: {tmp_path}/data/copy512_sft}}"
+    assert (tmp_path / "data" / "probe512_sft.tokens.npy").is_file() and (tmp_path / "data" / "copy512_sft.tokens.npy").is_file()
     assert f"checkpoint.init_from={tmp_path}/runs/memory-short" in run.phase_overrides(size, tmp_path, "memory", "pretrain")
     assert not any("init_from" in o for o in run.phase_overrides(run.SIZES["full"], tmp_path, "memory", "pretrain"))

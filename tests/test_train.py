@@ -135,8 +135,14 @@ def test_bad_config_is_one_line_error(override, expect):
 def test_probe_needs_an_eval_interval():
     from ratplus_megatron.train.config import TrainConfigError, load_config
 
-    with pytest.raises(TrainConfigError, match="train.probe is evaluated at train.eval_interval"):
+    with pytest.raises(TrainConfigError, match="train.probe and train.probes are evaluated at train.eval_interval"):
         load_config(None, ["train.probe=/some/x_sft", "train.train_iters=4"]).validate()
+    with pytest.raises(TrainConfigError, match="train.probes are evaluated"):
+        load_config(None, ["train.probes={copy: /some/x_sft}", "train.train_iters=4"]).validate()
+    with pytest.raises(TrainConfigError, match="'val' must be an identifier"):
+        load_config(None, ["train.probes={val: /x}", "train.train_iters=4", "train.eval_interval=2"]).validate()
+    with pytest.raises(TrainConfigError, match="train.probes: expected a mapping"):
+        load_config(None, ["train.probes=/x"])
 
 
 @pytest.mark.parametrize("name", ["olmo2_7b_ratplus_10b", "olmo2_7b_attention_10b", "tiny_ratplus_cpu",

@@ -252,11 +252,19 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
         from ratplus_megatron.data.retrieval_corpus import RetrievalDocs, essay_sentences
 
         gen = RetrievalDocs(seed=0, target_chars=size["retrieval_chars"], filler_sentences=essay_sentences())
-        rows = work / "probe" / "probe.jsonl"
-        rows.parent.mkdir(parents=True, exist_ok=True)
-        rows.write_text("".join(json.dumps(gen.probe_row(10**7 + i)) + "\n" for i in range(size["probe_docs"])))
-        s = build_sft_dataset(str(rows), str(REPO / TOKENIZER), str(data / "probe"), L)
+        write_probe_rows(work, "probe", (gen.probe_row(10**7 + i) for i in range(size["probe_docs"])))
+        s = build_sft_dataset(str(work / "probe" / "probe.jsonl"), str(REPO / TOKENIZER), str(data / "probe"), L)
         log(f"prep: recall probe: {s['pairs']} held-out retrieval documents ({s['dropped_too_long']} too long)")
+    if not (data / "copy_sft.tokens.npy").is_file():
+        # the copy probe: held-out copy documents cut inside their last stretch (copying alone predicts the rest)
+        from ratplus_megatron.data.copy_corpus import copy_probe_row
+        from ratplus_megatron.data.synthetic_corpus import make_word_list
+
+        words = make_word_list(3000, seed=1000)  # the copy corpus's (seed 0)
+        rows = (copy_probe_row(10**7 + i, 0, words) for i in range(4 * size["probe_docs"]))
+        write_probe_rows(work, "copy", [r for r in rows if r][:size["probe_docs"]])
+        s = build_sft_dataset(str(work / "probe" / "copy.jsonl"), str(REPO / TOKENIZER), str(data / "copy"), L)
+        log(f"prep: copy probe: {s['pairs']} held-out copy documents ({s['dropped_too_long']} too long)")
     if not (data / "sft_sft.tokens.npy").is_file():
         s = build_sft_dataset(str(work / "ruler" / "train" / str(L)), str(REPO / TOKENIZER), str(data / "sft"), L)
         log(f"prep: SFT: {s['pairs']} pairs ({s['dropped_too_long']} too long), answers {s['answer_tokens_mean']:.1f} "
@@ -283,19 +291,33 @@ def total_iters(kind: str, overrides: list[str]) -> int:
     return load_config(recipe(kind), overrides).total_iters()
 
 
-def probe_at(work: Path, seq: int) -> str:
-    """The recall probe's documents as SFT rows of `seq` tokens (built once; rows that do not fit
-    are dropped): a trainer at another sequence length than the recipe's needs its own."""
+def write_probe_rows(work: Path, name: str, rows) -> None:
+    path = work / "probe" / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
+
+
+def probe_at(work: Path, seq: int, name: str = "probe") -> str:
+    """A probe's documents (`name`: probe = recall, copy) as SFT rows of `seq` tokens (built once; rows that do
+    not fit are dropped): a trainer at another sequence length than the recipe's needs its own."""
     from ratplus_megatron.data.sft import SFTError, build_sft_dataset
 
-    prefix = work / "data" / f"probe{seq}"
+    prefix = work / "data" / f"{name}{seq}"
     if not Path(str(prefix) + "_sft.tokens.npy").is_file():
         try:
-            s = build_sft_dataset(str(work / "probe" / "probe.jsonl"), str(REPO / TOKENIZER), str(prefix), seq)
+            s = build_sft_dataset(str(work / "probe" / f"{name}.jsonl"), str(REPO / TOKENIZER), str(prefix), seq)
         except SFTError as e:
-            raise SystemExit(f"recall probe at {seq} tokens: {e}") from None
-        log(f"recall probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
+            raise SystemExit(f"{name} probe at {seq} tokens: {e}") from None
+        log(f"{name} probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
     return f"{prefix}_sft"
+
+
+def probe_overrides(work: Path, seq: int | None = None) -> list[str]:
+    """The trainer's probes, at the recipe's length (None) or rebuilt at `seq` tokens."""
+    path = (lambda n: str(work / "data" / f"{n}_sft")) if seq is None else (lambda n: probe_at(work, seq, n))
+    return [f"train.probe={path('probe')}", f"train.probes={{copy: {path('copy')}}}"]
 
 
 def short_overrides(size: dict, work: Path, kind: str) -> list[str]:
@@ -309,7 +331,7 @@ def short_overrides(size: dict, work: Path, kind: str) -> list[str]:
     return pretrain_overrides(size, work, kind, short=False) + [
         f"data.seq_length={S}", f"batch.global_batch_size={b.global_batch_size * L // S}",
         f"batch.micro_batch_size={b.micro_batch_size * L // S}", "train.train_tokens=null",
-        f"train.train_iters={size['short_iters']}", f"train.probe={probe_at(work, S)}",
+        f"train.train_iters={size['short_iters']}", *probe_overrides(work, S),
         f"checkpoint.save={work / 'runs' / (kind + '-short')}"]
 
 
@@ -318,9 +340,9 @@ def pretrain_overrides(size: dict, work: Path, kind: str, short: bool = True) ->
     parts = [(k, w) for k, w in zip(CORPORA, size["blend"]) if w > 0]  # a zero weight leaves its corpus out
     prefixes = ",".join(str(d / f"{k}_text_document") for k, _ in parts)
     weights = ",".join(str(w) for _, w in parts)
-    # the probe: answer-only loss on held-out retrieval documents, to see when (whether) recall appears
+    # the probes: answer-only loss on held-out retrieval documents (recall) and copy documents
     return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
-            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", f"train.probe={d / 'probe_sft'}",
+            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", *probe_overrides(work),
             f"train.eval_interval={size['probe_interval']}", "train.eval_iters=2",
             *([f"checkpoint.init_from={work / 'runs' / (kind + '-short')}"] if short and size["short_length"] else []),
             *size["overrides"]]
@@ -489,7 +511,7 @@ def _train_numbers(run: Path) -> dict:
     return {"iterations": last["iteration"], "final_loss": last["loss"], "first_logged_loss": train[0]["loss"],
             "tokens_per_s_median": sorted(tps)[len(tps) // 2], "memory_gib": last.get("memory_gib"),
             "train_seconds": sum(r["seconds"] for r in train),
-            "evals": [{k: r[k] for k in ("iteration", "val_loss", "probe_loss") if k in r} for r in evals]}
+            "evals": [{k: r[k] for k in ("iteration", "val_loss", "probe_loss", "copy_loss") if k in r} for r in evals]}
 
 
 def stage_collect(work: Path, size: dict, results: Path) -> bool:

@@ -49,8 +49,8 @@ def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
     ov.append(f"checkpoint.save={work / 'runs' / arm['name']}")
     cfg = load_config(rp.recipe(arm["kind"]), ov)
     seq = cfg.data.seq_length
-    if cfg.train.probe and seq != size["length"]:  # the probe's rows have the sequence length baked in
-        ov.append(f"train.probe={rp.probe_at(work, seq)}")
+    if seq != size["length"]:  # the probes' rows have the sequence length baked in
+        ov += rp.probe_overrides(work, seq)
     return trainer_command(rp.recipe(arm["kind"]), ov, nproc=1)
 
 
@@ -58,7 +58,7 @@ def curves(metrics: Path) -> dict:
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
     train = [r for r in rows if r.get("kind") == "train"]
     pick = lambda key: [(r["iteration"], round(r[key], 4)) for r in rows if key in r]  # noqa: E731
-    return {"probe_loss": pick("probe_loss"), "val_loss": pick("val_loss"),
+    return {"probe_loss": pick("probe_loss"), "copy_loss": pick("copy_loss"), "val_loss": pick("val_loss"),
             "last_iteration": train[-1]["iteration"] if train else 0,
             "train_loss": round(train[-1]["loss"], 4) if train else None,
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in train[-5:]) / len(train[-5:])) if train else None}
@@ -117,8 +117,9 @@ def main(argv=None) -> int:
         report["arms"].append({**arm, "exit": proc.returncode, **curves(run / "metrics.jsonl")})
     write_json(results / "sweep.json", report)
     for r in report["arms"]:
-        probe = " ".join(f"{it}:{v:.2f}" for it, v in r["probe_loss"])
-        print(f"{r['name']:>12} {r['kind']:>9} it {r['last_iteration']:>5} tok/s {r['tokens_per_s']} probe {probe}")
+        curve = lambda key: " ".join(f"{it}:{v:.2f}" for it, v in r[key])  # noqa: E731
+        print(f"{r['name']:>12} {r['kind']:>9} it {r['last_iteration']:>5} tok/s {r['tokens_per_s']}\n"
+              f"{'':>14}probe {curve('probe_loss')}\n{'':>14}copy  {curve('copy_loss')}")
     return 0
 
 

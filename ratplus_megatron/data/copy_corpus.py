@@ -18,20 +18,41 @@ from typing import Sequence
 
 from .retrieval_corpus import random_value
 
-__all__ = ["copy_document"]
+__all__ = ["copy_document", "copy_probe_row"]
 
 _BRIDGES = ["\nAgain: ", "\nRepeat from {first}: ", "\n\n", "\nOnce more, from {first}: ", " | ", "\nCopy: "]
 
 
-def copy_document(i: int, seed: int, words: Sequence[str]) -> str:
-    """Document ``i``: 16-160 random items of one type, then 1-3 copied stretches of them."""
+def _stretches(i: int, seed: int, words: Sequence[str]) -> tuple[list[str], str, list[list[str]]]:
+    """Document ``i``'s parts: the items' text, the separator, and each copied stretch's pieces
+    (its bridge, then its items)."""
     rng = random.Random(f"copy|{seed}|{i}")
     style = rng.choices(["number7", "number", "uuid", "pair", "word"], weights=[3, 2, 2, 2, 1])[0]
     sep = rng.choice([", ", " ", "\n", "; "])
     items = [random_value(rng, style, words) for _ in range(rng.randint(16, 160 if style != "uuid" else 48))]
-    parts = [sep.join(items)]
+    stretches = []
     for _ in range(rng.choice([1, 1, 2, 3])):
         first = rng.randrange(len(items))
         stop = rng.randint(first + 1, len(items))
-        parts.append(rng.choice(_BRIDGES).format(first=items[first]) + sep.join(items[first:stop]))
-    return "".join(parts)
+        stretches.append([rng.choice(_BRIDGES).format(first=items[first]), *items[first:stop]])
+    return items, sep, stretches
+
+
+def copy_document(i: int, seed: int, words: Sequence[str]) -> str:
+    """Document ``i``: 16-160 random items of one type, then 1-3 copied stretches of them."""
+    items, sep, stretches = _stretches(i, seed, words)
+    return sep.join(items) + "".join(s[0] + sep.join(s[1:]) for s in stretches)
+
+
+def copy_probe_row(i: int, seed: int, words: Sequence[str]) -> dict | None:
+    """Document ``i`` as a prompt/answer pair (RULER jsonl fields, read by ``data.sft``): cut after
+    the first two items of its last stretch, so the answer (the rest of the stretch) is predictable
+    only by copying; its answer-only loss falls towards 0 once the model copies. None when that
+    stretch is shorter than three items."""
+    items, sep, stretches = _stretches(i, seed, words)
+    last = stretches[-1]
+    if len(last) < 4:
+        return None
+    head = sep.join(items) + "".join(s[0] + sep.join(s[1:]) for s in stretches[:-1]) + last[0] + sep.join(last[1:3])
+    target = sep + sep.join(last[3:])
+    return {"index": i, "input": head, "target": target, "outputs": [target.strip()], "answer_prefix": ""}

@@ -106,6 +106,8 @@ class TrainSection:
     # SFT data (data_prep/tokenize.py --sft) whose answer-only loss is logged at each evaluation as
     # probe_loss: e.g. held-out documents cut before an answer, to see when recall appears. Never trained on.
     probe: Optional[str] = None
+    # more such sets, logged as NAME_loss, e.g. {copy: held-out copy documents cut inside a copied stretch}
+    probes: dict[str, str] = field(default_factory=dict)
     metrics_file: Optional[str] = None  # JSON lines of every logged step (default SAVE/metrics.jsonl)
 
 
@@ -177,7 +179,11 @@ class TrainConfig:
              "set exactly one of train.train_iters and train.train_tokens")
         need((t.train_iters or 1) > 0 and (t.train_tokens or 1) > 0, "the training length must be positive")
         need(b.micro_batch_size > 0 and b.global_batch_size > 0, "batch sizes must be positive")
-        need(t.probe is None or t.eval_interval > 0, "train.probe is evaluated at train.eval_interval: set it > 0")
+        need((t.probe is None and not t.probes) or t.eval_interval > 0,
+             "train.probe and train.probes are evaluated at train.eval_interval: set it > 0")
+        for name in t.probes:
+            need(name.isidentifier() and name not in ("probe", "val"),
+                 f"train.probes: {name!r} must be an identifier other than probe and val (it is logged as NAME_loss)")
         need(d.seq_length > 0, f"data.seq_length must be positive, got {d.seq_length}")
         need(len(d.prefixes) > 0, "data.prefixes is empty: give one or more PREFIX_text_document paths")
         need(d.weights is None or len(d.weights) == len(d.prefixes),
@@ -260,6 +266,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TrainConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value

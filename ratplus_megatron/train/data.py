@@ -55,15 +55,16 @@ def build_datasets(cfg, total_iters: int, rank: int, barrier):
     return train, valid
 
 
-def build_probe(cfg):
-    """The train.probe SFT data: eval_iters global batches of prompt/answer sequences (answer-only loss)."""
+def build_probe(cfg, prefix: str, key: str = "train.probe"):
+    """An SFT probe set (train.probe or one of train.probes): eval_iters global batches of
+    prompt/answer sequences (answer-only loss)."""
     from ..data.sft import SFTDataset, SFTError
 
     try:
-        return SFTDataset([cfg.train.probe], cfg.data.seq_length, "100,0,0", "train",
+        return SFTDataset([prefix], cfg.data.seq_length, "100,0,0", "train",
                           cfg.batch.global_batch_size * cfg.train.eval_iters, cfg.train.seed)
     except (SFTError, OSError) as e:
-        raise TrainConfigError(f"train.probe: {e}") from None
+        raise TrainConfigError(f"{key}: {e}") from None
 
 
 def _check_validation_split(prefixes, split: str) -> None:

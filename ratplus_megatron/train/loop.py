@@ -96,7 +96,9 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- 3. data
     train_ds, valid_ds = build_datasets(cfg, total_iters, rank, torch.distributed.barrier)
-    probe_ds = build_probe(cfg) if cfg.train.probe else None
+    probes = {"probe_loss": build_probe(cfg, cfg.train.probe)} if cfg.train.probe else {}
+    probes.update({f"{name}_loss": build_probe(cfg, path, f"train.probes.{name}")
+                   for name, path in cfg.train.probes.items()})
 
     # ---- 4. resume, or initialise from a converted checkpoint
     save = cfg.checkpoint.save
@@ -139,7 +141,7 @@ def train(cfg: TrainConfig) -> int:
     def evaluate(it):
         result = {}
         for name, dataset, mask in (("val_loss", valid_ds, None), ("val_loss_dilated", valid_ds, dilated_mask),
-                                    ("probe_loss", probe_ds, None)):
+                                    *((n, ds, None) for n, ds in probes.items())):
             if dataset is None or (name == "val_loss_dilated" and mask is None):
                 continue
             pair = torch.zeros(2, dtype=torch.float64, device=device)
