@@ -213,6 +213,7 @@ def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
     assert (tmp_path / "data" / "probe1024_sft.tokens.npy").is_file()
     assert load_config(sweep.rp.recipe("attention"), ov).train.probes == {"copy": f"{tmp_path}/data/copy1024_sft"}
     assert any(o.startswith("data.weights=[0.5,0.2,0.05,0.25]") for o in ov)
+    assert sweep.rp.probe_overrides(tmp_path, 16) == ["train.probe=null", "train.probes={}"]  # nothing fits: left out
     assert f"checkpoint.save={tmp_path}/runs/s" in ov
     for arms in sorted((HERE / "arms").glob("*.txt")):
         for line in arms.read_text().splitlines():

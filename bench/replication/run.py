@@ -299,9 +299,10 @@ def write_probe_rows(work: Path, name: str, rows) -> None:
     tmp.rename(path)
 
 
-def probe_at(work: Path, seq: int, name: str = "probe") -> str:
-    """A probe's documents (`name`: probe = recall, copy) as SFT rows of `seq` tokens (built once; rows that do
-    not fit are dropped): a trainer at another sequence length than the recipe's needs its own."""
+def probe_at(work: Path, seq: int, name: str = "probe") -> str | None:
+    """A probe's documents (`name`: probe = recall, copy) as SFT rows of `seq` tokens (built once;
+    rows that do not fit are dropped; None when none fits): a trainer at another sequence length
+    than the recipe's needs its own."""
     from ratplus_megatron.data.sft import SFTError, build_sft_dataset
 
     prefix = work / "data" / f"{name}{seq}"
@@ -309,15 +310,22 @@ def probe_at(work: Path, seq: int, name: str = "probe") -> str:
         try:
             s = build_sft_dataset(str(work / "probe" / f"{name}.jsonl"), str(REPO / TOKENIZER), str(prefix), seq)
         except SFTError as e:
+            if "no pair fits" in str(e):
+                log(f"{name} probe at {seq}: no document fits; not logged")
+                return None
             raise SystemExit(f"{name} probe at {seq} tokens: {e}") from None
         log(f"{name} probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
     return f"{prefix}_sft"
 
 
 def probe_overrides(work: Path, seq: int | None = None) -> list[str]:
-    """The trainer's probes, at the recipe's length (None) or rebuilt at `seq` tokens."""
-    path = (lambda n: str(work / "data" / f"{n}_sft")) if seq is None else (lambda n: probe_at(work, seq, n))
-    return [f"train.probe={path('probe')}", f"train.probes={{copy: {path('copy')}}}"]
+    """The trainer's probes, at the recipe's length (None) or rebuilt at `seq` tokens (a probe
+    none of whose documents fits is left out)."""
+    if seq is None:
+        recall, copy = (str(work / "data" / f"{n}_sft") for n in ("probe", "copy"))
+    else:
+        recall, copy = (probe_at(work, seq, n) for n in ("probe", "copy"))
+    return [f"train.probe={recall or 'null'}", f"train.probes={{{f'copy: {copy}' if copy else ''}}}"]
 
 
 def short_overrides(size: dict, work: Path, kind: str) -> list[str]:
