@@ -176,3 +176,32 @@ def test_gate_stats_logged_and_equal_across_tp(tmp_path, data_prefix):
     for a, b in zip(tp1, tp2):
         for key in ("gate_bias_mean", "gate_open_mean", "gate_weight_rms"):
             assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])
+
+
+def test_primed_torch_adam_steps_like_a_fresh_one():
+    """checkpoint.prime_torch_adam (what lets megatron's optimizer without TE/apex build a load
+    request before its first step) must not change Adam's math: a primed AdamW's first step equals
+    a fresh one's, and its state_dict has the step megatron reads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ratplus_megatron.train.checkpoint import prime_torch_adam
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    primed = torch.optim.AdamW([{"params": twins[:1]}, {"params": twins[1:], "weight_decay": 0.0}], lr=1e-2)
+    fresh = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-2)
+    prime_torch_adam(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=primed)]))
+    assert {s["step"].item() for s in primed.state_dict()["state"].values()} == {0.0}  # megatron asserts one step
+    for opt, ps in ((fresh, params), (primed, twins)):
+        for p in ps:
+            p.grad = torch.ones_like(p) * 0.3
+        opt.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [s["step"].item() for s in primed.state.values()] == [1.0, 1.0]
+    before = {k: v.clone() for k, v in primed.state[twins[0]].items()}
+    prime_torch_adam(SimpleNamespace(optimizer=primed))  # a stepped optimizer keeps its state
+    assert all(torch.equal(before[k], primed.state[twins[0]][k]) for k in before)

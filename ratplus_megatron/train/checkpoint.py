@@ -109,6 +109,7 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     model_sd = _model_sharded_state_dict(models)
     request = {"model": model_sd}
     if megatron_optimizer:
+        prime_torch_adam(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     state = dist_checkpointing.load(request, path)
@@ -125,6 +126,29 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     set_rng_state(local["rng"])
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def prime_torch_adam(optimizer) -> None:
+    """Give a torch Adam inside megatron's optimizer the state of step 0 where it has none yet.
+
+    Without TE or apex, megatron's DistributedOptimizer wraps torch's Adam, whose per-parameter
+    state (with its "step") only appears at the first step; the optimizer's state_dict(), which
+    sharded_state_dict(is_loading=True) calls to build the load request, then fails
+    (``assert len(steps) == 1``): a fresh process could not resume. This is the state Adam's first
+    step would create; the load overwrites all of it. TE's and apex's FusedAdam are left alone.
+    """
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or inner.state:
+            continue
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")  # where Adam keeps its step
+            for p in group["params"]:
+                step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _load_model_state(models, state: dict, strict: bool):
