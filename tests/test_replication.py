@@ -91,7 +91,7 @@ def test_driver_toy_end_to_end(tmp_path):
     proc = subprocess.run(cmd[:2] + ["pretrain,sft,eval"] + cmd[3:], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("already done") == 4 and "0 (model, K/V source, task) jobs" in proc.stdout
+    assert proc.stdout.count("already done") == 4 and "0 (model, K/V source, task, methods) jobs" in proc.stdout
 
 
 def test_retrieval_documents_are_seeded_and_answered():
@@ -236,6 +236,9 @@ def test_short_phase_overrides(tmp_path):
     assert last["batch.micro_batch_size"] == "32" and last["train.train_iters"] == "1500"
     assert last["train.train_tokens"] == "null" and last["train.probe"] == f"{tmp_path}/data/probe512_sft"
     assert last["checkpoint.save"] == f"{tmp_path}/runs/memory-short" and "checkpoint.init_from" not in last
+    assert "optimizer.lr" not in last  # the recipe's unless short_lr is set
+    fast = run.phase_overrides(run.apply_sets(size, ["short_lr=3e-3", "short_min_lr=3e-4"]), tmp_path, "memory", "short")
+    assert fast[-3:-1] == ["optimizer.lr=0.003", "optimizer.min_lr=0.0003"]
     assert last["train.probes"] == f"{{copy: {tmp_path}/data/copy512_sft}}"
     assert (tmp_path / "data" / "probe512_sft.tokens.npy").is_file() and (tmp_path / "data" / "copy512_sft.tokens.npy").is_file()
     assert f"checkpoint.init_from={tmp_path}/runs/memory-short" in run.phase_overrides(size, tmp_path, "memory", "pretrain")

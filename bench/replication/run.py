@@ -13,7 +13,7 @@ Stages (each resumable and skipped when done; see bench/replication/README.md fo
   convert   both SFT checkpoints -> Hugging Face (mcore-to-hf)
   eval      eval/niah.py: 8 tasks x (dense + quest, moba, snapkv, random at 1/4..1/32), attention
             model on plain K/V, memory model on K~/V~ (mem; with --memory-plain also on K/V); a queue of
-            (model, source, task) jobs, --procs-per-gpu workers on each GPU
+            (model, source, task, methods) jobs, --procs-per-gpu workers on each GPU
   collect   scores -> WORK/report and bench/results/replication/ (summary.json, summary.md,
             accuracy_vs_budget.png when matplotlib is there, run.json with training numbers)
   all       every stage in order
@@ -51,7 +51,7 @@ NOT_FINISHED = 3
 SIZES = {
     "full": dict(
         length=4096, retrieval_docs=36000, synthetic_docs=3000, copy_docs=20000, retrieval_chars=7500,
-        drill_weight=6.0, blend=(0.85, 0.13, 0.02, 0.0), short_length=0, short_iters=0, sft_pairs_per_task=250, test_samples=100, tasks="all",
+        drill_weight=6.0, blend=(0.85, 0.13, 0.02, 0.0), short_length=0, short_iters=0, short_lr=0.0, short_min_lr=0.0, sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
         combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
@@ -59,7 +59,7 @@ SIZES = {
     ),
     "toy": dict(
         length=512, retrieval_docs=24, synthetic_docs=24, copy_docs=24, retrieval_chars=1200, drill_weight=6.0,
-        blend=(0.7, 0.15, 0.15, 0.0), short_length=0, short_iters=0, sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
+        blend=(0.7, 0.15, 0.15, 0.0), short_length=0, short_iters=0, short_lr=0.0, short_min_lr=0.0, sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
         combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
         methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
@@ -340,6 +340,8 @@ def short_overrides(size: dict, work: Path, kind: str) -> list[str]:
         f"data.seq_length={S}", f"batch.global_batch_size={b.global_batch_size * L // S}",
         f"batch.micro_batch_size={b.micro_batch_size * L // S}", "train.train_tokens=null",
         f"train.train_iters={size['short_iters']}", *probe_overrides(work, S),
+        *([f"optimizer.lr={size['short_lr']}"] if size["short_lr"] else []),
+        *([f"optimizer.min_lr={size['short_min_lr']}"] if size["short_min_lr"] else []),
         f"checkpoint.save={work / 'runs' / (kind + '-short')}"]
 
 
@@ -425,28 +427,33 @@ def stage_convert(work: Path, size: dict, clock: Clock) -> bool:
 
 # ---------------------------------------------------------------------------------------------- eval
 
-def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str]]:
+def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
+    """(model, K/V source, task, methods) jobs: each method but dense (one spec, added to quest) is
+    a job of its own, so that the workers finish together (per-task jobs ran 150-350 s on the H200)."""
     from eval.ruler.tasks import resolve_tasks
 
     tasks = [t.name for t in resolve_tasks(size["tasks"])]
-    return [(m, s, t) for m, s in size["combos"] for t in tasks]
-
-
-def n_specs(size: dict) -> int:
     methods = size["methods"].split(",")
-    return sum(1 if m == "dense" else len(size["budgets"].split(",")) for m in methods)
+    groups = [m for m in methods if m != "dense"] or ["dense"]
+    if "dense" in methods and groups != ["dense"]:
+        groups[0] = "dense," + groups[0]
+    return [(m, s, t, g) for g in groups for m, s in size["combos"] for t in tasks]
+
+
+def n_specs(size: dict, methods: str) -> int:
+    return sum(1 if m == "dense" else len(size["budgets"].split(",")) for m in methods.split(","))
 
 
 def job_dir(work: Path, job) -> Path:
-    model, source, task = job
-    return work / "niah" / f"{model}-{source}-{task}"
+    model, source, task, methods = job
+    return work / "niah" / f"{model}-{source}-{task}-{methods.replace(',', '+')}"
 
 
 def job_done(work: Path, size: dict, job) -> bool:
     from eval.report import read_jsonl
 
     files = glob.glob(str(job_dir(work, job) / "pred" / str(size["length"]) / "*" / f"{job[2]}.jsonl"))
-    return len(files) == n_specs(size) and all(len(read_jsonl(f)) >= size["test_samples"] for f in files)
+    return len(files) == n_specs(size, job[3]) and all(len(read_jsonl(f)) >= size["test_samples"] for f in files)
 
 
 def stage_eval(work: Path, size: dict, clock: Clock, procs_per_gpu: int) -> bool:
@@ -456,7 +463,7 @@ def stage_eval(work: Path, size: dict, clock: Clock, procs_per_gpu: int) -> bool
     slots = [g for g in range(gpus) for _ in range(procs_per_gpu)] if gpus else [None]
     free = list(slots)
     running = []
-    log(f"eval: {len(jobs)} (model, K/V source, task) jobs to run on {len(slots)} worker slot(s)")
+    log(f"eval: {len(jobs)} (model, K/V source, task, methods) jobs to run on {len(slots)} worker slot(s)")
     while jobs or running:
         while jobs and free and clock.left() > 90:
             job = jobs.pop(0)
@@ -468,7 +475,7 @@ def stage_eval(work: Path, size: dict, clock: Clock, procs_per_gpu: int) -> bool
             if not (data / src.name).is_file():
                 shutil.copyfile(src, data / src.name)
             cmd = [sys.executable, "eval/niah.py", "--model", str(work / "hf" / job[0]), "--tasks", job[2],
-                   "--lengths", str(L), "--methods", size["methods"], "--budgets", size["budgets"],
+                   "--lengths", str(L), "--methods", job[3], "--budgets", size["budgets"],
                    "--samples", str(size["test_samples"]), "--kv-source", job[1], "--out", str(d),
                    "--batch-size", str(size["eval_batch"]), "--max-new-tokens", str(size["max_new_tokens"]),
                    "--moba-block", str(size["moba_block"]), "--dtype", size["dtype"]]
@@ -585,6 +592,11 @@ def apply_sets(size: dict, sets: list[str]) -> dict:
         if isinstance(size[key], tuple) and isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         elif isinstance(size[key], (int, float)) and not isinstance(size[key], bool):
+            if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{item!r}: {key} takes a number")
             if isinstance(size[key], float):
@@ -606,7 +618,8 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds this call may use (e.g. 560)")
     p.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                    help="CPU processes for prep")
-    p.add_argument("--procs-per-gpu", type=int, default=8, help="eval worker processes per GPU")
+    p.add_argument("--procs-per-gpu", type=int, default=max(1, min(14, (os.cpu_count() or 2) // max(1, cuda_count()) - 2)),
+                   help="eval worker processes per GPU (default: the CPU cores per GPU less 2, at most 14)")
     p.add_argument("--memory-plain", action="store_true",
                    help="also evaluate the memory model with selection and attention on its plain K/V")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "replication"))
