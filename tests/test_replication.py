@@ -215,6 +215,13 @@ def test_sweep_arms_parse_and_get_their_own_probe(tmp_path):
     assert any(o.startswith("data.weights=[0.5,0.2,0.05,0.25]") for o in ov)
     assert sweep.rp.probe_overrides(tmp_path, 16) == ["train.probe=null", "train.probes={}"]  # nothing fits: left out
     assert f"checkpoint.save={tmp_path}/runs/s" in ov
+    arm_a = {"name": "a", "kind": "memory", "overrides": [], "probe_loss": [[2, 3.0]], "copy_loss": [[2, 2.5]], "last_iteration": 2}
+    arm_b = {**arm_a, "name": "b", "overrides": ["checkpoint.init_from=/w/runs/a"]}
+    (tmp_path / "s.json").write_text(json.dumps({"arms": [arm_a, arm_b]}))
+    assert sweep.main(["plot", str(tmp_path / "s.json"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no such file"):
+        sweep.main(["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "d.png")])
     for arms in sorted((HERE / "arms").glob("*.txt")):
         for line in arms.read_text().splitlines():
             line = line.split("#", 1)[0].strip()

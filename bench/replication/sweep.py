@@ -5,6 +5,7 @@
         --arm "name=copy25 kind=attention recipe.blend=[0.6,0.13,0.02,0.25]" \
         --arm "name=seq1024 kind=attention data.seq_length=1024 batch.global_batch_size=32"
     python bench/replication/sweep.py --arms bench/replication/arms/explore1.txt --work /tmp/sweep ...
+    python bench/replication/sweep.py plot RESULTS/sweep.json ... --out curves.png
 
 Every arm is the replication recipe (`run.py`'s pretraining overrides, `--set` for its fields) plus
 the arm's trainer overrides, trained from scratch in WORK/runs/NAME on GPU (i mod #GPUs); the data
@@ -64,7 +65,52 @@ def curves(metrics: Path) -> dict:
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in train[-5:]) / len(train[-5:])) if train else None}
 
 
+def plot(reports: list[dict], dest: Path) -> bool:
+    """The probes against tokens seen, one line per arm (32K tokens per step here). An arm started
+    from another arm's weights (checkpoint.init_from=.../runs/NAME) continues that arm's line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("sweep: matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    arms = {r["name"]: r for rep in reports for r in rep["arms"]}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(arms)}  # one colour per arm in both panels
+    for ax, key, title in zip(axes, ("probe_loss", "copy_loss"), ("recall probe", "copy probe")):
+        for r in arms.values():
+            start = [o.split("=", 1)[1].rstrip("/").rsplit("/", 1)[-1] for o in r["overrides"]
+                     if o.startswith("checkpoint.init_from=")]
+            parent = arms.get(start[0]) if start else None
+            offset = parent["last_iteration"] if parent else 0
+            pts = r.get(key) or []
+            if pts:
+                ax.plot([offset + it for it, _ in pts], [v for _, v in pts], label=r["name"], color=colors[r["name"]],
+                        linestyle="-" if r["kind"] == "memory" else "--", marker=".")
+        ax.set_title(f"{title} (answer-only loss, nats/token)")
+        ax.set_xlabel("optimizer steps (continued arms after their parent's)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)  # the copy probe has every arm (the recall probe may not fit short ones)
+    fig.tight_layout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest, dpi=110)
+    return True
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["plot"]:  # sweep.py plot SWEEP_JSON... --out PNG
+        q = argparse.ArgumentParser(prog="sweep.py plot")
+        q.add_argument("reports", nargs="+", type=Path)
+        q.add_argument("--out", type=Path, required=True)
+        b = q.parse_args(argv[1:])
+        missing = [str(x) for x in b.reports if not x.is_file()]
+        if missing:
+            raise SystemExit(f"sweep.py plot: no such file {missing[0]}")
+        return 0 if plot([json.loads(x.read_text()) for x in b.reports], b.out) else 1
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arm", action="append", default=[], type=parse_arm,
                    help='"name=NAME kind=attention|memory KEY=VALUE ..." (trainer overrides)')
@@ -116,6 +162,7 @@ def main(argv=None) -> int:
             print((run / "train.log").read_text()[-2000:], file=sys.stderr)
         report["arms"].append({**arm, "exit": proc.returncode, **curves(run / "metrics.jsonl")})
     write_json(results / "sweep.json", report)
+    plot([report], results / "curves.png")
     for r in report["arms"]:
         curve = lambda key: " ".join(f"{it}:{v:.2f}" for it, v in r[key])  # noqa: E731
         print(f"{r['name']:>12} {r['kind']:>9} it {r['last_iteration']:>5} tok/s {r['tokens_per_s']}\n"
