@@ -371,7 +371,9 @@ def test_olmo2_7b_config_converts_to_the_right_shapes(memory):
         mc = dict(hf_to_mcore(hf, cfg))
     want = {n: tuple(t.shape) for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
     assert {n: tuple(t.shape) for n, t in mc.items()} == want
-    assert want["decoder.layers.0.self_attention.linear_qkv.weight"] == (3 * 4096, 4096)
+    # q, k, v (+ the memory gate's rows, fused into the same projection)
+    assert want["decoder.layers.0.self_attention.linear_qkv.weight"] == ((4 if memory else 3) * 4096, 4096)
+    assert ("decoder.layers.0.self_attention.memory_gate_bias" in want) == memory
     assert want["decoder.layers.0.mlp.linear_fc1.weight"] == (2 * 11008, 4096)
     assert {n: tuple(t.shape) for n, t in mcore_to_hf(mc, cfg)} == shapes
 
@@ -462,8 +464,8 @@ def test_checkpoint_that_does_not_match_its_config_is_one_line_error(tmp_path, c
     cases = [({"ffn_hidden_size": 64}, "Global shape mismatch for loaded (torch.Size([2, 192, 64])) and expected "
                                        "((2, 128, 64)) tensor for key decoder.layers.mlp.linear_fc1.weight"),
              ({"memory": {**meta["model"]["memory"], "enabled": True}},
-              "lacks decoder.layers.self_attention.linear_gate.weight, which the model config (memory=True, "
-              "gate bias=False, output gate=False) does not match")]
+              "has linear_qkv rows [q, k, v] per query group, the model config (memory=True, output gate=False) "
+              "expects [q, k, v, g]: the config does not match")]
     capsys.readouterr()
     for i, (change, message) in enumerate(cases):
         (tmp_path / f"meta{i}.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
