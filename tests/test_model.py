@@ -84,6 +84,51 @@ def test_memory_matches_float64_equations(memory):
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.parametrize("memory", [
+    MemoryConfig(enabled=True),
+    MemoryConfig(enabled=True, gate_bias=True),
+    MemoryConfig(enabled=True, output_gate=True),
+    MemoryConfig(enabled=True, gate_bias=True, output_gate=True),
+], ids=["gate", "gate+bias", "output-gate", "output-gate+gate-bias"])
+def test_fused_gate_rows_compute_the_hf_gate_logits(memory, monkeypatch):
+    """The gate rows fused into linear_qkv ([q, (og), k, v, g] per query group) give exactly HF's
+    g_proj: the scan receives h @ W_g^T (+ b) as a view of the fused GEMM's output (no copy without
+    a bias), and v as h @ W_v^T; HF -> megatron -> HF gives back every tensor bit for bit."""
+    import ratplus_megatron.model.attention as attention
+    from ratplus_megatron.convert.mapping import mcore_to_hf
+
+    cfg = preset("tiny", **{**TINY, "num_kv_heads": 2}, memory=memory)  # 2 q heads per group
+    w = random_hf_weights(cfg, seed=7)
+    back = dict(mcore_to_hf(dict(hf_to_mcore(w, cfg)), cfg))
+    assert sorted(back) == sorted(w) and all(torch.equal(back[k], w[k]) for k in w)
+
+    model = _megatron_model(cfg, w)
+    attn = model.decoder.layers[0].self_attention
+    seen = {}
+    attn.register_forward_pre_hook(lambda m, args: seen.update(h=args[0].detach()))  # hooks return None
+    attn.linear_qkv.register_forward_hook(lambda m, args, out: seen.update(qkv=out[0]))
+    scan = attention.memory_scan
+
+    def spy(g_logits, k, v, **kwargs):
+        seen.setdefault("scan", (g_logits, v))  # layer 0's, the first call
+        return scan(g_logits, k, v, **kwargs)
+
+    monkeypatch.setattr(attention, "memory_scan", spy)
+    with torch.no_grad():
+        _logits(model, _ids(cfg, s=11))
+    h, (g_logits, v) = seen["h"], seen["scan"]  # h [s, b, hidden]; scan inputs [b, s, kv heads, hn]
+    p = "model.layers.0.self_attn."
+    want = h @ w[p + "g_proj.weight"].T
+    if memory.has_gate_bias:
+        want = want + w[p + "g_proj.bias"]
+    torch.testing.assert_close(g_logits.transpose(0, 1).reshape(want.shape), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(v.transpose(0, 1).reshape(want.shape), h @ w[p + "v_proj.weight"].T,
+                               atol=1e-6, rtol=1e-5)
+    fused = seen["qkv"].untyped_storage().data_ptr()
+    assert v.untyped_storage().data_ptr() == fused
+    assert (g_logits.untyped_storage().data_ptr() == fused) != memory.has_gate_bias
+
+
 def test_identity_gate_init_starts_near_plain_olmo2():
     """W_g = 0, bias -6 (g = 0.0025): the memory model reproduces the attention model closely."""
     plain = preset("tiny", **TINY)
