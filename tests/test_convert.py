@@ -476,6 +476,33 @@ def test_checkpoint_that_does_not_match_its_config_is_one_line_error(tmp_path, c
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("megatron_single_process")
+def test_checkpoint_with_the_old_separate_gate_is_one_line_error(tmp_path, capsys):
+    """A memory checkpoint written before the gate's rows moved into linear_qkv (its own
+    `linear_gate`) is refused with the way to re-import it, not loaded with a fresh gate."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from ratplus_megatron.config import MemoryConfig
+    from ratplus_megatron.convert.cli import _build_model
+
+    cfg = tiny_config(MEMORY_CASES["plain"])
+    old = _build_model(cfg, torch.float32).sharded_state_dict()  # an old layout's qkv: [q, k, v]
+    gate = torch.zeros(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size)
+    old["gate"] = ShardedTensor.from_rank_offsets("decoder.layers.self_attention.linear_gate.weight", gate)
+    (tmp_path / "mc").mkdir()
+    dist_checkpointing.save(old, str(tmp_path / "mc"))
+    mem = dataclasses.replace(cfg, memory=MemoryConfig(enabled=True))
+    (tmp_path / "mc" / "ratplus_meta.json").write_text(json.dumps(
+        {"format": "ratplus-megatron-checkpoint", "version": 1, "model": dataclasses.asdict(mem)}))
+    capsys.readouterr()
+    assert convert("mcore-to-hf", "--ckpt-dir", tmp_path / "mc", "--out-dir", tmp_path / "out") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "decoder.layers.self_attention.linear_gate.weight: it was written before the " \
+        "memory gate's rows moved into linear_qkv" in err[0] and "commit 7d2edbb" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_size():
     from ratplus_megatron.convert.cli import parse_size
 
