@@ -3,8 +3,8 @@
 Megatron names here are the full (TP=1, PP=1) model's; dist_checkpointing reshards them to any
 TP/PP on load. HF's separate q/k/v (and the memory's og_proj, g_proj) projections are rows of
 megatron's one fused `linear_qkv`, per query group [q, (og), k, v, (g)] (ratplus_megatron.qkv_layout);
-HF's g_proj.bias is megatron's `self_attention.memory_gate_bias`. The functions pull one tensor at a time from any Mapping (a dict, or a lazy
-safetensors view), so a conversion can stream.
+HF's g_proj.bias is megatron's `self_attention.memory_gate_bias`. The functions pull one tensor at a
+time from any Mapping (a dict, or a lazy safetensors view), so a conversion can stream.
 """
 from __future__ import annotations
 
@@ -129,17 +129,21 @@ def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tu
     for i in range(cfg.num_layers):
         h, m = _layer_names(i)
         qkv = mc[m + "self_attention.linear_qkv.weight"]
-        rows = {name: t.reshape(-1, qkv.shape[-1]) for name, t in split_groups(qkv, parts).items()}
-        yield h + "self_attn.q_proj.weight", rows["q"]
-        if "og" in rows:
-            yield h + "self_attn.og_proj.weight", rows["og"]
-        yield h + "self_attn.k_proj.weight", rows["k"]
-        yield h + "self_attn.v_proj.weight", rows["v"]
+        views = split_groups(qkv, parts)  # [groups, rows, hidden] each; copied one at a time below
+
+        def rows(name):
+            return views[name].reshape(-1, qkv.shape[-1])
+
+        yield h + "self_attn.q_proj.weight", rows("q")
+        if "og" in views:
+            yield h + "self_attn.og_proj.weight", rows("og")
+        yield h + "self_attn.k_proj.weight", rows("k")
+        yield h + "self_attn.v_proj.weight", rows("v")
         yield h + "self_attn.o_proj.weight", mc[m + "self_attention.linear_proj.weight"]
         yield h + "self_attn.q_norm.weight", mc[m + "self_attention.q_layernorm.weight"]
         yield h + "self_attn.k_norm.weight", mc[m + "self_attention.k_layernorm.weight"]
-        if GATE in rows:
-            yield h + "self_attn.g_proj.weight", rows[GATE]
+        if GATE in views:
+            yield h + "self_attn.g_proj.weight", rows(GATE)
             if cfg.memory.has_gate_bias:
                 yield h + "self_attn.g_proj.bias", mc[m + "self_attention.memory_gate_bias"]
         yield h + "post_attention_layernorm.weight", mc[m + "self_attention.linear_proj.post_norm.weight"]
