@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -121,18 +122,30 @@ def make_data(work):
 
 
 def gate_stats(ckpt):
-    """The memory gate's tensors in a dist checkpoint (read-only, torch.distributed.checkpoint): did it move?"""
+    """The memory gate's tensors in a dist checkpoint (read-only, torch.distributed.checkpoint): did it move?
+
+    W_g is the gate rows of the fused linear_qkv (per query group [q, k, v, g]; the layout from the
+    checkpoint's model config), the bias `memory_gate_bias`."""
     import torch
     import torch.distributed.checkpoint as dcp
 
+    from ratplus_megatron.convert.cli import _read_meta, model_config_from_dict
+    from ratplus_megatron.qkv_layout import GATE, qkv_parts_for, split_groups
+
+    cfg = model_config_from_dict(_read_meta(Path(ckpt), Path(ckpt), None)["model"])
+    if not cfg.memory.enabled:
+        return {}
     reader = dcp.FileSystemReader(ckpt)
     md = reader.read_metadata().state_dict_metadata
-    keys = [k for k in md if "linear_gate" in k and hasattr(md[k], "size")]
+    keys = [k for k in md if k.endswith(("self_attention.linear_qkv.weight", "self_attention.memory_gate_bias"))
+            and hasattr(md[k], "size")]
     sd = {k: torch.empty(md[k].size) for k in keys}
     if sd:
         dcp.load(sd, storage_reader=reader, no_dist=True)
     out = {}
     for k, v in sd.items():
+        if k.endswith("linear_qkv.weight"):  # [layers, rows, hidden]: keep the gate rows
+            k, v = f"{k}[{GATE} rows]", split_groups(v, qkv_parts_for(cfg), dim=1)[GATE]
         g = torch.sigmoid(v) if k.endswith("bias") else None
         out[k] = {"mean": v.mean().item(), "std": v.std().item(), "absmax": v.abs().max().item(),
                   **({"mean_sigmoid": g.mean().item()} if g is not None else {})}

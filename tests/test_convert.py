@@ -371,7 +371,9 @@ def test_olmo2_7b_config_converts_to_the_right_shapes(memory):
         mc = dict(hf_to_mcore(hf, cfg))
     want = {n: tuple(t.shape) for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
     assert {n: tuple(t.shape) for n, t in mc.items()} == want
-    assert want["decoder.layers.0.self_attention.linear_qkv.weight"] == (3 * 4096, 4096)
+    # q, k, v (+ the memory gate's rows, fused into the same projection)
+    assert want["decoder.layers.0.self_attention.linear_qkv.weight"] == ((4 if memory else 3) * 4096, 4096)
+    assert ("decoder.layers.0.self_attention.memory_gate_bias" in want) == memory
     assert want["decoder.layers.0.mlp.linear_fc1.weight"] == (2 * 11008, 4096)
     assert {n: tuple(t.shape) for n, t in mcore_to_hf(mc, cfg)} == shapes
 
@@ -462,8 +464,8 @@ def test_checkpoint_that_does_not_match_its_config_is_one_line_error(tmp_path, c
     cases = [({"ffn_hidden_size": 64}, "Global shape mismatch for loaded (torch.Size([2, 192, 64])) and expected "
                                        "((2, 128, 64)) tensor for key decoder.layers.mlp.linear_fc1.weight"),
              ({"memory": {**meta["model"]["memory"], "enabled": True}},
-              "lacks decoder.layers.self_attention.linear_gate.weight, which the model config (memory=True, "
-              "gate bias=False, output gate=False) does not match")]
+              "has linear_qkv rows [q, k, v] per query group, the model config (memory=True, output gate=False) "
+              "expects [q, k, v, g]: the config does not match")]
     capsys.readouterr()
     for i, (change, message) in enumerate(cases):
         (tmp_path / f"meta{i}.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
@@ -472,6 +474,33 @@ def test_checkpoint_that_does_not_match_its_config_is_one_line_error(tmp_path, c
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # megatron chats
         assert len(err) == 1 and err[0].startswith(f"error: checkpoint {tmp_path / 'mc'} ") and message in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_checkpoint_with_the_old_separate_gate_is_one_line_error(tmp_path, capsys):
+    """A memory checkpoint written before the gate's rows moved into linear_qkv (its own
+    `linear_gate`) is refused with the way to re-import it, not loaded with a fresh gate."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from ratplus_megatron.config import MemoryConfig
+    from ratplus_megatron.convert.cli import _build_model
+
+    cfg = tiny_config(MEMORY_CASES["plain"])
+    old = _build_model(cfg, torch.float32).sharded_state_dict()  # an old layout's qkv: [q, k, v]
+    gate = torch.zeros(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size)
+    old["gate"] = ShardedTensor.from_rank_offsets("decoder.layers.self_attention.linear_gate.weight", gate)
+    (tmp_path / "mc").mkdir()
+    dist_checkpointing.save(old, str(tmp_path / "mc"))
+    mem = dataclasses.replace(cfg, memory=MemoryConfig(enabled=True))
+    (tmp_path / "mc" / "ratplus_meta.json").write_text(json.dumps(
+        {"format": "ratplus-megatron-checkpoint", "version": 1, "model": dataclasses.asdict(mem)}))
+    capsys.readouterr()
+    assert convert("mcore-to-hf", "--ckpt-dir", tmp_path / "mc", "--out-dir", tmp_path / "out") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "decoder.layers.self_attention.linear_gate.weight: it was written before the " \
+        "memory gate's rows moved into linear_qkv" in err[0] and "commit 7d2edbb" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_parse_size():

@@ -11,6 +11,7 @@ import torch
 
 from ratplus_megatron.config import ConfigError, MemoryConfig, PrecisionConfig, preset
 from ratplus_megatron.convert.mapping import hf_to_mcore
+from ratplus_megatron.qkv_layout import copy_common_parts, qkv_parts_for, split_groups
 from reference_olmo2 import olmo2_forward, random_hf_weights
 
 from conftest import REPO
@@ -83,6 +84,51 @@ def test_memory_matches_float64_equations(memory):
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.parametrize("memory", [
+    MemoryConfig(enabled=True),
+    MemoryConfig(enabled=True, gate_bias=True),
+    MemoryConfig(enabled=True, output_gate=True),
+    MemoryConfig(enabled=True, gate_bias=True, output_gate=True),
+], ids=["gate", "gate+bias", "output-gate", "output-gate+gate-bias"])
+def test_fused_gate_rows_compute_the_hf_gate_logits(memory, monkeypatch):
+    """The gate rows fused into linear_qkv ([q, (og), k, v, g] per query group) give exactly HF's
+    g_proj: the scan receives h @ W_g^T (+ b) as a view of the fused GEMM's output (no copy without
+    a bias), and v as h @ W_v^T; HF -> megatron -> HF gives back every tensor bit for bit."""
+    import ratplus_megatron.model.attention as attention
+    from ratplus_megatron.convert.mapping import mcore_to_hf
+
+    cfg = preset("tiny", **{**TINY, "num_kv_heads": 2}, memory=memory)  # 2 q heads per group
+    w = random_hf_weights(cfg, seed=7)
+    back = dict(mcore_to_hf(dict(hf_to_mcore(w, cfg)), cfg))
+    assert sorted(back) == sorted(w) and all(torch.equal(back[k], w[k]) for k in w)
+
+    model = _megatron_model(cfg, w)
+    attn = model.decoder.layers[0].self_attention
+    seen = {}
+    attn.register_forward_pre_hook(lambda m, args: seen.update(h=args[0].detach()))  # hooks return None
+    attn.linear_qkv.register_forward_hook(lambda m, args, out: seen.update(qkv=out[0]))
+    scan = attention.memory_scan
+
+    def spy(g_logits, k, v, **kwargs):
+        seen.setdefault("scan", (g_logits, v))  # layer 0's, the first call
+        return scan(g_logits, k, v, **kwargs)
+
+    monkeypatch.setattr(attention, "memory_scan", spy)
+    with torch.no_grad():
+        _logits(model, _ids(cfg, s=11))
+    h, (g_logits, v) = seen["h"], seen["scan"]  # h [s, b, hidden]; scan inputs [b, s, kv heads, hn]
+    p = "model.layers.0.self_attn."
+    want = h @ w[p + "g_proj.weight"].T
+    if memory.has_gate_bias:
+        want = want + w[p + "g_proj.bias"]
+    torch.testing.assert_close(g_logits.transpose(0, 1).reshape(want.shape), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(v.transpose(0, 1).reshape(want.shape), h @ w[p + "v_proj.weight"].T,
+                               atol=1e-6, rtol=1e-5)
+    fused = seen["qkv"].untyped_storage().data_ptr()
+    assert v.untyped_storage().data_ptr() == fused
+    assert (g_logits.untyped_storage().data_ptr() == fused) != memory.has_gate_bias
+
+
 def test_identity_gate_init_starts_near_plain_olmo2():
     """W_g = 0, bias -6 (g = 0.0025): the memory model reproduces the attention model closely."""
     plain = preset("tiny", **TINY)
@@ -92,11 +138,18 @@ def test_identity_gate_init_starts_near_plain_olmo2():
     from ratplus_megatron.model import build_model, to_transformer_config
 
     model = build_model(mem, to_transformer_config(mem), use_te=False).eval()
-    missing, _ = model.load_state_dict(dict(hf_to_mcore(w, plain)), strict=False)
-    assert sorted(missing) == [f"decoder.layers.{i}.self_attention.linear_gate.{p}"
-                               for i in range(plain.num_layers) for p in ("bias", "weight")]
-    gate = model.decoder.layers[0].self_attention.linear_gate
-    assert gate.weight.abs().max() == 0 and torch.allclose(gate.bias, torch.tensor(-6.0))
+    state = dict(hf_to_mcore(w, plain))
+    for i, layer in enumerate(model.decoder.layers):  # plain q/k/v rows into the fused [q, k, v, g]
+        attn = layer.self_attention
+        src = state.pop(f"decoder.layers.{i}.self_attention.linear_qkv.weight")
+        assert copy_common_parts(attn.linear_qkv.weight, attn.qkv_parts, src, qkv_parts_for(plain)) == (["g"], [])
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert sorted(k for k in missing if not k.endswith("_extra_state")) == [
+        f"decoder.layers.{i}.self_attention.{p}" for i in range(plain.num_layers)
+        for p in ("linear_qkv.weight", "memory_gate_bias")]
+    attn = model.decoder.layers[0].self_attention
+    assert split_groups(attn.linear_qkv.weight, attn.qkv_parts)["g"].abs().max() == 0
+    assert torch.allclose(attn.memory_gate_bias, torch.tensor(-6.0))
     with torch.no_grad():
         ours = _logits(model, ids)
         base = _logits(_megatron_model(plain, w).eval(), ids)
@@ -159,18 +212,24 @@ def test_presets_match_published_shapes():
     assert (one.num_layers, one.hidden_size, one.ffn_hidden_size) == (16, 2048, 8192)
 
 
-def test_weight_decay_skips_every_norm_gain():
+@pytest.mark.parametrize("gate_bias", [False, True], ids=["memory", "memory+gate-bias"])
+def test_weight_decay_skips_every_norm_gain(gate_bias):
     """megatron's optimizer decays all but 1-D parameters and biases: every norm gain, the QK norms
-    included, must be 1-D (a 2-D QK gain was decayed towards 0, capping attention's sharpness)."""
+    included, must be 1-D (a 2-D QK gain was decayed towards 0, capping attention's sharpness), and
+    the memory's gate bias (its own 1-D parameter, linear_qkv has no bias) must not be decayed either."""
     from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 
     from ratplus_megatron.model import build_model, to_transformer_config
 
-    cfg = preset("tiny", **TINY, memory=MemoryConfig(enabled=True))
+    cfg = preset("tiny", **TINY, memory=MemoryConfig(enabled=True, gate_bias=gate_bias))
     model = build_model(cfg, to_transformer_config(cfg), use_te=False)
     no_decay_keys = [k for k, o in get_standard_config_overrides(OptimizerConfig(lr=1e-3)).items()
                      if o.get("wd_mult") == 0.0]
     skipped = {n for n, p in model.named_parameters() if any(k.matches(p, n) for k in no_decay_keys)}
     norms = {n for n, _ in model.named_parameters() if "norm" in n}
+    biases = {n for n, _ in model.named_parameters() if n.endswith("memory_gate_bias")}
     assert {n for n in norms if "q_layernorm" in n or "k_layernorm" in n}, "no QK norm found"
-    assert skipped == norms, (sorted(skipped ^ norms))
+    assert len(biases) == (cfg.num_layers if gate_bias else 0)
+    assert skipped == norms | biases, (sorted(skipped ^ (norms | biases)))
+    cpu_no_decay = {n for n, p in model.named_parameters() if p.ndim < 2}  # the CPU trainer's rule
+    assert cpu_no_decay == norms | biases

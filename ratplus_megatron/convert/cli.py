@@ -26,6 +26,10 @@ header). Measured on a 0.68B-parameter bf16 model: peak RSS = 0.7 GB (torch + me
 + 0.4 GB (hf-to-mcore) / + 0.8 GB (mcore-to-hf: dist_checkpointing reads the largest tensors twice),
 which puts OLMo2-7B (+ memory gate) at about 18 GB.
 
+The megatron side fuses HF's q/k/v (and the memory's og_proj/g_proj) into `linear_qkv`, rows per
+query group [q, (og), k, v, (g)] (ratplus_megatron.qkv_layout). Checkpoints from before the gate moved
+into `linear_qkv` (a separate `linear_gate`) are refused with a message saying how to re-import them.
+
 Errors a user can fix (missing files, wrong shapes, unknown architectures, parallel sizes that do not
 divide the model) print one line and exit with status 2.
 """
@@ -44,6 +48,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, MemoryConfig, ModelConfig
+from ..qkv_layout import (GATE, copy_common_parts, describe, guess_parts, qkv_parts_for, rows_per_group,
+                          split_groups, unfused_gate_error)
 from .mapping import config_from_hf, config_to_hf, hf_shapes, hf_to_mcore, mcore_to_hf
 
 META_FILE = "ratplus_meta.json"
@@ -270,21 +276,26 @@ def check_hf_tensors(weights: HFWeights, cfg: ModelConfig) -> None:
 # hf-to-mcore
 # ------------------------------------------------------------------------------------------------
 
-def _init_new_gates(state: dict, names: set[str], cfg: ModelConfig, seed: int) -> None:
-    """Initialise the memory gate added to a plain OLMo2 checkpoint, per cfg.memory.gate_init."""
+def _init_new_gates(state: dict, cfg: ModelConfig, seed: int) -> set[str]:
+    """Initialise the memory gate added to a plain OLMo2 checkpoint, per cfg.memory.gate_init: the gate
+    rows of every layer's fused linear_qkv (whose q/k/v rows came from HF) and the gate bias.
+    Returns the names of the tensors that are wholly new (the biases)."""
     mem = cfg.memory
     gen = torch.Generator().manual_seed(seed)
-    for name in sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")]):
-        dst = state[name]
-        if name.endswith("linear_gate.weight"):
-            if mem.gate_init == "identity":
-                dst.zero_()
-            else:
-                dst.copy_(torch.empty(dst.shape, dtype=torch.float32).normal_(0.0, mem.gate_init_std, generator=gen))
-        elif name.endswith("linear_gate.bias"):
-            dst.fill_(mem.identity_bias if mem.gate_init == "identity" else 0.0)
-        else:  # pragma: no cover - the mapping covers everything else
-            raise RuntimeError(f"megatron tensor {name} received no weights")
+    parts = qkv_parts_for(cfg)
+    new = set()
+    for i in range(cfg.num_layers):
+        prefix = f"decoder.layers.{i}.self_attention."
+        rows = split_groups(state[prefix + "linear_qkv.weight"], parts)[GATE]  # [groups, head_dim, hidden]
+        if mem.gate_init == "identity":
+            rows.zero_()
+        else:  # drawn as HF's g_proj weight [kv heads * head_dim, hidden], placed group by group
+            w = torch.empty(rows.shape[0] * rows.shape[1], rows.shape[2], dtype=torch.float32)
+            rows.copy_(w.normal_(0.0, mem.gate_init_std, generator=gen).view(rows.shape))
+        if mem.has_gate_bias:
+            state[prefix + "memory_gate_bias"].fill_(mem.identity_bias if mem.gate_init == "identity" else 0.0)
+            new.add(prefix + "memory_gate_bias")
+    return new
 
 
 def hf_to_mcore_command(args) -> Path:
@@ -317,17 +328,25 @@ def hf_to_mcore_command(args) -> Path:
         state = model.state_dict()  # detached views of the parameters: copy_ writes into the model
         wanted = {k for k in state if not k.endswith("_extra_state")}
         loaded = set()
-        total = len(wanted - {k for k in wanted if ".linear_gate." in k}) if cfg is not src else len(wanted)
+        total = len(wanted - {k for k in wanted if k.endswith(".memory_gate_bias")}) if cfg is not src else len(wanted)
         for name, tensor in _progress(hf_to_mcore(weights, src), total, "hf-to-mcore", args.quiet):
             dst = state.get(name)
             if dst is None:  # pragma: no cover - mapping and model disagree
                 raise RuntimeError(f"the megatron model has no tensor {name}")
-            if tuple(dst.shape) != tuple(tensor.shape):
+            if cfg is not src and name.endswith("self_attention.linear_qkv.weight"):
+                # the memory's gate rows join each query group: HF's q/k/v go to their rows, the gate
+                # rows are initialised below
+                copy_common_parts(dst, qkv_parts_for(cfg), tensor, qkv_parts_for(src))
+            elif tuple(dst.shape) != tuple(tensor.shape):
                 raise ConvertError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(dst.shape)}")
-            dst.copy_(tensor)
+            else:
+                dst.copy_(tensor)
             loaded.add(name)
             del tensor
-        _init_new_gates(state, wanted - loaded, cfg, args.seed)
+        if cfg is not src:
+            loaded |= _init_new_gates(state, cfg, args.seed)
+        if wanted - loaded:  # pragma: no cover - the mapping covers everything else
+            raise RuntimeError(f"megatron tensors received no weights: {sorted(wanted - loaded)[:3]}")
         del state
 
         from megatron.core import dist_checkpointing
@@ -421,6 +440,22 @@ def detect_prefix(keys) -> str:
     return min(cands, key=len)
 
 
+def _check_qkv_layout(tensors, prefix: str, cfg: ModelConfig, ckpt: Path) -> None:
+    """A checkpoint whose fused qkv rows are another layout (e.g. attention only, or the memory's
+    [q, k, v, g] per group) than the model config's: say which, instead of a bare shape mismatch."""
+    meta = tensors.get(prefix + "decoder.layers.self_attention.linear_qkv.weight")
+    if meta is None:
+        return
+    want = qkv_parts_for(cfg)
+    rows = meta.global_shape[-2]
+    if rows == cfg.num_kv_heads * rows_per_group(want):
+        return
+    have = guess_parts(rows, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim)
+    found = f"{describe(have)} per query group" if have else f"{rows} rows"
+    raise ConvertError(f"checkpoint {ckpt} has linear_qkv rows {found}, the model config (memory={cfg.memory.enabled}, "
+                       f"output gate={cfg.memory.output_gate}) expects {describe(want)}: the config does not match")
+
+
 def load_megatron_checkpoint(root: Path, config: str | None = None):
     """(TP=1 PP=1 megatron model with the checkpoint's weights, ModelConfig, meta dict, checkpoint dir)."""
     ckpt = resolve_checkpoint_dir(root)
@@ -445,6 +480,10 @@ def load_megatron_checkpoint(root: Path, config: str | None = None):
     from torch.distributed.checkpoint.api import CheckpointException
 
     wanted = {v.key for v in nested_values(sharded) if hasattr(v, "key") and "_extra_state" not in v.key}
+    old_layout = unfused_gate_error(tensors, f"checkpoint {ckpt}")
+    if old_layout:
+        raise ConvertError(old_layout)
+    _check_qkv_layout(tensors, prefix, cfg, ckpt)
     absent = sorted(k for k in wanted if k not in tensors and k + "_w" not in tensors)
     model_keys = tuple(prefix + p for p in ("embedding.", "decoder.", "output_layer."))
     surplus = sorted(k for k in tensors if k.startswith(model_keys) and "_extra_state" not in k

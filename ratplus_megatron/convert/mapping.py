@@ -1,8 +1,10 @@
 """Weight and config mapping between HF OLMo2 (optionally with memory) and megatron-core.
 
 Megatron names here are the full (TP=1, PP=1) model's; dist_checkpointing reshards them to any
-TP/PP on load. The functions pull one tensor at a time from any Mapping (a dict, or a lazy
-safetensors view), so a conversion can stream.
+TP/PP on load. HF's separate q/k/v (and the memory's og_proj, g_proj) projections are rows of
+megatron's one fused `linear_qkv`, per query group [q, (og), k, v, (g)] (ratplus_megatron.qkv_layout);
+HF's g_proj.bias is megatron's `self_attention.memory_gate_bias`. The functions pull one tensor at a
+time from any Mapping (a dict, or a lazy safetensors view), so a conversion can stream.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..config import ConfigError, MemoryConfig, ModelConfig
+from ..qkv_layout import GATE, qkv_parts_for, split_groups
 
 OLMO2_ARCHITECTURES = {"Olmo2ForCausalLM", "Olmo2MemoryForCausalLM"}
 
@@ -78,12 +81,12 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out.update({p + "self_attn.q_proj.weight": (q, h)})
         if cfg.memory.enabled and cfg.memory.output_gate:
             out[p + "self_attn.og_proj.weight"] = (q, h)
-        out.update({p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                    p + "self_attn.q_norm.weight": (q,), p + "self_attn.k_norm.weight": (kv,)})
+        out.update({p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h)})
         if cfg.memory.enabled:
             out[p + "self_attn.g_proj.weight"] = (kv, h)
-            if cfg.memory.has_gate_bias:
-                out[p + "self_attn.g_proj.bias"] = (kv,)
+        out.update({p + "self_attn.q_norm.weight": (q,), p + "self_attn.k_norm.weight": (kv,)})
+        if cfg.memory.enabled and cfg.memory.has_gate_bias:
+            out[p + "self_attn.g_proj.bias"] = (kv,)
         out.update({p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
                     p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                     p + "mlp.down_proj.weight": (h, f), p + "post_feedforward_layernorm.weight": (h,)})
@@ -97,25 +100,19 @@ def _layer_names(i: int) -> tuple[str, str]:
 
 def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (megatron name, tensor) for the full model, reading ``hf`` lazily."""
-    np_, ng, hn = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim
-    per_group = np_ // ng
+    ng = cfg.num_kv_heads
+    parts = qkv_parts_for(cfg)
+    hf_proj = {"q": "q_proj", "og": "og_proj", "k": "k_proj", "v": "v_proj", GATE: "g_proj"}
     yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
     for i in range(cfg.num_layers):
         h, m = _layer_names(i)
-        q = hf[h + "self_attn.q_proj.weight"].view(ng, per_group * hn, -1)
-        k = hf[h + "self_attn.k_proj.weight"].view(ng, hn, -1)
-        v = hf[h + "self_attn.v_proj.weight"].view(ng, hn, -1)
-        parts = [q]
-        if cfg.memory.enabled and cfg.memory.output_gate:
-            parts.append(hf[h + "self_attn.og_proj.weight"].view(ng, per_group * hn, -1))
-        # megatron's fused qkv: per query group [q heads, (output gate), k, v]
-        yield m + "self_attention.linear_qkv.weight", torch.cat(parts + [k, v], dim=1).reshape(-1, q.shape[-1])
+        # megatron's fused qkv: per query group [q heads, (output gate), k, v, (memory gate)]
+        rows = [hf[h + f"self_attn.{hf_proj[name]}.weight"].view(ng, size, -1) for name, size in parts]
+        yield m + "self_attention.linear_qkv.weight", torch.cat(rows, dim=1).reshape(-1, rows[0].shape[-1])
         yield m + "self_attention.q_layernorm.weight", hf[h + "self_attn.q_norm.weight"]
         yield m + "self_attention.k_layernorm.weight", hf[h + "self_attn.k_norm.weight"]
-        if cfg.memory.enabled:
-            yield m + "self_attention.linear_gate.weight", hf[h + "self_attn.g_proj.weight"]
-            if cfg.memory.has_gate_bias:
-                yield m + "self_attention.linear_gate.bias", hf[h + "self_attn.g_proj.bias"]
+        if cfg.memory.enabled and cfg.memory.has_gate_bias:
+            yield m + "self_attention.memory_gate_bias", hf[h + "self_attn.g_proj.bias"]
         yield m + "self_attention.linear_proj.weight", hf[h + "self_attn.o_proj.weight"]
         yield m + "self_attention.linear_proj.post_norm.weight", hf[h + "post_attention_layernorm.weight"]
         yield m + "mlp.linear_fc1.weight", torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
@@ -127,28 +124,28 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tu
 
 def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) from the full megatron model's tensors: the inverse of hf_to_mcore."""
-    np_, ng, hn = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim
-    per_group = np_ // ng
-    og = cfg.memory.enabled and cfg.memory.output_gate
+    parts = qkv_parts_for(cfg)
     yield "model.embed_tokens.weight", mc["embedding.word_embeddings.weight"]
     for i in range(cfg.num_layers):
         h, m = _layer_names(i)
         qkv = mc[m + "self_attention.linear_qkv.weight"]
-        sizes = [per_group * hn] + ([per_group * hn] if og else []) + [hn, hn]
-        parts = qkv.view(ng, sum(sizes), -1).split(sizes, dim=1)
-        hidden = qkv.shape[-1]
-        yield h + "self_attn.q_proj.weight", parts[0].reshape(-1, hidden)
-        if og:
-            yield h + "self_attn.og_proj.weight", parts[1].reshape(-1, hidden)
-        yield h + "self_attn.k_proj.weight", parts[-2].reshape(-1, hidden)
-        yield h + "self_attn.v_proj.weight", parts[-1].reshape(-1, hidden)
+        views = split_groups(qkv, parts)  # [groups, rows, hidden] each; copied one at a time below
+
+        def rows(name):
+            return views[name].reshape(-1, qkv.shape[-1])
+
+        yield h + "self_attn.q_proj.weight", rows("q")
+        if "og" in views:
+            yield h + "self_attn.og_proj.weight", rows("og")
+        yield h + "self_attn.k_proj.weight", rows("k")
+        yield h + "self_attn.v_proj.weight", rows("v")
         yield h + "self_attn.o_proj.weight", mc[m + "self_attention.linear_proj.weight"]
         yield h + "self_attn.q_norm.weight", mc[m + "self_attention.q_layernorm.weight"]
         yield h + "self_attn.k_norm.weight", mc[m + "self_attention.k_layernorm.weight"]
-        if cfg.memory.enabled:
-            yield h + "self_attn.g_proj.weight", mc[m + "self_attention.linear_gate.weight"]
+        if GATE in views:
+            yield h + "self_attn.g_proj.weight", rows(GATE)
             if cfg.memory.has_gate_bias:
-                yield h + "self_attn.g_proj.bias", mc[m + "self_attention.linear_gate.bias"]
+                yield h + "self_attn.g_proj.bias", mc[m + "self_attention.memory_gate_bias"]
         yield h + "post_attention_layernorm.weight", mc[m + "self_attention.linear_proj.post_norm.weight"]
         gate, up = mc[m + "mlp.linear_fc1.weight"].chunk(2)
         yield h + "mlp.gate_proj.weight", gate

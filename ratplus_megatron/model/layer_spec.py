@@ -1,8 +1,8 @@
 """OLMo2 layer and block specs for megatron-core, with or without the RAT+ memory.
 
 Reads like megatron's own gpt_layer_specs: one TransformerLayer spec, TE modules when Transformer
-Engine is importable (TE linears, so FP8 covers qkv, the gate and the MLP; TEDotProductAttention),
-local modules otherwise (torch SDPA core attention). OLMo2 specifics: no pre-norms
+Engine is importable (TE linears, so FP8 covers qkv, the memory gate fused into it, and the MLP;
+TEDotProductAttention), local modules otherwise (torch SDPA core attention). OLMo2 specifics: no pre-norms
 (input/pre-MLP layernorm are identities), post-sublayer RMSNorm on the row-parallel outputs,
 full-width QK RMSNorm, SwiGLU.
 """
@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlockSubmodu
                                                          get_num_layers_to_build)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .attention import RATPlusSelfAttention, RATPlusSelfAttentionSubmodules, SDPACoreAttention
+from .attention import RATPlusSelfAttention, SDPACoreAttention
 from .norms import FullWidthQKNorm, OLMo2RMSNorm, PostNormRowParallelLinear, PostNormTERowParallelLinear
 from .te import HAVE_TE
 
@@ -40,26 +40,26 @@ def _modules(use_te: bool):
 
 
 def get_olmo2_layer_spec(memory: bool = False, use_te: bool | None = None) -> ModuleSpec:
-    """One OLMo2 decoder layer; ``memory`` swaps in the RAT+ memory attention."""
+    """One OLMo2 decoder layer; ``memory`` swaps in the RAT+ memory attention.
+
+    The memory has no submodule of its own: RATPlusSelfAttention builds ``linear_qkv`` with the
+    gate rows in it, so the same (TE, FP8-capable) column-parallel linear computes them.
+    """
     use_te = HAVE_TE if use_te is None else use_te
     column_linear, row_linear, core_attention, _ = _modules(use_te)
-    attention_cls, submodules_cls = ((RATPlusSelfAttention, RATPlusSelfAttentionSubmodules) if memory
-                                     else (SelfAttention, SelfAttentionSubmodules))
-    gate = {"linear_gate": column_linear} if memory else {}
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp,
             self_attention=ModuleSpec(
-                module=attention_cls,
+                module=RATPlusSelfAttention if memory else SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
-                submodules=submodules_cls(
+                submodules=SelfAttentionSubmodules(
                     linear_qkv=column_linear,
                     core_attention=core_attention,
                     linear_proj=row_linear,
                     q_layernorm=ModuleSpec(module=FullWidthQKNorm, params={"target": "q"}),
                     k_layernorm=ModuleSpec(module=FullWidthQKNorm, params={"target": "k"}),
-                    **gate,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -8,10 +8,13 @@ Layout of a run directory SAVE:
     SAVE/iter_0000100/rank_00000.pt          per rank: RNG states (+ the torch optimizer on CPU)
 
 Model tensors keep megatron's global keys whatever the dict nesting, so a training checkpoint is
-also a valid `init_from` (model-only) source, and so is `convert hf-to-mcore`'s output.
+also a valid `init_from` (model-only) source, and so is `convert hf-to-mcore`'s output. An
+attention-only checkpoint initialises a memory model too: its q/k/v rows go into their places in
+the memory model's larger fused linear_qkv, the gate rows start fresh.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,6 +22,8 @@ import shutil
 
 import numpy as np
 import torch
+
+from ..qkv_layout import unfused_gate_error
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -106,6 +111,9 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     from megatron.core import dist_checkpointing
 
     path = iter_dir(save_dir, iteration)
+    old_layout = unfused_gate_error(dist_checkpointing.load_tensors_metadata(path), f"checkpoint {path}")
+    if old_layout:
+        raise RuntimeError(old_layout)
     model_sd = _model_sharded_state_dict(models)
     request = {"model": model_sd}
     if megatron_optimizer:
@@ -158,33 +166,97 @@ def _load_model_state(models, state: dict, strict: bool):
         m.load_state_dict(state[f"model{i}"], strict=strict)
 
 
+def _unwrap(model):
+    """The module megatron's wrappers (DDP, Float16Module) hold."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _qkv_layout_requests(model_sd: dict, ckpt_meta: dict, config) -> dict:
+    """Requests for the fused qkv tensors the checkpoint holds in another row layout than this model.
+
+    The layouts differ by whole parts of each query group (ratplus_megatron.qkv_layout): an
+    attention-only checkpoint has [q, k, v], a memory model [q, k, v, g]. For each such tensor the
+    request becomes a buffer in the checkpoint's layout, shard for shard (TP shards are whole groups),
+    and the parts both layouts have are copied over after loading. Returns {state dict name:
+    (model ShardedTensor, checkpoint parts, model parts)}; model_sd is changed in place.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from ..qkv_layout import guess_parts, qkv_parts, rows_per_group
+
+    heads, groups, hn = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    mine = qkv_parts(heads, groups, hn, output_gate=config.attention_output_gate,
+                     memory=getattr(config, "memory", False))
+    out = {}
+    for name, sh in list(model_sd.items()):
+        if not (isinstance(sh, ShardedTensor) and sh.key.endswith("self_attention.linear_qkv.weight")
+                and sh.key in ckpt_meta and sh.flattened_range is None):
+            continue
+        theirs_shape = tuple(ckpt_meta[sh.key].global_shape)
+        axis = sh.prepend_axis_num  # the rows, in global coordinates
+        if theirs_shape == tuple(sh.global_shape) or len(theirs_shape) != len(sh.global_shape):
+            continue
+        theirs = guess_parts(theirs_shape[axis], heads, groups, hn)
+        if theirs is None or theirs_shape[:axis] + theirs_shape[axis + 1:] != \
+                tuple(sh.global_shape[:axis]) + tuple(sh.global_shape[axis + 1:]):
+            continue  # not a layout difference: dist_checkpointing reports the mismatch
+        ours_per_group, theirs_per_group = rows_per_group(mine), rows_per_group(theirs)
+        buf = torch.empty((sh.local_shape[0] // ours_per_group * theirs_per_group, *sh.local_shape[1:]),
+                          dtype=sh.data.dtype, device=sh.data.device)
+        offset = list(sh.global_offset)  # this shard's first group, counted in their rows
+        offset[axis] = offset[axis] // ours_per_group * theirs_per_group
+        model_sd[name] = dataclasses.replace(sh, data=buf, local_shape=tuple(buf.shape),
+                                             global_shape=theirs_shape, global_offset=tuple(offset))
+        out[name] = (sh, theirs, mine)
+    return out
+
+
 def load_model_only(path: str, models) -> dict:
     """Model weights from a dist checkpoint (convert hf-to-mcore's output, or a training checkpoint).
 
-    Tensors the checkpoint lacks (e.g. the memory gate when adding memory to plain OLMo2) keep this
-    model's initialisation. Returns {"fresh": checkpoint keys this model initialised itself,
-    "ignored_from_checkpoint": checkpoint keys this model has no use for, "not_loaded_params":
-    parameter names left at their initialisation}. Optimizer state is not read.
+    Tensors the checkpoint lacks (e.g. the memory gate bias when adding memory to plain OLMo2) keep
+    this model's initialisation, and so do rows of the fused linear_qkv the checkpoint lacks (the
+    memory gate's rows, from an attention-only checkpoint; the q/k/v rows are loaded into their
+    places). Returns {"fresh": checkpoint keys this model initialised itself, "ignored_from_checkpoint":
+    checkpoint keys this model has no use for, "not_loaded_params": parameter names left at their
+    initialisation}; a tensor loaded in part is listed as "KEY[g rows]" (the parts in question).
+    Optimizer state is not read.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from ..qkv_layout import copy_common_parts
 
     if os.path.isfile(os.path.join(path, LATEST)):  # a run directory: take its latest checkpoint
         path = iter_dir(path, int(open(os.path.join(path, LATEST)).read().strip()))
     if len(models) != 1:
         raise NotImplementedError("init_from with virtual pipeline stages is not supported")
+    # megatron's Float16Module (the bf16 wrapper on GPU) returns None from load_state_dict: load
+    # into the model it wraps, whose keys the sharded state dict already uses.
+    target = _unwrap(models[0])
+    ckpt_meta = dist_checkpointing.load_tensors_metadata(path)
+    if getattr(target.config, "memory", False):  # an attention model may drop an old gate; ours would lose it
+        old_layout = unfused_gate_error(ckpt_meta, f"checkpoint {path}")
+        if old_layout:
+            raise RuntimeError(old_layout)
     model_sd = models[0].sharded_state_dict()
+    adapted = _qkv_layout_requests(model_sd, ckpt_meta, target.config)
     state, missing, unexpected = dist_checkpointing.load(model_sd, path, strict=StrictHandling.RETURN_ALL)
     # `missing` in megatron's wording are checkpoint keys this model does not ask for ("unexpected"
     # for us), and vice versa; we report in the model's terms.
-    fresh = sorted(unexpected)
-    ignored = sorted(missing)
-    # megatron's Float16Module (the bf16 wrapper on GPU) returns None from load_state_dict: load
-    # into the model it wraps, whose keys the sharded state dict already uses.
-    target = models[0]
-    while hasattr(target, "module"):
-        target = target.module
+    fresh, ignored, partly_fresh = set(unexpected), set(missing), []
+    for name, (sh, theirs, mine) in adapted.items():
+        merged = sh.data.detach().clone()  # this model's initialisation, for the rows the checkpoint lacks
+        new_parts, unused_parts = copy_common_parts(merged, mine, state[name], theirs)
+        state[name] = merged
+        if new_parts:
+            fresh.add(f"{sh.key}[{'/'.join(new_parts)} rows]")
+            partly_fresh.append(f"{name}[{'/'.join(new_parts)} rows]")
+        if unused_parts:
+            ignored.add(f"{sh.key}[{'/'.join(unused_parts)} rows]")
     result = target.load_state_dict(state, strict=False)
     # TE modules' `_extra_state` (FP8 scaling metadata) is not a parameter and starts fresh
-    not_loaded = sorted(k for k in set(result.missing_keys) if not k.endswith("._extra_state"))
-    return {"fresh": fresh, "ignored_from_checkpoint": ignored, "not_loaded_params": not_loaded}
+    not_loaded = sorted({k for k in result.missing_keys if not k.endswith("._extra_state")} | set(partly_fresh))
+    return {"fresh": sorted(fresh), "ignored_from_checkpoint": sorted(ignored), "not_loaded_params": not_loaded}

@@ -1,7 +1,7 @@
 """Model FLOPs per trained token (forward + backward), for the TFLOP/s-per-GPU estimate.
 
 Counted: every GEMM (q/k/v, out-proj, SwiGLU MLP, LM head, and the memory's gate projection and
-optional output gate) at 6 FLOPs per weight per token (2 forward, 4 backward); causal attention
+optional output gate, both computed as extra rows of the fused qkv GEMM) at 6 FLOPs per weight per token (2 forward, 4 backward); causal attention
 scores and values (on average s/2 keys per query, fwd + bwd = 3x forward); the memory scan's
 elementwise work (sigmoid, the two k/v recurrences; small, counted for honesty). Not counted:
 norms, RoPE, softmax, the loss. A dilated-mask pass is counted as dense (SDPA computes the full

@@ -418,22 +418,29 @@ def gate_stats(model, device) -> dict:
     """The memory gate, to watch whether it opens: mean bias, mean sigmoid(bias), weight RMS.
 
     g = sigmoid(W_g x + b): the identity start has W_g = 0 and b = -6, so the bias and the weight
-    RMS show how far the gate has moved. Summed over this rank's layers, then over the TP x PP
-    group (gate shards and pipeline stages differ; data-parallel replicas are identical).
+    RMS show how far the gate has moved. W_g is the gate rows of each layer's fused linear_qkv, b its
+    `memory_gate_bias`. Summed over this rank's layers, then over the TP x PP group (gate shards and
+    pipeline stages differ; data-parallel replicas are identical).
     """
     import torch
     from megatron.core import parallel_state as ps
 
+    from ..model.attention import RATPlusSelfAttention
+    from ..qkv_layout import GATE, split_groups
+
     bias_sum = open_sum = n_bias = weight_sq = n_weight = 0.0  # at log intervals only: .item() is fine
     for chunk in model:
-        for name, p in chunk.named_parameters():
-            if ".linear_gate." not in name:
+        for module in chunk.modules():
+            if not isinstance(module, RATPlusSelfAttention):
                 continue
-            v = p.detach().double()
-            if name.endswith(".bias"):
-                bias_sum, open_sum, n_bias = bias_sum + v.sum().item(), open_sum + v.sigmoid().sum().item(), n_bias + v.numel()
-            elif name.endswith(".weight"):
-                weight_sq, n_weight = weight_sq + v.square().sum().item(), n_weight + v.numel()
+            weight = module.linear_qkv.weight.detach()
+            if type(weight) is not torch.Tensor:  # e.g. TE's FP8 primary weights
+                weight = weight.dequantize()
+            w = split_groups(weight, module.qkv_parts)[GATE].double()
+            weight_sq, n_weight = weight_sq + w.square().sum().item(), n_weight + w.numel()
+            if module.memory_gate_bias is not None:
+                b = module.memory_gate_bias.detach().double()
+                bias_sum, open_sum, n_bias = bias_sum + b.sum().item(), open_sum + b.sigmoid().sum().item(), n_bias + b.numel()
     acc = torch.tensor([bias_sum, open_sum, n_bias, weight_sq, n_weight], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and ps.get_model_parallel_group().size() > 1:
         torch.distributed.all_reduce(acc, group=ps.get_model_parallel_group())
