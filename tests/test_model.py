@@ -64,7 +64,12 @@ def test_memory_off_matches_transformers_olmo2():
     MemoryConfig(enabled=True, gate_bias=True),
     MemoryConfig(enabled=True, output_gate=True),
 ], ids=["gate", "gate+bias", "output-gate"])
-def test_memory_matches_float64_equations(memory):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_memory_matches_float64_equations(memory, kernels, monkeypatch):
+    """The model's math and gradients against float64 equations, through the torch scan and through
+    the Triton kernel (interpreted on CPU; what CUDA runs), which takes the gate logits and v as
+    strided views of the fused linear_qkv output."""
+    monkeypatch.setenv("RATPLUS_KERNELS", kernels)
     cfg = preset("tiny", **TINY, memory=memory)
     w = random_hf_weights(cfg, seed=2)
     ids = _ids(cfg, s=19)  # odd length
