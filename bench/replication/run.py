@@ -37,8 +37,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "bench"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+from _runs import trainer_command  # noqa: E402  (bench/_runs.py: the trainer's command line)
 
 HERE = Path(__file__).resolve().parent
 TOKENIZER = "data_prep/assets/tiny-bpe"
@@ -299,6 +301,9 @@ def write_probe_rows(work: Path, name: str, rows) -> None:
     tmp.rename(path)
 
 
+_UNFIT: set = set()  # (probe, length) pairs already found too short, said once
+
+
 def probe_at(work: Path, seq: int, name: str = "probe") -> str | None:
     """A probe's documents (`name`: probe = recall, copy) as SFT rows of `seq` tokens (built once;
     rows that do not fit are dropped; None when none fits): a trainer at another sequence length
@@ -311,7 +316,9 @@ def probe_at(work: Path, seq: int, name: str = "probe") -> str | None:
             s = build_sft_dataset(str(work / "probe" / f"{name}.jsonl"), str(REPO / TOKENIZER), str(prefix), seq)
         except SFTError as e:
             if "no pair fits" in str(e):
-                log(f"{name} probe at {seq}: no document fits; not logged")
+                if (name, seq) not in _UNFIT:
+                    log(f"{name} probe at {seq}: no document fits; not logged")
+                    _UNFIT.add((name, seq))
                 return None
             raise SystemExit(f"{name} probe at {seq} tokens: {e}") from None
         log(f"{name} probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
@@ -378,7 +385,7 @@ def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
             kind, run, ov, gpu = pending.pop(0)
             run.mkdir(parents=True, exist_ok=True)
             out = open(run / f"{phase}.log", "a")
-            cmd = [sys.executable, "-m", "ratplus_megatron.train", "--config", recipe(kind), *ov]
+            cmd = trainer_command(recipe(kind), ov, nproc=1)
             log(f"{phase}: {kind} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'} (log {run / (phase + '.log')})")
             running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env_for(gpu), stdout=out, stderr=subprocess.STDOUT),
                             out, run))
