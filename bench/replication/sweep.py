@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as rp  # noqa: E402  (the replication driver: sizes, prep, recipe overrides)
-
-sys.path.insert(0, str(rp.REPO / "bench"))
+import run as rp  # noqa: E402  (the replication driver: sizes, prep, recipe overrides; puts bench/ on the path)
 from _runs import environment, trainer_command, write_json  # noqa: E402
 
 

@@ -38,10 +38,13 @@ def _stretches(i: int, seed: int, words: Sequence[str]) -> tuple[list[str], str,
     return items, sep, stretches
 
 
+def _text(items: list[str], sep: str, stretches: list[list[str]]) -> str:
+    return sep.join(items) + "".join(s[0] + sep.join(s[1:]) for s in stretches)
+
+
 def copy_document(i: int, seed: int, words: Sequence[str]) -> str:
     """Document ``i``: 16-160 random items of one type, then 1-3 copied stretches of them."""
-    items, sep, stretches = _stretches(i, seed, words)
-    return sep.join(items) + "".join(s[0] + sep.join(s[1:]) for s in stretches)
+    return _text(*_stretches(i, seed, words))
 
 
 def copy_probe_row(i: int, seed: int, words: Sequence[str]) -> dict | None:
@@ -53,6 +56,6 @@ def copy_probe_row(i: int, seed: int, words: Sequence[str]) -> dict | None:
     last = stretches[-1]
     if len(last) < 4:
         return None
-    head = sep.join(items) + "".join(s[0] + sep.join(s[1:]) for s in stretches[:-1]) + last[0] + sep.join(last[1:3])
-    target = sep + sep.join(last[3:])
-    return {"index": i, "input": head, "target": target, "outputs": [target.strip()], "answer_prefix": ""}
+    text, target = _text(items, sep, stretches), sep + sep.join(last[3:])
+    return {"index": i, "input": text[:-len(target)], "target": target, "outputs": [target.strip()],
+            "answer_prefix": ""}

@@ -145,8 +145,6 @@ def prime_torch_adam(optimizer) -> None:
     (``assert len(steps) == 1``): a fresh process could not resume. This is the state Adam's first
     step would create; the load overwrites all of it. TE's and apex's FusedAdam are left alone.
     """
-    import torch
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or inner.state:
