@@ -4,11 +4,12 @@
 
 Stages (each resumable and skipped when done; see bench/replication/README.md for the GPU calls):
 
-  prep      offline corpora -> indexed datasets (retrieval documents, synthetic text, essays), the
-            RULER NIAH train split -> SFT sequences (answer-only loss mask), the RULER test split
-  pretrain  both models (attention.yaml, memory.yaml), concurrently, one per GPU; with
-            --set short_length=S --set short_iters=N first N steps at S tokens per sequence
-            (runs/KIND-short), then the recipe from those weights
+  prep      offline corpora -> indexed datasets (retrieval documents, synthetic text, essays, copy
+            documents), the RULER NIAH train split -> SFT sequences (answer-only loss mask), the
+            RULER test split, the held-out probes
+  pretrain  both models (attention.yaml, memory.yaml), concurrently, one per GPU: first short_iters
+            steps at short_length tokens per sequence (runs/KIND-short; 3000 x 512 in the recipe,
+            --set short_length=0 skips it), then the recipe at 4096 from those weights
   sft       both models: fine-tune on the NIAH train split from their pretrained checkpoints
   convert   both SFT checkpoints -> Hugging Face (mcore-to-hf)
   eval      eval/niah.py: 8 tasks x (dense + quest, moba, snapkv, random at 1/4..1/32), attention
@@ -53,7 +54,9 @@ NOT_FINISHED = 3
 SIZES = {
     "full": dict(
         length=4096, retrieval_docs=36000, synthetic_docs=3000, copy_docs=20000, retrieval_chars=7500,
-        drill_weight=6.0, blend=(0.85, 0.13, 0.02, 0.0), short_length=0, short_iters=0, short_lr=0.0, short_min_lr=0.0, sft_pairs_per_task=250, test_samples=100, tasks="all",
+        drill_weight=6.0, blend=(0.6, 0.13, 0.02, 0.25),
+        # 3000 steps at 512 tokens first: at 4096 from step 0 no model learned to retrieve (README, runs 2-3)
+        short_length=512, short_iters=3000, short_lr=3e-3, short_min_lr=3e-4, sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
         combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
         methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,

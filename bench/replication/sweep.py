@@ -44,7 +44,7 @@ def parse_arm(text: str) -> dict:
 def arm_command(arm: dict, work: Path, size: dict) -> list[str]:
     from ratplus_megatron.train.config import load_config
 
-    ov = rp.pretrain_overrides(rp.apply_sets(size, arm["sets"]), work, arm["kind"]) + arm["overrides"]
+    ov = rp.pretrain_overrides(rp.apply_sets(size, arm["sets"]), work, arm["kind"], short=False) + arm["overrides"]
     ov.append(f"checkpoint.save={work / 'runs' / arm['name']}")
     cfg = load_config(rp.recipe(arm["kind"]), ov)
     seq = cfg.data.seq_length
