@@ -129,10 +129,10 @@ def gate_stats(ckpt):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from ratplus_megatron.convert.cli import _read_meta, model_config_from_dict
+    from ratplus_megatron.convert.cli import read_meta, model_config_from_dict
     from ratplus_megatron.qkv_layout import GATE, qkv_parts_for, split_groups
 
-    cfg = model_config_from_dict(_read_meta(Path(ckpt), Path(ckpt), None)["model"])
+    cfg = model_config_from_dict(read_meta(Path(ckpt), Path(ckpt), None)["model"])
     if not cfg.memory.enabled:
         return {}
     reader = dcp.FileSystemReader(ckpt)

@@ -257,9 +257,8 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
         from ratplus_megatron.data.retrieval_corpus import RetrievalDocs, essay_sentences
 
         gen = RetrievalDocs(seed=0, target_chars=size["retrieval_chars"], filler_sentences=essay_sentences())
-        write_probe_rows(work, "probe", (gen.probe_row(10**7 + i) for i in range(size["probe_docs"])))
-        s = build_sft_dataset(str(work / "probe" / "probe.jsonl"), str(REPO / TOKENIZER), str(data / "probe"), L)
-        log(f"prep: recall probe: {s['pairs']} held-out retrieval documents ({s['dropped_too_long']} too long)")
+        make_probe(work, "probe", (gen.probe_row(10**7 + i) for i in range(size["probe_docs"])), L,
+                   "recall probe", "retrieval")
     if not (data / "copy_sft.tokens.npy").is_file():
         # the copy probe: held-out copy documents cut inside their last stretch (copying alone predicts the rest)
         from ratplus_megatron.data.copy_corpus import copy_probe_row
@@ -267,9 +266,7 @@ def stage_prep(work: Path, size: dict, clock: Clock, workers: int) -> bool:
 
         words = make_word_list(3000, seed=1000)  # the copy corpus's (seed 0)
         rows = (copy_probe_row(10**7 + i, 0, words) for i in range(4 * size["probe_docs"]))
-        write_probe_rows(work, "copy", [r for r in rows if r][:size["probe_docs"]])
-        s = build_sft_dataset(str(work / "probe" / "copy.jsonl"), str(REPO / TOKENIZER), str(data / "copy"), L)
-        log(f"prep: copy probe: {s['pairs']} held-out copy documents ({s['dropped_too_long']} too long)")
+        make_probe(work, "copy", [r for r in rows if r][:size["probe_docs"]], L, "copy probe", "copy")
     if not (data / "sft_sft.tokens.npy").is_file():
         s = build_sft_dataset(str(work / "ruler" / "train" / str(L)), str(REPO / TOKENIZER), str(data / "sft"), L)
         log(f"prep: SFT: {s['pairs']} pairs ({s['dropped_too_long']} too long), answers {s['answer_tokens_mean']:.1f} "
@@ -304,6 +301,16 @@ def write_probe_rows(work: Path, name: str, rows) -> None:
     tmp.rename(path)
 
 
+def make_probe(work: Path, name: str, rows, length: int, what: str, corpus: str) -> None:
+    """WORK/probe/NAME.jsonl from held-out documents, and its SFT rows at the recipe's length
+    (WORK/data/NAME_sft); probe_at rebuilds them at other lengths."""
+    from ratplus_megatron.data.sft import build_sft_dataset
+
+    write_probe_rows(work, name, rows)
+    s = build_sft_dataset(str(work / "probe" / f"{name}.jsonl"), str(REPO / TOKENIZER), str(work / "data" / name), length)
+    log(f"prep: {what}: {s['pairs']} held-out {corpus} documents ({s['dropped_too_long']} too long)")
+
+
 _UNFIT: set = set()  # (probe, length) pairs already found too short, said once
 
 
@@ -311,18 +318,18 @@ def probe_at(work: Path, seq: int, name: str = "probe") -> str | None:
     """A probe's documents (`name`: probe = recall, copy) as SFT rows of `seq` tokens (built once;
     rows that do not fit are dropped; None when none fits): a trainer at another sequence length
     than the recipe's needs its own."""
-    from ratplus_megatron.data.sft import SFTError, build_sft_dataset
+    from ratplus_megatron.data.sft import NothingFitsError, SFTError, build_sft_dataset
 
     prefix = work / "data" / f"{name}{seq}"
     if not Path(str(prefix) + "_sft.tokens.npy").is_file():
         try:
             s = build_sft_dataset(str(work / "probe" / f"{name}.jsonl"), str(REPO / TOKENIZER), str(prefix), seq)
+        except NothingFitsError:
+            if (name, seq) not in _UNFIT:
+                log(f"{name} probe at {seq}: no document fits; not logged")
+                _UNFIT.add((name, seq))
+            return None
         except SFTError as e:
-            if "no pair fits" in str(e):
-                if (name, seq) not in _UNFIT:
-                    log(f"{name} probe at {seq}: no document fits; not logged")
-                    _UNFIT.add((name, seq))
-                return None
             raise SystemExit(f"{name} probe at {seq} tokens: {e}") from None
         log(f"{name} probe at {seq}: {s['pairs']} documents ({s['dropped_too_long']} too long)")
     return f"{prefix}_sft"

@@ -395,7 +395,10 @@ def resolve_checkpoint_dir(root: Path) -> Path:
     raise ConvertError(f"no megatron checkpoint in {root}: expected metadata.json, {TRACKER_FILE} or iter_*/")
 
 
-def _read_meta(root: Path, ckpt: Path, config: str | None) -> dict:
+def read_meta(root: Path, ckpt: Path, config: str | None) -> dict:
+    """A megatron checkpoint's model description ({"model": ModelConfig fields, ...}): from --config
+    (ours or an HF config.json), else the meta file beside the iteration or its root, else the
+    trainer's state."""
     if config:
         path = Path(config)
         if not path.is_file():
@@ -459,7 +462,7 @@ def _check_qkv_layout(tensors, prefix: str, cfg: ModelConfig, ckpt: Path) -> Non
 def load_megatron_checkpoint(root: Path, config: str | None = None):
     """(TP=1 PP=1 megatron model with the checkpoint's weights, ModelConfig, meta dict, checkpoint dir)."""
     ckpt = resolve_checkpoint_dir(root)
-    meta = _read_meta(root, ckpt, config)
+    meta = read_meta(root, ckpt, config)
     cfg = model_config_from_dict(meta["model"]).validate()
     _ensure_single_process_parallel()
     from megatron.core import dist_checkpointing

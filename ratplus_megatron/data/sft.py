@@ -36,12 +36,16 @@ SFT_SUFFIX = "_sft"
 TOKENS_EXT = ".tokens.npy"
 SPANS_EXT = ".spans.npy"
 
-__all__ = ["SFTError", "SFT_SUFFIX", "sft_files", "encode_pair", "build_sft_dataset", "SFTDataset",
+__all__ = ["SFTError", "NothingFitsError", "SFT_SUFFIX", "sft_files", "encode_pair", "build_sft_dataset", "SFTDataset",
            "loss_mask_for", "main"]
 
 
 class SFTError(Exception):
     """A user-facing error: one line."""
+
+
+class NothingFitsError(SFTError):
+    """No pair is short enough for the sequence length (callers may skip such a set)."""
 
 
 def sft_files(prefix: str) -> tuple[str, str, str]:
@@ -142,7 +146,7 @@ def build_sft_dataset(src: str, tokenizer_spec: str, output_prefix: str, seq_len
         if max_pairs and len(rows) >= max_pairs:
             break
     if not rows:
-        raise SFTError(f"--input {src}: no pair fits --seq-length {seq_length} ({dropped} dropped as too long)")
+        raise NothingFitsError(f"--input {src}: no pair fits --seq-length {seq_length} ({dropped} dropped as too long)")
     order = np.random.default_rng(seed).permutation(len(rows))
     tokens = np.stack(rows)[order].astype(dtype)
     spans_arr = np.asarray(spans, dtype=np.int64)[order]
