@@ -132,6 +132,21 @@ def test_bad_config_is_one_line_error(override, expect):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
 
 
+def test_wandb_without_the_package_is_one_line_error(tmp_path, data_prefix):
+    """wandb.mode=offline/online where wandb is not installed (our GPU machine): the fix, not a traceback."""
+    (tmp_path / "wandb.py").write_text("raise ImportError('No module named wandb')\n")  # shadows the real one
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "ratplus_megatron.train", "--config", RECIPE,
+                           *_common(data_prefix, 4), f"checkpoint.save={tmp_path / 'run'}", "wandb.mode=offline"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("error: wandb.mode=offline needs the wandb package (pip install wandb); "
+                    "or set wandb.mode=disabled"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_probe_needs_an_eval_interval():
     from ratplus_megatron.train.config import TrainConfigError, load_config
 

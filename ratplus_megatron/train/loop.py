@@ -544,7 +544,11 @@ class Logger:
 
 def _init_wandb(cfg: TrainConfig):
     """wandb.init with a run id kept in SAVE, so a resumed (requeued) job continues the same run."""
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        raise TrainConfigError(f"wandb.mode={cfg.wandb.mode} needs the wandb package (pip install wandb); "
+                               "or set wandb.mode=disabled") from None
 
     w, save = cfg.wandb, cfg.checkpoint.save
     run_dir = w.dir or save or "wandb_runs"
