@@ -86,6 +86,7 @@ def test_driver_toy_end_to_end(tmp_path):
     assert (results / "summary.md").is_file()
     info = json.loads((results / "run.json").read_text())
     assert info["training"]["memory-sft"]["iterations"] == 3 and info["sft_data"]["pairs"] == 6
+    assert info["device"] == "cpu" and info["versions"]["torch"] and info["commit"] and info["command"].startswith("bench/replication/run.py all")
     for kind in ("attention", "memory"):  # the recall probe and held-out loss during pretraining
         evals = info["training"][f"{kind}-pretrain"]["evals"]
         assert [e["iteration"] for e in evals] == [2, 4]

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 for _p in (REPO, REPO / "bench"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-from _runs import trainer_command  # noqa: E402  (bench/_runs.py: the trainer's command line)
+from _runs import environment, trainer_command, write_json  # noqa: E402  (bench/_runs.py)
 
 HERE = Path(__file__).resolve().parent
 TOKENIZER = "data_prep/assets/tiny-bpe"
@@ -559,19 +559,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
     for name in ("summary.json", "summary.md", "accuracy_vs_budget.png"):
         if (report / name).is_file():
             shutil.copyfile(report / name, results / name)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    try:
-        import torch
-
-        versions = {"torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    except Exception:  # noqa: BLE001
-        versions = {}
-    info = {"commit": os.environ.get("COMMIT", commit), **versions, "size": size,
+    info = {**environment(), "size": size,  # device, versions, commit (COMMIT wins), command
             "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k in KINDS
                          for p in ("short", "pretrain", "sft") if (work / "runs" / f"{k}-{p}").is_dir()},
             "data": {k: json.loads((work / "data" / f"{k}_text_document.json").read_text())
@@ -579,7 +567,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
                      if (work / "data" / f"{k}_text_document.json").is_file()},
             "sft_data": json.loads((work / "data" / "sft_sft.json").read_text())
             if (work / "data" / "sft_sft.json").is_file() else None}
-    (results / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json(results / "run.json", info)
     log(f"collect: {len(summary['runs'])} table rows -> {results}")
     return True
 
