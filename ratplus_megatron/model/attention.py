@@ -92,12 +92,12 @@ def _init_fused_qkv(weight, qkv_init, gate_init, parts):
     megatron calls this on the full weight (CPU initialisation, then split over TP) or on this
     rank's shard (GPU); both are whole query groups.
     """
-    qkv_parts = tuple(p for p in parts if p[0] != GATE)
+    plain_parts = tuple(p for p in parts if p[0] != GATE)
     groups = weight.shape[0] // rows_per_group(parts)
-    plain = torch.empty(groups * rows_per_group(qkv_parts), *weight.shape[1:], dtype=weight.dtype,
+    plain = torch.empty(groups * rows_per_group(plain_parts), *weight.shape[1:], dtype=weight.dtype,
                         device=weight.device)
     qkv_init(plain)
-    copy_common_parts(weight, parts, plain, qkv_parts)
+    copy_common_parts(weight, parts, plain, plain_parts)
     with torch.no_grad():
         gate_init(split_groups(weight, parts)[GATE])
     return weight
