@@ -272,13 +272,17 @@ def _attn_grid(smoke):
     """Launch configs of the decode kernel timed at budget 1/16 of every shape (None: the
     default, decode_cfg's choice for the shape)."""
     if smoke:
-        return [None, dict(bt=16, num_warps=4, num_stages=2, waves=4)]
+        return [None, dict(bt=16, num_warps=4, num_stages=2, waves=4),
+                dict(bt=16, num_warps=4, num_stages=2, waves="fill")]
     grid = [None]
     for bt in (32, 64, 128):
         for nw in (4, 8):
             grid.append(dict(bt=bt, num_warps=nw, num_stages=3, waves=4))
     for bt, nw, ns in ((64, 4, 2), (64, 4, 4), (128, 8, 2), (128, 8, 4)):
         grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves=4))
+    # splits sized to one round of resident programs (occupancy of the compiled kernel)
+    for bt, nw, ns in ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)):
+        grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill"))
     return grid
 
 
@@ -301,10 +305,11 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                decode_cfg=to.DECODE_CFG, topk_default=to.TOPK_VARIANT)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_vars = [("bisect", 8), ("bisect", 16), ("bisect32", 8), ("bisect32", 16), ("radix", 8),
-                 ("radix", 16)]
+    topk_vars = [("bisect", 8, 1), ("bisect32", 16, 1), ("radix", 16, 1), ("search", 8, 1),
+                 ("search", 8, 4), ("search", 16, 4), ("search", 8, 8), ("search", 16, 8),
+                 ("search", 4, 4), ("search", 32, 4)]
     if smoke:
-        topk_vars = [("bisect", 4), ("bisect32", 4), ("radix", 4)]
+        topk_vars = [("bisect", 4, 1), ("bisect32", 4, 1), ("radix", 4, 1), ("search", 4, 4)]
     score_cfgs = [(bp, nw) for bp in (32, 64, 128) for nw in (4, 8)] if not smoke else [(16, 4)]
 
     def left():
@@ -353,9 +358,11 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
             trows = []
-            for var, nw in topk_vars:
-                trows.append(trial(dict(variant=var, num_warps=nw), f"topk {var} nw={nw}",
-                                   lambda var=var, nw=nw: to.select_topk(scores, n, variant=var, num_warps=nw),
+            for var, nw, ways in topk_vars:
+                trows.append(trial(dict(variant=var, num_warps=nw, ways=ways),
+                                   f"topk {var} nw={nw} ways={ways}",
+                                   lambda var=var, nw=nw, ways=ways: to.select_topk(
+                                       scores, n, variant=var, num_warps=nw, ways=ways),
                                    lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
             okt = [r for r in trows if "ms" in r]
@@ -382,7 +389,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             oka = [r for r in arows if "ms" in r]
             if oka and bud == budgets[0] and left() > 0:
                 bc = min(oka, key=lambda r: r["ms"])["cfg"] or to.decode_cfg(B * H, dev)
-                for w in (2, 8, 16):
+                for w in (2, 3, "fill", 8, 16):
                     attn_trial(dict(bc, waves=w), f"attn waves {w}")
                 oka = [r for r in arows if "ms" in r]
                 bc = min(oka, key=lambda r: r["ms"])["cfg"]
@@ -408,7 +415,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
 
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"))
-                i = to.select_topk(s, n, variant=bt_["variant"], num_warps=bt_.get("num_warps"))
+                i = to.select_topk(s, n, variant=bt_["variant"], num_warps=bt_.get("num_warps"),
+                                   ways=bt_.get("ways", 4))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
             e2e = {}
@@ -418,7 +426,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps")),
-                                          topk=dict(variant=bt_["variant"], num_warps=bt_.get("num_warps")),
+                                          topk=dict(variant=bt_["variant"], num_warps=bt_.get("num_warps"),
+                                                    ways=bt_.get("ways")),
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
@@ -433,6 +442,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     out["ranking_budget_1_16"] = _rank_attention(out["shapes"])
+    out["resident_programs_per_sm"] = [dict(config=dict(k[1]), programs=v)
+                                       for k, v in to._RESIDENT.items()]
     out["wall_s"] = time.time() - t_start
     return out
 

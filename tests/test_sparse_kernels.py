@@ -397,8 +397,9 @@ def test_decode_cfg_rule():
 
 
 @TRITON_ONLY
-@pytest.mark.parametrize("variant", ["bisect32", "radix"])
-def test_select_topk_variants(variant):
+@pytest.mark.parametrize("variant,ways", [("bisect32", 1), ("radix", 1), ("search", 1),
+                                          ("search", 4), ("search", 8)])
+def test_select_topk_variants(variant, ways):
     from kernels.sparse import triton_ops as to
     g = torch.Generator().manual_seed(34)
     s = torch.randn(4, 2, 45, generator=g)
@@ -412,8 +413,15 @@ def test_select_topk_variants(variant):
     s = s.to(DEV)
     for kk in (1, 4, 6, 19, 45, 50):
         ref = naive.select_topk_torch(s, kk)
-        got = to.select_topk(s, kk, variant=variant)
+        got = to.select_topk(s, kk, variant=variant, ways=ways)
         assert got.dtype == torch.int32 and got.shape == ref.shape
         assert torch.equal(got.cpu(), ref.cpu()), kk
+    # continuous scores of both signs (the search's early exit), a few ties, an odd length
+    c = torch.randn(3, 1000, generator=g) * torch.tensor([[1e-3], [1.0], [1e4]])
+    c[1, 100:110] = c[1, 5]
+    c = c.to(DEV)
+    for kk in (1, 63, 500, 999):
+        ref = naive.select_topk_torch(c, kk)
+        assert torch.equal(to.select_topk(c, kk, variant=variant, ways=ways).cpu(), ref.cpu()), kk
     with pytest.raises(ValueError):
         to.select_topk(s, 3, variant="torch")

@@ -386,6 +386,52 @@ def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constex
                  mask=(pad >= need) & (pad < K))
 
 
+@triton.jit
+def _select_topk_search_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr):
+    """Top-k of one row (select_topk variant "search"), ascending, -1 padded, ties to the lower
+    index. A WAYS-ary search for the threshold on the order-preserving int32 image of the scores:
+    each pass counts the keys at or above WAYS thresholds spread over [lo, hi] in one reduction,
+    the range starts at the row's finite [min, max] instead of the whole int32 range, and the
+    search stops as soon as a threshold leaves exactly the k needed at or above it (typical for
+    continuous scores: about log2(N) / log2(WAYS + 1) passes instead of 32)."""
+    row = tl.program_id(0)
+    n = tl.arange(0, BN)
+    nm = n < N
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    valid = nm & (x > float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(valid, key, -2147483647 - 1)
+    need = tl.minimum(K, tl.sum(valid.to(tl.int32), axis=0))
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(key, axis=0).to(tl.int64)
+    hi = tl.where(need > 0, hi, lo)
+    j = tl.arange(0, WAYS)
+    while lo < hi:
+        thr = lo + ((hi - lo) * (j + 1) + WAYS) // (WAYS + 1)  # increasing, in (lo, hi]
+        cnt = tl.sum((key[:, None] >= thr[None, :].to(tl.int32)).to(tl.int32), axis=0)
+        ok = cnt >= need  # a prefix of the thresholds (cnt does not increase)
+        new_lo = tl.max(tl.where(ok, thr, lo), axis=0)
+        new_hi = tl.min(tl.where(ok, hi, thr - 1), axis=0)
+        exact = tl.min(tl.where(ok, cnt, 2147483647), axis=0) == need
+        lo = new_lo
+        hi = tl.where(exact, new_lo, new_hi)
+    thr32 = lo.to(tl.int32)
+    sel = (key >= thr32) & valid
+    n_ge = tl.sum(sel.to(tl.int32), axis=0)
+    if n_ge > need:  # ties at the threshold: the lower indices first
+        gt = (key > thr32) & valid
+        eq_rank = tl.cumsum(((key == thr32) & valid).to(tl.int32), axis=0)
+        sel = gt | ((key == thr32) & valid & (eq_rank <= need - tl.sum(gt.to(tl.int32), axis=0)))
+    sel = sel & (need > 0)
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
+    for p0 in range(0, K, BN):  # the -1 padding (slots need..K-1)
+        pad = p0 + n
+        tl.store(o_ptr + row.to(tl.int64) * K + pad, tl.full([BN], -1, tl.int32),
+                 mask=(pad >= need) & (pad < K))
+
+
 # top-k algorithms: "bisect" (_select_topk_kernel, 8 warps from 2048 pages) is the default; in the
 # 2026-11-30 H200 sweep (bench/NOTES-sparse.md) it was the fastest at B=8 (within 0.3 %) and 2 %
 # (128K) / 9-11 % (32K) behind the fastest at B=1, at most 1.5 us of a decode step. Opt-in, each
@@ -394,12 +440,12 @@ def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constex
 TOPK_VARIANT = os.environ.get("SPARSE_TOPK_VARIANT", "bisect")
 
 
-def select_topk(scores, k, *, variant=None, num_warps=None):
+def select_topk(scores, k, *, variant=None, num_warps=None, ways=4):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
     N = shape[-1]
     variant = variant or TOPK_VARIANT
-    if variant not in ("bisect", "bisect32", "radix"):
+    if variant not in ("bisect", "bisect32", "radix", "search"):
         raise ValueError(f"select_topk: unknown variant {variant!r}")
     s = scores.float().reshape(-1, N).contiguous()
     BN = _p2(N)
@@ -410,6 +456,9 @@ def select_topk(scores, k, *, variant=None, num_warps=None):
     if variant == "bisect":
         out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
         _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=nw)
+    elif variant == "search":
+        out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
+        _select_topk_search_kernel[(s.shape[0],)](s, out, N, k, WAYS=ways, BN=BN, num_warps=nw)
     else:
         out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
         _select_topk2_kernel[(s.shape[0],)](s, out, N, k, RADIX=variant == "radix", BN=BN,
@@ -576,19 +625,51 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     BT = max(16, c["bt"])
     BM = max(16, _p2(HSG))
     tiles = max(1, triton.cdiv(n_max, BT))
+    m = torch.empty(0, device=q.device, dtype=torch.float32)  # placeholders until S is known
+    args = [q, k, v, idx if dilated is None else sl, sl, m, m, m, Hq, Hsel, G, HSG, D, NSEL, bs,
+            1, 1, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr]
+    meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
+                BT=BT, BD=BD, PREC=_prec(q.dtype), num_warps=c["num_warps"],
+                num_stages=c["num_stages"])
     if num_splits is None:
-        num_splits = max(1, min(tiles, triton.cdiv(c["waves"] * _n_sms(q.device), B * Hsel)))
+        if c["waves"] == "fill":  # one round of resident programs: no partial last wave
+            slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
+            num_splits = max(1, min(tiles, slots // (B * Hsel)))
+        else:
+            num_splits = max(1, min(tiles, triton.cdiv(c["waves"] * _n_sms(q.device), B * Hsel)))
     TPS = triton.cdiv(tiles, num_splits)
     S = triton.cdiv(tiles, TPS)
     m = torch.empty(B * Hq * S, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
-    _decode_kernel[(B * Hsel, S)](
-        q, k, v, idx if dilated is None else sl, sl, m, l, acc, Hq, Hsel, G, HSG, D, NSEL, bs,
-        TPS, S, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr,
-        DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM, BT=BT,
-        BD=BD, PREC=_prec(q.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    args[5:8] = m, l, acc
+    args[15:17] = TPS, S
+    _decode_kernel[(B * Hsel, S)](*args, **meta)
     return m, l, acc, S
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_programs(kernel, args, meta, device):
+    """How many programs of this launch config fit on one SM at once (warps, registers, shared
+    memory of the compiled kernel); 4 under the interpreter. Cached per config."""
+    if INTERPRET or device.type != "cuda":
+        return 4
+    key = (device.index, tuple(sorted((k, str(v)) for k, v in meta.items())),
+           args[0].dtype, args[1].dtype)
+    if key not in _RESIDENT:
+        ck = kernel.warmup(*args, grid=(1,), **meta)
+        ck._init_handles()
+        p = torch.cuda.get_device_properties(device)
+        nw = meta["num_warps"]
+        regs_per_warp = -(-max(ck.n_regs, 1) * 32 // 256) * 256  # allocated per warp in 256s
+        by_regs = p.regs_per_multiprocessor // (regs_per_warp * nw)
+        by_warps = p.max_threads_per_multi_processor // (32 * nw)
+        shared = ck.metadata.shared
+        by_smem = p.shared_memory_per_multiprocessor // (shared + 1024) if shared else by_warps  # +1 KiB reserved per block
+        _RESIDENT[key] = max(1, min(by_regs, by_warps, by_smem, 32))
+    return _RESIDENT[key]
 
 
 def _merge(q, m, l, acc, S):
