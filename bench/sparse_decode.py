@@ -13,11 +13,10 @@
 * SnapKV vote at 128K (window 64): time and peak extra memory of snapkv_votes (two passes)
   against the materialised softmax (einsum + softmax + sum), when that fits.
 
-Defaults (kernels/sparse/triton_ops.py, set from the 2026-11-30 --sweep, bench/NOTES-sparse.md):
-quest_scores 64 pages x 8 warps; select_topk "bisect" (TOPK_VARIANT; env SPARSE_TOPK_VARIANT =
-bisect32 | radix for the opt-in kernels); the decode kernel's launch config by decode_cfg:
-DECODE_CFG["few_rows"] below one (row, selection head) program per SM (B=1 here), "many_rows"
-from there (B=8). The JSON records them under "defaults".
+Defaults (kernels/sparse/triton_ops.py, set from the 2026-11-30 sweeps, bench/NOTES-sparse.md):
+quest_scores 64 pages x 8 warps; select_topk's threshold search with one threshold per pass and
+early exit, 8 warps; the decode kernel's launch config DECODE_CFG (64-token tiles, 4 warps, 2
+stages, splits for one round of resident programs). The JSON records them under "defaults".
 
 Times: triton.testing.do_bench medians (L2 flushed before each call), eager and, for the
 pipelines, replayed from a CUDA graph (launch gaps removed). Correctness first: at full budget
@@ -26,8 +25,8 @@ the sparse paths equal dense; Triton equals the torch twins.
     python bench/sparse_decode.py --out bench/results/sparse_decode.json
 
 ``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
-Quest decode components timed separately (score launch configs; top-k variants bisect /
-bisect32 / radix x warps; decode launch configs: tile, warps, stages, waves, against the default;
+Quest decode components timed separately (score launch configs; top-k warps x thresholds per
+pass; decode launch configs: tile, warps, stages, waves, index prefetch, against the default;
 the merge alone), each checked against a torch reference on the GPU first, then end-to-end Quest
 with the current defaults vs the best components, all against dense SDPA.
 
@@ -270,10 +269,11 @@ def _ref_gather_decode(q, k, v, idx, page):
 
 def _attn_grid(smoke):
     """Launch configs of the decode kernel timed at budget 1/16 of every shape (None: the
-    default, decode_cfg's choice for the shape)."""
+    default, DECODE_CFG)."""
     if smoke:
         return [None, dict(bt=16, num_warps=4, num_stages=2, waves=4),
-                dict(bt=16, num_warps=4, num_stages=2, waves="fill")]
+                dict(bt=16, num_warps=4, num_stages=2, waves="fill"),
+                dict(bt=16, num_warps=4, num_stages=2, waves="fill", idx_prefetch=True)]
     grid = [None]
     for bt in (32, 64, 128):
         for nw in (4, 8):
@@ -283,6 +283,9 @@ def _attn_grid(smoke):
     # splits sized to one round of resident programs (occupancy of the compiled kernel)
     for bt, nw, ns in ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)):
         grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill"))
+    # the next tile's block ids loaded one iteration ahead
+    for bt, nw, ns in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2)):
+        grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill", idx_prefetch=True))
     return grid
 
 
@@ -301,15 +304,13 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
     t_start = time.time()
     out = dict(shapes=[], notes="ms = CUDA-graph replay medians, L2 flushed; rel = rel. L2 error "
                                 "vs fp32 torch reference on the device; x_sdpa = dense_sdpa_ms / ms; "
-                                "attention cfg null = the default (decode_cfg)",
-               decode_cfg=to.DECODE_CFG, topk_default=to.TOPK_VARIANT)
+                                "attention cfg null = the default (DECODE_CFG)",
+               decode_cfg=to.DECODE_CFG)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_vars = [("bisect", 8, 1), ("bisect32", 16, 1), ("radix", 16, 1), ("search", 8, 1),
-                 ("search", 8, 4), ("search", 16, 4), ("search", 8, 8), ("search", 16, 8),
-                 ("search", 4, 4), ("search", 32, 4)]
+    topk_vars = [(8, 1), (4, 1), (16, 1), (8, 4)]  # (warps, thresholds per pass)
     if smoke:
-        topk_vars = [("bisect", 4, 1), ("bisect32", 4, 1), ("radix", 4, 1), ("search", 4, 4)]
+        topk_vars = [(4, 1), (4, 4)]
     score_cfgs = [(bp, nw) for bp in (32, 64, 128) for nw in (4, 8)] if not smoke else [(16, 4)]
 
     def left():
@@ -335,7 +336,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         q = torch.randn(B, H, D, device=dev, dtype=dtype, generator=g)
         kmin, kmax = sp.page_minmax(k, PAGE)
         shp = dict(B=B, T=T, components={}, end_to_end={},
-                   decode_cfg_default=to.decode_cfg(B * H, dev))
+                   decode_cfg_default=to.DECODE_CFG)
         q4 = q[:, :, None]
         shp["dense_sdpa_ms"] = t_dense = tm(lambda: F.scaled_dot_product_attention(q4, k, v))
         log(f"[sweep {time.time() - t_start:6.1f}s] B={B} T={T} dense sdpa {t_dense:.4f} ms")
@@ -358,15 +359,14 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
             trows = []
-            for var, nw, ways in topk_vars:
-                trows.append(trial(dict(variant=var, num_warps=nw, ways=ways),
-                                   f"topk {var} nw={nw} ways={ways}",
-                                   lambda var=var, nw=nw, ways=ways: to.select_topk(
-                                       scores, n, variant=var, num_warps=nw, ways=ways),
+            for nw, ways in topk_vars:
+                trows.append(trial(dict(num_warps=nw, ways=ways), f"topk nw={nw} ways={ways}",
+                                   lambda nw=nw, ways=ways: to.select_topk(
+                                       scores, n, num_warps=nw, ways=ways),
                                    lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
             okt = [r for r in trows if "ms" in r]
-            best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(variant="bisect", num_warps=None)
+            best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(num_warps=None, ways=1)
             # attention
             idx = sel_ref.contiguous()
             a_ref = _ref_gather_decode(q, k, v, idx, PAGE)
@@ -388,7 +388,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # waves (runtime only) around the best config of this budget
             oka = [r for r in arows if "ms" in r]
             if oka and bud == budgets[0] and left() > 0:
-                bc = min(oka, key=lambda r: r["ms"])["cfg"] or to.decode_cfg(B * H, dev)
+                bc = min(oka, key=lambda r: r["ms"])["cfg"] or to.DECODE_CFG
                 for w in (2, 3, "fill", 8, 16):
                     attn_trial(dict(bc, waves=w), f"attn waves {w}")
                 oka = [r for r in arows if "ms" in r]
@@ -415,8 +415,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
 
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"))
-                i = to.select_topk(s, n, variant=bt_["variant"], num_warps=bt_.get("num_warps"),
-                                   ways=bt_.get("ways", 4))
+                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
             e2e = {}
@@ -426,12 +425,11 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps")),
-                                          topk=dict(variant=bt_["variant"], num_warps=bt_.get("num_warps"),
-                                                    ways=bt_.get("ways")),
+                                          topk=dict(num_warps=bt_.get("num_warps"), ways=bt_.get("ways")),
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
-                f"topk best {bt_['variant']}/{bt_.get('num_warps')} {bt_.get('ms', float('nan')):.4f} ms, "
+                f"topk best {bt_.get('num_warps')}w/{bt_.get('ways')} {bt_.get('ms', float('nan')):.4f} ms, "
                 f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
                 f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
                 f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
@@ -450,7 +448,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
 
 def _rank_attention(shapes):
     """Attention configs timed on every shape at budget 1/16, ranked by the geometric mean of
-    their time relative to the default (decode_cfg's choice) of the same shape."""
+    their time relative to the default (DECODE_CFG) of the same shape."""
     per = {}
     for s in shapes:
         rows = s["components"].get(f"{1 / 16:.4g}", {}).get("attention", [])
@@ -538,8 +536,8 @@ def main():
                   git_commit=commit(), command=" ".join([sys.executable] + sys.argv),
                   dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
                   date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  defaults=dict(decode_cfg=to.DECODE_CFG, topk=to.TOPK_VARIANT,
-                                decode_cfg_by_batch={B: to.decode_cfg(B * H, dev) for B in batches}))
+                  defaults=dict(decode_cfg=to.DECODE_CFG,
+                                topk=dict(ways=1, num_warps="8 from 2048 pages, else 4")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save():

@@ -93,11 +93,10 @@ def _calls():
             topk = max(1, P // 4)
             idx = torch.randint(0, P, (B, Hkv, topk), generator=g).to(torch.int32)
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq)
-            for variant in ("bisect", "bisect32", "radix"):
-                yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, variant=variant)
             for ways in (1, 4, 8):
-                yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk,
-                                             variant="search", ways=ways)
+                yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, ways=ways)
+            yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq,
+                                                 cfg=dict(idx_prefetch=True, waves=4))
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))
         yield lambda: sp.dilated_decode(q, k, v, 8, 32, 4, seq)

@@ -346,7 +346,7 @@ def test_select_topk(backend):
 
 
 # --------------------------------------------------------------------------------------------
-# Triton-only options: decode splits and launch configs, opt-in top-k variants
+# Triton-only options: decode splits and launch configs, top-k thresholds per pass
 
 TRITON_ONLY = pytest.mark.skipif(not CAN_TRITON, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
@@ -376,8 +376,9 @@ def test_block_sparse_decode_splits(dtype, G, per_q, bs):
     idx[0, 0, :2] = torch.tensor([0, NB - 1], dtype=torch.int32)  # the partial last block
     idx[1, Hsel - 1] = -1  # nothing selected: zeros
     idx = idx.to(DEV)
-    for ns in (None, 3):
-        out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, num_splits=ns)
+    for ns, cfg in ((None, None), (3, None), (3, dict(idx_prefetch=True)),
+                    (None, dict(waves=2, idx_prefetch=True))):
+        out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, num_splits=ns, cfg=cfg)
         _check_block_sparse_decode(out, q, k, v, idx, bs, sl)
     twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)
     assert _rel(out, twin) < TOL[dtype]
@@ -386,20 +387,9 @@ def test_block_sparse_decode_splits(dtype, G, per_q, bs):
 
 
 @TRITON_ONLY
-def test_decode_cfg_rule():
-    """few (row, selection head) programs -> the B=1 winner; as many as SMs -> the B=8 choice."""
-    from kernels.sparse import triton_ops as to
-    cpu = torch.device("cpu")  # counts as 2 SMs
-    assert to.decode_cfg(1, cpu) is to.DECODE_CFG["few_rows"]
-    assert to.decode_cfg(2, cpu) is to.DECODE_CFG["many_rows"]
-    for c in to.DECODE_CFG.values():
-        assert set(c) == {"bt", "num_warps", "num_stages", "waves"}
-
-
-@TRITON_ONLY
-@pytest.mark.parametrize("variant,ways", [("bisect32", 1), ("radix", 1), ("search", 1),
-                                          ("search", 4), ("search", 8)])
-def test_select_topk_variants(variant, ways):
+@pytest.mark.parametrize("ways", [1, 4, 8])
+def test_select_topk_search_ways(ways):
+    """The Triton top-k with 1, 4 and 8 thresholds per pass equals the torch twin."""
     from kernels.sparse import triton_ops as to
     g = torch.Generator().manual_seed(34)
     s = torch.randn(4, 2, 45, generator=g)
@@ -413,7 +403,7 @@ def test_select_topk_variants(variant, ways):
     s = s.to(DEV)
     for kk in (1, 4, 6, 19, 45, 50):
         ref = naive.select_topk_torch(s, kk)
-        got = to.select_topk(s, kk, variant=variant, ways=ways)
+        got = to.select_topk(s, kk, ways=ways)
         assert got.dtype == torch.int32 and got.shape == ref.shape
         assert torch.equal(got.cpu(), ref.cpu()), kk
     # continuous scores of both signs (the search's early exit), a few ties, an odd length
@@ -422,6 +412,4 @@ def test_select_topk_variants(variant, ways):
     c = c.to(DEV)
     for kk in (1, 63, 500, 999):
         ref = naive.select_topk_torch(c, kk)
-        assert torch.equal(to.select_topk(c, kk, variant=variant, ways=ways).cpu(), ref.cpu()), kk
-    with pytest.raises(ValueError):
-        to.select_topk(s, 3, variant="torch")
+        assert torch.equal(to.select_topk(c, kk, ways=ways).cpu(), ref.cpu()), kk

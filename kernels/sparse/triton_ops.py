@@ -9,16 +9,16 @@
   top (topk-1) by repeated arg-max (ties to the lower block), add the own block, write the chosen
   blocks in ascending order (prefix sum of the chosen mask), -1 elsewhere. The gate scores
   themselves are one fp32 matmul (cuBLAS).
-* ``_select_topk_kernel`` (default) / ``_select_topk2_kernel`` (opt-in): Quest's top-k by
-  threshold bisection over the int32 image of the scores (int64 or int32 compares) or by radix
-  select (4 x 8-bit histograms); ties to the lower index, ascending output, -1 padding.
+* ``_select_topk_kernel``: Quest's top-k by a threshold search over the int32 image of the
+  scores, from the row's [min, max], stopping once exactly k are at or above the threshold;
+  ties to the lower index, ascending output, -1 padding.
 * ``_decode_kernel`` + ``_merge_kernel``: split-K decoding over a *virtual token list*: the flat
   list of candidate positions of one query row (selected blocks in block_idx order, or the
   RAT+ dilated set: prefix, chunk ends, local window) is cut into splits; one program per (row,
   selection head, split) serves every query head sharing that list (tl.dot on the padded group),
   runs an online softmax over its tiles of gathered keys and writes (max, sum, acc); the merge
   combines the splits by log-sum-exp. Masked loads fetch nothing, so -1 slots and masked tokens
-  cost no memory traffic. Launch configs: DECODE_CFG / decode_cfg (from the H200 sweep).
+  cost no memory traffic. Launch config: DECODE_CFG (from the H200 sweep).
 * ``_moba_prefill_kernel``: flash-attention style over query tiles that lie inside one block:
   every strictly-past block that some row of the tile selected is visited (rows that did not
   select it are masked), then the own block causally.
@@ -294,102 +294,12 @@ def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
 
 
 # --------------------------------------------------------------------------------------------
-# top-k selection by threshold bisection (Quest pages)
+# top-k selection by a threshold search (Quest pages)
 
 
 @triton.jit
-def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
-    """Indices of the K largest finite entries of one row, ascending, by bisection on the
-    order-preserving int32 image of the fp32 scores (32 counting passes over registers);
-    ties at the threshold go to the lower indices."""
-    row = tl.program_id(0)
-    n = tl.arange(0, BN)
-    nm = n < N
-    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = tl.where(nm & (x > float("-inf")), key, -2147483647 - 1)
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    key64 = key.to(tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        cnt = tl.sum((key64 >= mid).to(tl.int32), axis=0)
-        ok = cnt >= K
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    gt = key64 > lo
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = key64 == lo
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    sel = (gt | (eq & (eq_rank <= K - n_gt))) & nm & (x > float("-inf"))
-    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
-
-
-@triton.jit
-def _select_topk2_kernel(s_ptr, o_ptr, N, K, RADIX: tl.constexpr, BN: tl.constexpr):
-    """Opt-in top-k of one row (select_topk variants "bisect32" / "radix"), ascending, -1 padded.
-    RADIX=False: bisection on int32 keys (int32 compares instead of _select_topk_kernel's int64).
-    RADIX=True: radix select, 4 passes of 8 bits, each a 256-bin histogram (tl.histogram) of the
-    candidates sharing the threshold's prefix so far. Ties at the threshold to the lower index."""
-    row = tl.program_id(0)
-    n = tl.arange(0, BN)
-    nm = n < N
-    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
-    valid = nm & (x > float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed, order-preserving
-    key = tl.where(valid, key, -2147483647 - 1)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    need = tl.minimum(K, n_valid)
-    if RADIX:
-        u = key ^ (-2147483647 - 1)  # the unsigned order as a bit pattern
-        bins = tl.arange(0, 256)
-        prefix = tl.full([], 0, tl.int64)
-        cand = valid
-        rem = need
-        for j in tl.static_range(4):
-            sh = 24 - 8 * j
-            byte = (u >> sh) & 0xFF
-            if j > 0:
-                hi_bits = (u >> (sh + 8)) & ((1 << (8 * j)) - 1)
-                cand = valid & (hi_bits == prefix.to(tl.int32))
-            hist = tl.histogram(byte, 256, mask=cand)
-            ge = tl.sum(hist) - tl.cumsum(hist, axis=0) + hist  # candidates in bins >= b
-            bstar = tl.max(tl.where(ge >= rem, bins, 0), axis=0)
-            above = tl.sum(tl.where(bins > bstar, hist, 0), axis=0)
-            rem = rem - above
-            prefix = prefix * 256 + bstar.to(tl.int64)
-        thr = (prefix - 2147483648).to(tl.int32)
-    else:
-        lo = tl.full([], -2147483648, tl.int64)
-        hi = tl.full([], 2147483647, tl.int64)
-        for _ in range(32):
-            mid = (lo + hi + 1) >> 1
-            cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-            ok = cnt >= need
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        thr = lo.to(tl.int32)
-    gt = (key > thr) & valid
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = (key == thr) & valid
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    sel = (gt | (eq & (eq_rank <= need - n_gt))) & (need > 0)
-    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(o_ptr + row.to(tl.int64) * K + rank, n.to(tl.int32), mask=sel & (rank < K))
-    # the -1 padding (slots need..K-1) is written here too: no separate fill of the output
-    for p0 in range(0, K, BN):
-        pad = p0 + n
-        tl.store(o_ptr + row.to(tl.int64) * K + pad, tl.full([BN], -1, tl.int32),
-                 mask=(pad >= need) & (pad < K))
-
-
-@triton.jit
-def _select_topk_search_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr):
-    """Top-k of one row (select_topk variant "search"), ascending, -1 padded, ties to the lower
-    index. A WAYS-ary search for the threshold on the order-preserving int32 image of the scores:
+def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr):
+    """Top-k of one row, ascending, -1 padded, ties to the lower index. A WAYS-ary search for the threshold on the order-preserving int32 image of the scores:
     each pass counts the keys at or above WAYS thresholds spread over [lo, hi] in one reduction,
     the range starts at the row's finite [min, max] instead of the whole int32 range, and the
     search stops as soon as a threshold leaves exactly the k needed at or above it (typical for
@@ -432,37 +342,21 @@ def _select_topk_search_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.co
                  mask=(pad >= need) & (pad < K))
 
 
-# top-k algorithms: "bisect" (_select_topk_kernel, 8 warps from 2048 pages) is the default; in the
-# 2026-11-30 H200 sweep (bench/NOTES-sparse.md) it was the fastest at B=8 (within 0.3 %) and 2 %
-# (128K) / 9-11 % (32K) behind the fastest at B=1, at most 1.5 us of a decode step. Opt-in, each
-# the fastest at one B=1 context: "bisect32" (128K) and "radix" (32K) (_select_topk2_kernel).
-# SPARSE_TOPK_VARIANT sets the variant for the whole process.
-TOPK_VARIANT = os.environ.get("SPARSE_TOPK_VARIANT", "bisect")
-
-
-def select_topk(scores, k, *, variant=None, num_warps=None, ways=4):
+# WAYS = 1 (a bisection that stops early), 8 warps: the fastest top-k of the 2026-11-30 H200 sweep
+# (bench/NOTES-sparse.md) on every shape; 20 us for 32 rows of 8192 pages, where the 32-pass
+# bisection it replaced took 27 us. WAYS 4 / 8 (more thresholds per pass, fewer passes) lost.
+def select_topk(scores, k, *, num_warps=None, ways=1):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
     N = shape[-1]
-    variant = variant or TOPK_VARIANT
-    if variant not in ("bisect", "bisect32", "radix", "search"):
-        raise ValueError(f"select_topk: unknown variant {variant!r}")
     s = scores.float().reshape(-1, N).contiguous()
     BN = _p2(N)
     if BN > 32768 or k <= 0:
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
-    nw = num_warps or (8 if BN >= 2048 else 4)
-    if variant == "bisect":
-        out = torch.full((s.shape[0], k), -1, device=s.device, dtype=torch.int32)
-        _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN, num_warps=nw)
-    elif variant == "search":
-        out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
-        _select_topk_search_kernel[(s.shape[0],)](s, out, N, k, WAYS=ways, BN=BN, num_warps=nw)
-    else:
-        out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
-        _select_topk2_kernel[(s.shape[0],)](s, out, N, k, RADIX=variant == "radix", BN=BN,
-                                            num_warps=nw)
+    out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
+    _select_topk_kernel[(s.shape[0],)](s, out, N, k, WAYS=ways, BN=BN,
+                                       num_warps=num_warps or (8 if BN >= 2048 else 4))
     return out.view(*shape[:-1], k)
 
 
@@ -476,7 +370,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
                    Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale, CHUNK, WINDOW, PREFIX,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
                    DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                   IDX_PREFETCH: tl.constexpr = False):
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // Hsel
@@ -512,6 +407,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     t_beg = sp * TPS
+    if not DILATED:
+        if IDX_PREFETCH:  # the first tile's block ids; each iteration loads the next tile's
+            f1 = t_beg * BT + tl.arange(0, BT)
+            blk_next = tl.load(ib + (f1 // BS) * sin, mask=f1 < n_tok, other=-1)
     for i in tl.range(0, TPS, num_stages=NUM_STAGES):
         f = (t_beg + i) * BT + tl.arange(0, BT)
         fm = f < n_tok
@@ -522,7 +421,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
             ok = fm & (pos >= 0) & (pos < L)
         else:
             slot = f // BS
-            blk = tl.load(ib + slot * sin, mask=fm, other=-1)
+            if IDX_PREFETCH:
+                blk = blk_next
+                f1 = f + BT
+                blk_next = tl.load(ib + (f1 // BS) * sin, mask=(f1 < n_tok) & (i + 1 < TPS),
+                                   other=-1)
+            else:
+                blk = tl.load(ib + slot * sin, mask=fm, other=-1)
             pos = blk * BS + (f - slot * BS)
             ok = fm & (blk >= 0) & (pos < L)
         pos64 = pos.to(tl.int64)
@@ -570,25 +475,15 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
     tl.store(o_ptr + b * sob + hq * soh + d * sod, out.to(o_ptr.dtype.element_ty), mask=dm)
 
 
-# Launch configs of _decode_kernel: BT gathered tokens per tile, warps, software-pipeline stages
-# of the tile loop, and waves (the splits per (row, selection head) are sized so that the grid
-# holds about waves x SMs programs). From the 2026-11-30 H200 sweep (bench/NOTES-sparse.md;
-# Quest, 32 heads x 128, bf16, page 16, budget 1/16, times relative to the per-shape best):
-# * "few_rows" (B x selection heads < SMs; measured: B=1, 32 rows): the best config at both 32K
-#   and 128K (1.000 / 1.000).
-# * "many_rows" (>= SMs; measured: B=8, 256 rows): best geometric mean over 32K and 128K among
-#   the configs timed at both (1.032 / 1.031; "few_rows" there: 1.018 / 1.091). The per-shape
-#   winners were bt 64 / 3 stages / 4 waves at 32K and bt 128 / 8 warps / 3 stages / 2 waves at
-#   128K.
-# The threshold between 32 and 256 rows (the SM count) is not measured. Dilated decoding uses the
-# same rule; it was not part of the sweep.
-DECODE_CFG = {"few_rows": dict(bt=64, num_warps=4, num_stages=2, waves=4),
-              "many_rows": dict(bt=128, num_warps=8, num_stages=3, waves=4)}
-
-
-def decode_cfg(rows, device):
-    """The launch config for ``rows`` = batch x selection heads programs per split."""
-    return DECODE_CFG["many_rows" if rows >= _n_sms(device) else "few_rows"]
+# Launch config of _decode_kernel: BT gathered tokens per tile, warps, software-pipeline stages of
+# the tile loop, and waves: the splits per (row, selection head) are sized so that the grid holds
+# about waves x SMs programs; "fill" = one round of the programs that fit on the SMs at once
+# (from the compiled kernel's registers and shared memory: 4 per SM for this config on the H200).
+# From the 2026-11-30 H200 sweep (bench/NOTES-sparse.md; Quest, 32 heads x 128, bf16, page 16):
+# the best config at B=8 (7.5 % ahead of the previous B=8 choice, bt 128 / 8 warps / 3 stages at
+# 128K; 15 % at 32K) and equal to the previous B=1 choice at B=1 (same tile, same split count).
+# Its idx_prefetch (the next tile's block ids loaded one iteration ahead) is measured in the sweep.
+DECODE_CFG = dict(bt=64, num_warps=4, num_stages=2, waves="fill")
 
 
 def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=None,
@@ -616,7 +511,7 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     scale = D ** -0.5 if scale is None else float(scale)
     sl = _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
     BD = max(16, _p2(D))
-    c = dict(decode_cfg(B * Hsel, q.device))
+    c = dict(DECODE_CFG)
     # the configs were measured for bf16, D=128: a K tile of at most 32 KiB, so fp32 or wider heads
     # take fewer tokens per tile (fp32 dilated at 128 x 128 x 3 stages would need 272 KiB of shared
     # memory, over the H200's 227; at 64 tokens 140 KiB)
@@ -629,8 +524,8 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     args = [q, k, v, idx if dilated is None else sl, sl, m, m, m, Hq, Hsel, G, HSG, D, NSEL, bs,
             1, 1, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr]
     meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
-                BT=BT, BD=BD, PREC=_prec(q.dtype), num_warps=c["num_warps"],
-                num_stages=c["num_stages"])
+                BT=BT, BD=BD, PREC=_prec(q.dtype), IDX_PREFETCH=bool(c.get("idx_prefetch")),
+                num_warps=c["num_warps"], num_stages=c["num_stages"])
     if num_splits is None:
         if c["waves"] == "fill":  # one round of resident programs: no partial last wave
             slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
@@ -681,7 +576,8 @@ def _merge(q, m, l, acc, S):
 
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None, *,
                         num_splits=None, cfg=None):
-    """``cfg`` overrides decode_cfg's launch config (bt, num_warps, num_stages, waves)."""
+    """``cfg`` overrides DECODE_CFG's launch config (bt, num_warps, num_stages, waves,
+    idx_prefetch)."""
     if block_idx.dtype != torch.int32:
         block_idx = block_idx.to(torch.int32)
     n_max = block_idx.shape[2] * block_size
