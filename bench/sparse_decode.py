@@ -26,7 +26,7 @@ the sparse paths equal dense; Triton equals the torch twins.
 
 ``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
 Quest decode components timed separately (score launch configs; top-k warps x thresholds per
-pass; decode launch configs: tile, warps, stages, waves, index prefetch, against the default;
+pass; decode launch configs: tile, warps, stages, waves, against the default;
 the merge alone), each checked against a torch reference on the GPU first, then end-to-end Quest
 with the current defaults vs the best components, all against dense SDPA.
 
@@ -272,8 +272,7 @@ def _attn_grid(smoke):
     default, DECODE_CFG)."""
     if smoke:
         return [None, dict(bt=16, num_warps=4, num_stages=2, waves=4),
-                dict(bt=16, num_warps=4, num_stages=2, waves="fill"),
-                dict(bt=16, num_warps=4, num_stages=2, waves="fill", idx_prefetch=True)]
+                dict(bt=16, num_warps=4, num_stages=2, waves="fill")]
     grid = [None]
     for bt in (32, 64, 128):
         for nw in (4, 8):
@@ -283,9 +282,6 @@ def _attn_grid(smoke):
     # splits sized to one round of resident programs (occupancy of the compiled kernel)
     for bt, nw, ns in ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)):
         grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill"))
-    # the next tile's block ids loaded one iteration ahead
-    for bt, nw, ns in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2)):
-        grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill", idx_prefetch=True))
     return grid
 
 

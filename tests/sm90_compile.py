@@ -95,8 +95,6 @@ def _calls():
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq)
             for ways in (1, 4, 8):
                 yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, ways=ways)
-            yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq,
-                                                 cfg=dict(idx_prefetch=True, waves=4))
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))
         yield lambda: sp.dilated_decode(q, k, v, 8, 32, 4, seq)

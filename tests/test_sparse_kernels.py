@@ -376,8 +376,7 @@ def test_block_sparse_decode_splits(dtype, G, per_q, bs):
     idx[0, 0, :2] = torch.tensor([0, NB - 1], dtype=torch.int32)  # the partial last block
     idx[1, Hsel - 1] = -1  # nothing selected: zeros
     idx = idx.to(DEV)
-    for ns, cfg in ((None, None), (3, None), (3, dict(idx_prefetch=True)),
-                    (None, dict(waves=2, idx_prefetch=True))):
+    for ns, cfg in ((None, None), (3, None), (None, dict(waves=2))):
         out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, num_splits=ns, cfg=cfg)
         _check_block_sparse_decode(out, q, k, v, idx, bs, sl)
     twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)

@@ -370,8 +370,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
                    Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale, CHUNK, WINDOW, PREFIX,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
                    DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                   IDX_PREFETCH: tl.constexpr = False):
+                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // Hsel
@@ -407,10 +406,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     t_beg = sp * TPS
-    if not DILATED:
-        if IDX_PREFETCH:  # the first tile's block ids; each iteration loads the next tile's
-            f1 = t_beg * BT + tl.arange(0, BT)
-            blk_next = tl.load(ib + (f1 // BS) * sin, mask=f1 < n_tok, other=-1)
     for i in tl.range(0, TPS, num_stages=NUM_STAGES):
         f = (t_beg + i) * BT + tl.arange(0, BT)
         fm = f < n_tok
@@ -421,13 +416,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
             ok = fm & (pos >= 0) & (pos < L)
         else:
             slot = f // BS
-            if IDX_PREFETCH:
-                blk = blk_next
-                f1 = f + BT
-                blk_next = tl.load(ib + (f1 // BS) * sin, mask=(f1 < n_tok) & (i + 1 < TPS),
-                                   other=-1)
-            else:
-                blk = tl.load(ib + slot * sin, mask=fm, other=-1)
+            blk = tl.load(ib + slot * sin, mask=fm, other=-1)
             pos = blk * BS + (f - slot * BS)
             ok = fm & (blk >= 0) & (pos < L)
         pos64 = pos.to(tl.int64)
@@ -482,7 +471,8 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
 # From the 2026-11-30 H200 sweep (bench/NOTES-sparse.md; Quest, 32 heads x 128, bf16, page 16):
 # the best config at B=8 (7.5 % ahead of the previous B=8 choice, bt 128 / 8 warps / 3 stages at
 # 128K; 15 % at 32K) and equal to the previous B=1 choice at B=1 (same tile, same split count).
-# Its idx_prefetch (the next tile's block ids loaded one iteration ahead) is measured in the sweep.
+# Loading the next tile's block ids one iteration ahead gained nothing (within 1 % or up to 4 %
+# slower; not kept).
 DECODE_CFG = dict(bt=64, num_warps=4, num_stages=2, waves="fill")
 
 
@@ -524,8 +514,8 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     args = [q, k, v, idx if dilated is None else sl, sl, m, m, m, Hq, Hsel, G, HSG, D, NSEL, bs,
             1, 1, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr]
     meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
-                BT=BT, BD=BD, PREC=_prec(q.dtype), IDX_PREFETCH=bool(c.get("idx_prefetch")),
-                num_warps=c["num_warps"], num_stages=c["num_stages"])
+                BT=BT, BD=BD, PREC=_prec(q.dtype), num_warps=c["num_warps"],
+                num_stages=c["num_stages"])
     if num_splits is None:
         if c["waves"] == "fill":  # one round of resident programs: no partial last wave
             slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
@@ -576,8 +566,7 @@ def _merge(q, m, l, acc, S):
 
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None, *,
                         num_splits=None, cfg=None):
-    """``cfg`` overrides DECODE_CFG's launch config (bt, num_warps, num_stages, waves,
-    idx_prefetch)."""
+    """``cfg`` overrides DECODE_CFG's launch config (bt, num_warps, num_stages, waves)."""
     if block_idx.dtype != torch.int32:
         block_idx = block_idx.to(torch.int32)
     n_max = block_idx.shape[2] * block_size
