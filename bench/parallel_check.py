@@ -6,6 +6,9 @@
    TP=1's.
 3. The TP=2 run's final checkpoint is loaded at TP=1, TP=2 and PP=2, and the PP=2 run's at TP=2:
    the forward loss on fixed held-out batches must agree across layouts.
+4. Training resumed across layouts: the TP=2 run's final checkpoint (model + distributed optimizer,
+   saved fully_reshardable) is resumed at TP=2, TP=1 and PP=2 for a few more steps; the resumed
+   TP=1 and PP=2 losses must follow the TP=2 continuation (bf16 tolerance).
 
     python bench/parallel_check.py --data .carry/data/essays_text_document --out bench/results/parallel_check.json
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +107,12 @@ def main() -> None:
     ap.add_argument("--use-te", default="false", choices=["true", "false"])
     ap.add_argument("--memory", default="on,off")
     ap.add_argument("--load-checks", default="on", help="memory settings whose checkpoints are loaded at other layouts")
+    ap.add_argument("--resume-checks", default="on",
+                    help="memory settings whose TP=2 run is resumed at other layouts ('' for none)")
+    ap.add_argument("--resume-iters", type=int, default=6, help="steps trained after each resume")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS),
+                    help="layouts trained in the step comparison (tp1 is its reference; the resume "
+                         "check needs tp2)")
     ap.add_argument("--workdir", default="/tmp/parallel_check")
     ap.add_argument("--out", default="bench/results/parallel_check.json")
     ap.add_argument("overrides", nargs="*", help="extra trainer overrides for every run, e.g. optimizer.lr=3e-4")
@@ -113,7 +123,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = [f"data.prefixes=[{args.data}]", f"model.use_te={args.use_te}", "batch.micro_batch_size=4",
             "batch.global_batch_size=16", "train.log_interval=1", "train.eval_interval=0", "schedule.warmup_iters=5",
-            "checkpoint.save_interval=0", f"data.cache_dir={work / 'data_cache'}", *args.overrides]
+            "checkpoint.save_interval=0", "checkpoint.optimizer_sharding=fully_reshardable",
+            f"data.cache_dir={work / 'data_cache'}", *args.overrides]
     report = {"benchmark": "parallel_check", **environment(), "config": args.config, "iters": args.iters,
               "overrides": args.overrides,
               "use_te": args.use_te, "step_tolerance": STEP_TOLERANCE, "load_tolerance": LOAD_TOLERANCE,
@@ -133,14 +144,19 @@ def main() -> None:
              overrides[mem] + [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.train_iters={args.iters}",
                                f"checkpoint.init_from={work / f'init_{mem}'}",
                                f"checkpoint.save={work / f'run_{mem}_{name}'}"], tp * pp)
-            for name, (tp, pp) in LAYOUTS.items() for mem in mems]
+            for name, (tp, pp) in LAYOUTS.items() if name in args.layouts.split(",") for mem in mems]
+    for run in runs:  # a save directory left by an earlier call would be resumed, not trained
+        shutil.rmtree(work / f"run_{run[0]}", ignore_errors=True)
     results = run_all(runs, gpu_count=torch.cuda.device_count(), workdir=work)
     for mem in mems:
         mine = [r for r in results if r["name"].startswith(mem + "_")]
         losses = {r["name"].split("_", 1)[1]: [m["loss"] for m in train_records(r)] for r in mine}
-        ref = losses.get("tp1") or []
+        ref = losses.get("tp1")
         steps = {}
         for name, curve in losses.items():
+            if ref is None:  # not compared: the TP=1 reference was not asked for (--layouts)
+                steps[name] = {"losses": curve, "max_rel_diff_to_tp1": None, "ok": None}
+                continue
             n = min(len(curve), len(ref))
             rel = max((abs(a / b - 1) for a, b in zip(curve[:n], ref[:n])), default=None)
             steps[name] = {"losses": curve, "max_rel_diff_to_tp1": rel,
@@ -163,11 +179,51 @@ def main() -> None:
                 loads[f"{src}_ckpt_rel_spread"] = spread
                 ok &= spread is not None and spread <= LOAD_TOLERANCE
         report["memory"][mem]["checkpoint_loads"] = loads
+        if mem in args.resume_checks.split(","):
+            resumes = resume_across_layouts(args, work, mem, overrides[mem])
+            report["memory"][mem]["resumes"] = resumes
+            ok &= all(r["ok"] for r in resumes.values())
+            write_json(args.out, {**report, "ok": None, "partial": "other memory settings not done yet"})
         print(json.dumps({mem: {"steps": {k: v["max_rel_diff_to_tp1"] for k, v in steps.items()}, "loads": loads}},
                          indent=1), flush=True)
     report["ok"] = ok
     write_json(args.out, report)
     print("ALL OK" if ok else "SOME CHECKS FAILED")
+
+
+def resume_across_layouts(args, work: Path, mem: str, overrides: list[str]) -> dict:
+    """Resume the TP=2 run's final checkpoint at TP=2 (the reference), TP=1 and PP=2 for
+    --resume-iters more steps, each in its own save directory that links the checkpoint."""
+    import torch
+
+    from ratplus_megatron.train.checkpoint import LATEST, iter_dir
+
+    src = Path(iter_dir(str(work / f"run_{mem}_tp2"), args.iters))
+    runs = []
+    for name in ("tp2", "tp1", "pp2"):
+        dst = work / f"resume_{mem}_tp2_at_{name}"
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        os.symlink(src, dst / src.name)
+        (dst / LATEST).write_text(f"{args.iters}\n")
+        tp, pp = LAYOUTS[name]
+        runs.append((f"resume_{mem}_at_{name}", args.config,
+                     overrides + [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                  f"train.train_iters={args.iters + args.resume_iters}",
+                                  f"checkpoint.save={dst}"], tp * pp))
+    results = run_all(runs, gpu_count=torch.cuda.device_count(), workdir=work)
+    curves = {r["name"].rsplit("_", 1)[1]: {m["iteration"]: m["loss"] for m in train_records(r)} for r in results}
+    want = list(range(args.iters + 1, args.iters + args.resume_iters + 1))
+    ref = curves.get("tp2", {})
+    out = {}
+    for name, curve in curves.items():
+        resumed = sorted(curve) == want  # trained exactly the steps after the checkpoint
+        rel = max((abs(curve[i] / ref[i] - 1) for i in want if i in curve and i in ref), default=None)
+        out[name] = {"losses": [curve.get(i) for i in want], "resumed_at": args.iters if resumed else None,
+                     "max_rel_diff_to_tp2": rel,
+                     "ok": resumed and rel is not None and rel <= STEP_TOLERANCE and sorted(ref) == want}
+    print(json.dumps({mem: {"resumes": {k: v["max_rel_diff_to_tp2"] for k, v in out.items()}}}), flush=True)
+    return out
 
 
 def _worker_main(argv: list[str]) -> None:

@@ -119,6 +119,24 @@ def test_tp2_torchrun_joint_dilated(tmp_path, data_prefix):
     assert all("loss_dilated" in r and r["loss"] > 0 for r in recs)
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
+    # the checkpoint records its layout; resuming it at TP=1 is refused in one line (the CPU
+    # trainer's per-rank torch optimizer does not reshard), and nothing is written
+    state = json.loads((run / "iter_0000004" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 1} and state["optimizer_sharding"] is None
+    proc = _train(_common(data_prefix, 6) + ["joint_dilated.enabled=true", "joint_dilated.chunk=8",
+                                             "joint_dilated.window=4", f"checkpoint.save={run}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and "written at TP=2 PP=1 DP=1; this run is TP=1 PP=1 DP=1" in last
+    assert "does not reshard" in last
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not (run / "iter_0000006").exists()
+    # on GPUs a dp_reshardable optimizer state (the default) cannot move to another TP / PP either
+    from ratplus_megatron.train import TrainConfigError
+    from ratplus_megatron.train import checkpoint as ckpt
+    with pytest.raises(TrainConfigError, match="optimizer_sharding=fully_reshardable"):
+        ckpt.load(str(run), 4, [], None, megatron_optimizer=True, rank=0, layout={"tp": 1, "pp": 1, "dp": 2})
+
 
 @pytest.mark.parametrize("override,expect", [
     ("optimizer.lrr=1", "unknown config key optimizer.'lrr'"),

@@ -7,6 +7,13 @@ Layout of a run directory SAVE:
     SAVE/iter_0000100/trainer_state.json     iteration, consumed samples, config (human readable)
     SAVE/iter_0000100/rank_00000.pt          per rank: RNG states (+ the torch optimizer on CPU)
 
+The distributed optimizer's state is saved "dp_reshardable" (each rank writes its own buffers, no
+gathering: the fast default, resumable at another data-parallel size only) or, with
+checkpoint.optimizer_sharding=fully_reshardable, gathered into per-parameter tensors that a run at
+any TP / PP / DP layout can resume from (megatron's two formats). trainer_state.json records the
+format and the layout, so `load` asks for what was written and refuses a layout the format cannot
+serve. After a layout change the per-rank RNG files are not restored (they belong to other ranks).
+
 Model tensors keep megatron's global keys whatever the dict nesting, so a training checkpoint is
 also a valid `init_from` (model-only) source, and so is `convert hf-to-mcore`'s output. An
 attention-only checkpoint initialises a memory model too: its q/k/v rows go into their places in
@@ -24,6 +31,7 @@ import numpy as np
 import torch
 
 from ..qkv_layout import unfused_gate_error
+from .config import TrainConfigError
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -77,8 +85,11 @@ def _model_sharded_state_dict(models) -> dict:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
 
 
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+
+
 def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer: bool, trainer_state: dict,
-         rank: int) -> str:
+         rank: int, optimizer_sharding: str = "dp_reshardable") -> str:
     """Write SAVE/iter_XXXXXXX on every rank, then (rank 0) point the latest file at it."""
     from megatron.core import dist_checkpointing
 
@@ -92,7 +103,7 @@ def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     state = {"model": model_sd}
     if megatron_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            model_sd, metadata={"distrib_optim_sharding_type": optimizer_sharding})
     dist_checkpointing.save(state, path)
     local = {"rng": rng_state()}
     if not megatron_optimizer:
@@ -100,40 +111,65 @@ def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     torch.save(local, os.path.join(path, f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()
     if rank == 0:
+        trainer_state = {**trainer_state, "optimizer_sharding": optimizer_sharding if megatron_optimizer else None}
         _write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(trainer_state, indent=1, default=str))
         _write_atomic(os.path.join(save_dir, LATEST), f"{iteration}\n")
     torch.distributed.barrier()
     return path
 
 
-def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer: bool, rank: int) -> dict:
-    """Restore model, optimizer and RNG from SAVE/iter_XXXXXXX; returns its trainer_state."""
+def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer: bool, rank: int,
+         layout: dict | None = None) -> dict:
+    """Restore model, optimizer and RNG from SAVE/iter_XXXXXXX; returns its trainer_state.
+
+    ``layout`` ({"tp", "pp", "dp"}) is this run's; a checkpoint written at another one resumes when
+    its optimizer format allows it (see the module docstring), else a one-line error says what to do."""
     from megatron.core import dist_checkpointing
 
     path = iter_dir(save_dir, iteration)
     old_layout = unfused_gate_error(dist_checkpointing.load_tensors_metadata(path), f"checkpoint {path}")
     if old_layout:
         raise RuntimeError(old_layout)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        trainer_state = json.load(f)
+    saved_layout = trainer_state.get("layout")  # absent in checkpoints written before it was recorded
+    same_layout = layout is None or saved_layout is None or saved_layout == layout
+    sharding = trainer_state.get("optimizer_sharding") or "dp_reshardable"
+    if not same_layout:
+        where = f"checkpoint {path} was written at {_layout_str(saved_layout)}; this run is {_layout_str(layout)}"
+        if not megatron_optimizer:
+            raise TrainConfigError(f"{where}: the CPU trainer's per-rank torch optimizer does not reshard; resume at "
+                               "the same layout, or start from its weights with checkpoint.init_from")
+        moved = (saved_layout["tp"], saved_layout["pp"]) != (layout["tp"], layout["pp"])
+        if moved and sharding != "fully_reshardable":
+            raise TrainConfigError(f"{where}: its optimizer state ({sharding}) reshards across data parallelism only; "
+                               "save with checkpoint.optimizer_sharding=fully_reshardable to change TP or PP, "
+                               "or start from its weights with checkpoint.init_from")
     model_sd = _model_sharded_state_dict(models)
     request = {"model": model_sd}
     if megatron_optimizer:
         prime_torch_adam(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": sharding})
     state = dist_checkpointing.load(request, path)
     _load_model_state(models, state["model"], strict=True)
-    local_file = os.path.join(path, f"rank_{rank:05d}.pt")
-    if not os.path.isfile(local_file):
-        raise RuntimeError(f"{local_file} is missing: resume with the world size the checkpoint was written at "
-                           "(the per-rank RNG/optimizer files do not reshard)")
-    local = torch.load(local_file, weights_only=False)
     if megatron_optimizer:
         optimizer.load_state_dict(state["optimizer"])
-    else:
-        optimizer.load_state_dict(local["optimizer"])
-    set_rng_state(local["rng"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+    local_file = os.path.join(path, f"rank_{rank:05d}.pt")
+    if same_layout:
+        if not os.path.isfile(local_file):
+            raise TrainConfigError(f"{local_file} is missing: resume with the world size the checkpoint was written at "
+                               "(the per-rank RNG/optimizer files do not reshard)")
+        local = torch.load(local_file, weights_only=False)
+        if not megatron_optimizer:
+            optimizer.load_state_dict(local["optimizer"])
+        set_rng_state(local["rng"])
+    trainer_state["rng_restored"] = same_layout
+    return trainer_state
+
+
+def _layout_str(layout: dict) -> str:
+    return f"TP={layout['tp']} PP={layout['pp']} DP={layout['dp']}"
 
 
 def prime_torch_adam(optimizer) -> None:

@@ -117,6 +117,10 @@ class CheckpointSection:
     save_interval: int = 0  # 0 = only at the end and on a signal
     init_from: Optional[str] = None  # model-only dist checkpoint (convert hf-to-mcore) for a fresh run
     resume: bool = True  # continue from SAVE's latest checkpoint when there is one
+    # the distributed optimizer's format: dp_reshardable (each rank writes its buffers; resumable at
+    # another DP size only) or fully_reshardable (gathered per parameter on each DP group's first
+    # rank; resumable at any TP / PP / DP, slower to save). Used by GPU runs.
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
 
 
 @dataclass
@@ -206,6 +210,9 @@ class TrainConfig:
         need(t.log_interval > 0, "train.log_interval must be positive")
         need(t.eval_interval >= 0 and t.eval_iters >= 0, "train.eval_interval and eval_iters must be >= 0")
         need(self.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+        need(self.checkpoint.optimizer_sharding in ("dp_reshardable", "fully_reshardable"),
+             "checkpoint.optimizer_sharding must be dp_reshardable or fully_reshardable, "
+             f"got {self.checkpoint.optimizer_sharding!r}")
         need(self.checkpoint.save is not None or self.checkpoint.save_interval == 0,
              "checkpoint.save_interval needs checkpoint.save (a run directory)")
         need(self.wandb.mode in ("online", "offline", "disabled"),

@@ -86,6 +86,7 @@ def train(cfg: TrainConfig) -> int:
     mcfg = cfg.model.build()
     gb, mb, seq = cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.data.seq_length
     n_micro = gb // (mb * dp_size)
+    layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp_size}  # recorded in checkpoints
     log.info(f"world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp_size}; {'GPU' if cuda else 'CPU'}; "
              f"{total_iters} iterations of {gb} x {seq} tokens ({n_micro} micro-batches of {mb} per rank); "
              f"memory {'on' if mcfg.memory.enabled else 'off'}; {mcfg.num_parameters() / 1e6:.1f}M parameters")
@@ -105,10 +106,11 @@ def train(cfg: TrainConfig) -> int:
     start_iter = 0
     latest = ckpt.latest_iteration(save) if cfg.checkpoint.resume else None
     if latest is not None:
-        state = ckpt.load(save, latest, ckpt_models, optimizer, megatron_optimizer=cuda, rank=rank)
+        state = ckpt.load(save, latest, ckpt_models, optimizer, megatron_optimizer=cuda, rank=rank, layout=layout)
         start_iter = state["iteration"]
         log.info(f"resumed from {ckpt.iter_dir(save, latest)} (iteration {start_iter}, "
-                 f"{state['consumed_samples']} samples consumed)")
+                 f"{state['consumed_samples']} samples consumed"
+                 + ("" if state["rng_restored"] else f"; written at layout {state['layout']}, RNG not restored") + ")")
     elif cfg.checkpoint.init_from:
         report = ckpt.load_model_only(cfg.checkpoint.init_from, ckpt_models)
         if cuda:
@@ -163,11 +165,12 @@ def train(cfg: TrainConfig) -> int:
         if not save:
             return
         trainer_state = {"iteration": it, "consumed_samples": it * gb, "total_iters": total_iters,
-                         "lr": learning_rate(max(it - 1, 0), **lr_args), "world_size": world,
+                         "lr": learning_rate(max(it - 1, 0), **lr_args), "world_size": world, "layout": layout,
                          "config": cfg.to_dict()}
         t = time.time()
         path = ckpt.save(save, it, ckpt_models, optimizer, megatron_optimizer=cuda,
-                         trainer_state=trainer_state, rank=rank)
+                         trainer_state=trainer_state, rank=rank,
+                         optimizer_sharding=cfg.checkpoint.optimizer_sharding)
         interval.start += time.time() - t  # throughput counts training time only
         log.info(f"saved checkpoint {path} in {time.time() - t:.1f}s")
 
