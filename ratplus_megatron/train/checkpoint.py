@@ -21,6 +21,7 @@ the memory model's larger fused linear_qkv, the gate rows start fresh.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -154,7 +155,8 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     state = dist_checkpointing.load(request, path)
     _load_model_state(models, state["model"], strict=True)
     if megatron_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
+        with _torch_adam_step_kept(optimizer, sharding):
+            optimizer.load_state_dict(state["optimizer"])
     local_file = os.path.join(path, f"rank_{rank:05d}.pt")
     if same_layout:
         if not os.path.isfile(local_file):
@@ -191,6 +193,40 @@ def prime_torch_adam(optimizer) -> None:
                 step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
                 inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
                                   "exp_avg_sq": torch.zeros_like(p)}
+
+
+@contextlib.contextmanager
+def _torch_adam_step_kept(optimizer, sharding: str):
+    """megatron-core 0.19 cannot load a fully_reshardable optimizer state into torch's Adam (no TE
+    or apex): the checkpoint leaves out Adam's per-parameter "step" tensor (the step count travels
+    in the param groups) and ``_set_main_param_and_optimizer_states`` then looks it up (KeyError:
+    'step', seen on the H200). While loading, each parameter's current step tensor is passed in as
+    its own source, so the copy is a no-op and the step comes from the param groups as usual."""
+    patched = []
+    if sharding == "fully_reshardable":
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not hasattr(
+                    opt, "model_param_group_index_map"):
+                continue
+            if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+                continue  # that branch sets each given state by name: leave it alone
+
+            def setter(model_param, tensors, _opt=opt, _orig=opt._set_main_param_and_optimizer_states):
+                if "step" not in tensors:
+                    group, order = _opt.model_param_group_index_map[model_param]
+                    step = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]].get("step")
+                    if isinstance(step, torch.Tensor):
+                        tensors = {**tensors, "step": step}
+                return _orig(model_param, tensors)
+
+            opt._set_main_param_and_optimizer_states = setter
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
 
 
 def _load_model_state(models, state: dict, strict: bool):
