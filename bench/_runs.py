@@ -122,6 +122,36 @@ def train_records(result: dict) -> list[dict]:
     return [m for m in result["metrics"] if m.get("kind") == "train"]
 
 
+def throughput(result: dict, gpus: int, tokens_per_step: int) -> dict:
+    """Steady-state numbers of one trainer run: means over its logged intervals after the first
+    (which holds warm-up and allocation); {} when it logged fewer than two intervals."""
+    import statistics
+
+    train = train_records(result)[1:]
+    if not train:
+        return {}
+    tps = statistics.fmean(m["tokens_per_s"] for m in train)
+    tflops = statistics.fmean(m["tflops_per_gpu"] for m in train)
+    return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / gpus, "tflops_per_gpu": tflops,
+            "mfu": tflops / H200_BF16_DENSE_TFLOPS, "fraction_of_measured_gemm": tflops / H200_MEASURED_GEMM_TFLOPS,
+            "step_s": tokens_per_step / tps, "memory_gib": max(m["memory_gib"] for m in train)}
+
+
+def link_checkpoint(src_save: Path, iteration: int, dst_save: Path) -> Path:
+    """A fresh run directory whose latest checkpoint is src_save's `iteration` (a symlink): a
+    trainer given checkpoint.save=dst_save resumes from it and writes its own checkpoints there."""
+    import shutil
+
+    from ratplus_megatron.train.checkpoint import LATEST, iter_dir
+
+    src = Path(iter_dir(str(src_save), iteration))
+    shutil.rmtree(dst_save, ignore_errors=True)
+    dst_save.mkdir(parents=True)
+    os.symlink(src.resolve(), dst_save / src.name)
+    (dst_save / LATEST).write_text(f"{iteration}\n")
+    return dst_save
+
+
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import REPO, child_env, environment, launcher, run_all, train_records, write_json  # noqa: E402
+from _runs import (REPO, child_env, environment, launcher, link_checkpoint, run_all, train_records,  # noqa: E402
+                   write_json)
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 STEP_TOLERANCE = 2e-2  # bf16: relative loss difference over the first steps
@@ -196,16 +197,9 @@ def resume_across_layouts(args, work: Path, mem: str, overrides: list[str]) -> d
     --resume-iters more steps, each in its own save directory that links the checkpoint."""
     import torch
 
-    from ratplus_megatron.train.checkpoint import LATEST, iter_dir
-
-    src = Path(iter_dir(str(work / f"run_{mem}_tp2"), args.iters))
     runs = []
     for name in ("tp2", "tp1", "pp2"):
-        dst = work / f"resume_{mem}_tp2_at_{name}"
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        os.symlink(src, dst / src.name)
-        (dst / LATEST).write_text(f"{args.iters}\n")
+        dst = link_checkpoint(work / f"run_{mem}_tp2", args.iters, work / f"resume_{mem}_tp2_at_{name}")
         tp, pp = LAYOUTS[name]
         runs.append((f"resume_{mem}_at_{name}", args.config,
                      overrides + [f"parallel.tp={tp}", f"parallel.pp={pp}",

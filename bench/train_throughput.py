@@ -14,13 +14,11 @@ FP8 rows use the same bf16 denominator, so their MFU shows the speed-up, not FP8
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (H200_BF16_DENSE_TFLOPS, H200_MEASURED_GEMM_TFLOPS, environment, run_all,  # noqa: E402
-                   train_records, write_json)
+from _runs import H200_BF16_DENSE_TFLOPS, environment, run_all, throughput, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -63,19 +61,13 @@ def main() -> None:
     results = run_all(runs, gpu_count=torch.cuda.device_count(), workdir=Path(args.workdir))
     rows = []
     for r, (_, _, ov, _) in zip(results, runs):
-        train = train_records(r)[1:]  # the first interval holds warm-up and allocation
         row = {"run": r["name"], "returncode": r["returncode"], "tp": args.tp, "pp": args.pp,
                "sequence_parallel": args.sequence_parallel,
                "layers": args.layers, "seq": args.seq, "micro_batch": 1, "global_batch": args.global_batch,
                "use_te": args.use_te, "precision": r["name"].split("_")[0],
                "fp8_recipe": args.fp8_recipe if r["name"].startswith("fp8") else None,
                "memory": r["name"].endswith("on"), "overrides": ov}
-        if train:
-            tps = statistics.fmean(m["tokens_per_s"] for m in train)
-            tflops = statistics.fmean(m["tflops_per_gpu"] for m in train)
-            row.update(tokens_per_s=tps, tokens_per_s_per_gpu=tps / gpus, tflops_per_gpu=tflops,
-                       mfu=tflops / H200_BF16_DENSE_TFLOPS, fraction_of_measured_gemm=tflops / H200_MEASURED_GEMM_TFLOPS,
-                       step_s=args.global_batch * args.seq / tps, memory_gib=max(m["memory_gib"] for m in train))
+        row.update(throughput(r, gpus, args.global_batch * args.seq))
         rows.append(row)
     for row in rows:  # the memory's cost and FP8's gain in the same run
         if row["memory"]:
