@@ -238,3 +238,32 @@ def test_primed_torch_adam_steps_like_a_fresh_one():
     before = {k: v.clone() for k, v in primed.state[twins[0]].items()}
     prime_torch_adam(SimpleNamespace(optimizer=primed))  # a stepped optimizer keeps its state
     assert all(torch.equal(before[k], primed.state[twins[0]][k]) for k in before)
+
+
+def test_resumed_torch_adam_steps_are_unshared():
+    """megatron-core's load gives every parameter of a torch Adam the same step tensor; Adam then
+    counts each step once per parameter. After checkpoint._unshare_torch_adam_steps a resumed
+    AdamW steps exactly like one that was never saved."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ratplus_megatron.train.checkpoint import _unshare_torch_adam_steps
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    runs = [torch.optim.AdamW(ps, lr=1e-2, foreach=False) for ps in (params, twins)]
+    for step in range(5):
+        for opt, ps in zip(runs, (params, twins)):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (step + 1))
+            opt.step()
+        if step == 1:  # "resume" the twin as megatron does: one step tensor for all
+            shared = torch.tensor(2.0)
+            for p in twins:
+                runs[1].state[p]["step"] = shared
+            _unshare_torch_adam_steps(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=runs[1])]))
+    assert [runs[1].state[p]["step"].item() for p in twins] == [5.0, 5.0, 5.0]
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -157,6 +157,7 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     if megatron_optimizer:
         with _torch_adam_step_kept(optimizer, sharding):
             optimizer.load_state_dict(state["optimizer"])
+        _unshare_torch_adam_steps(optimizer)
     local_file = os.path.join(path, f"rank_{rank:05d}.pt")
     if same_layout:
         if not os.path.isfile(local_file):
@@ -227,6 +228,19 @@ def _torch_adam_step_kept(optimizer, sharding: str):
     finally:
         for opt in patched:
             del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """megatron-core 0.19 restores torch Adam's step count (no TE or apex) as ONE tensor placed in
+    every parameter's state; Adam increments each parameter's step in place, so after a resume the
+    shared count would grow by the number of parameters per step and distort the bias correction.
+    Give every parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for st in inner.state.values():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].clone()
 
 
 def _load_model_state(models, state: dict, strict: bool):
