@@ -677,12 +677,10 @@ def moba_prefill(q, k, v, block_size, topk, scale=None):
 
 
 @triton.jit
-def _vote_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, Hq, G, T, W, D, TPS, S, scale,
-                     sqb, sqh, sqw, sqd, skb, skh, skt, skd,
-                     CAUSAL: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
+def _vote_window(q_ptr, k_ptr, bh, Hq, G, W, D, sqb, sqh, sqw, sqd, skb, skh,
+                 BW: tl.constexpr, BD: tl.constexpr):
+    """What both SnapKV passes start from: the window's queries of row bh, their offsets and
+    masks, and the base pointer of the row's (KV-group) keys."""
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -693,6 +691,18 @@ def _vote_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, Hq, G, T, W, D, TPS, S, scale,
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + w[:, None] * sqw
                 + d[None, :] * sqd, mask=wm[:, None] & dm[None, :], other=0.)
     kb = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    return q, kb, w, wm, d, dm
+
+
+@triton.jit
+def _vote_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, Hq, G, T, W, D, TPS, S, scale,
+                     sqb, sqh, sqw, sqd, skb, skh, skt, skd,
+                     CAUSAL: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr,
+                     BD: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    q, kb, w, wm, d, dm = _vote_window(q_ptr, k_ptr, bh, Hq, G, W, D, sqb, sqh, sqw, sqd, skb, skh,
+                                       BW, BD)
     qpos = T - W + w
     m_i = tl.full([BW], float("-inf"), tl.float32)
     l_i = tl.zeros([BW], tl.float32)
@@ -723,20 +733,13 @@ def _vote_sum_kernel(q_ptr, k_ptr, lse_ptr, o_ptr, Hq, G, T, W, D, scale,
                      BD: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     jt = tl.program_id(1)
-    b = bh // Hq
-    hq = bh % Hq
-    hk = hq // G
-    w = tl.arange(0, BW)
-    wm = w < W
-    d = tl.arange(0, BD)
-    dm = d < D
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + w[:, None] * sqw
-                + d[None, :] * sqd, mask=wm[:, None] & dm[None, :], other=0.)
+    q, kb, w, wm, d, dm = _vote_window(q_ptr, k_ptr, bh, Hq, G, W, D, sqb, sqh, sqw, sqd, skb, skh,
+                                       BW, BD)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * BW + w)
     j = jt * BN + tl.arange(0, BN)
     jm = j < T
-    kt = tl.load(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + j.to(tl.int64)[:, None] * skt
-                 + d[None, :] * skd, mask=jm[:, None] & dm[None, :], other=0.)
+    kt = tl.load(kb + j.to(tl.int64)[:, None] * skt + d[None, :] * skd,
+                 mask=jm[:, None] & dm[None, :], other=0.)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
     ok = jm[None, :] & wm[:, None]
     if CAUSAL:
