@@ -25,8 +25,8 @@ the sparse paths equal dense; Triton equals the torch twins.
     python bench/sparse_decode.py --out bench/results/sparse_decode.json
 
 ``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
-Quest decode components timed separately (score launch configs; top-k warps x thresholds per
-pass; decode launch configs: tile, warps, stages, waves, against the default;
+Quest decode components timed separately (score launch configs incl. grid order; top-k warps x
+thresholds per pass; decode launch configs: tile, warps, stages, waves, grid order, against the default;
 the merge alone), each checked against a torch reference on the GPU first, then end-to-end Quest
 with the current defaults vs the best components, all against dense SDPA.
 
@@ -272,7 +272,8 @@ def _attn_grid(smoke):
     default, DECODE_CFG)."""
     if smoke:
         return [None, dict(bt=16, num_warps=4, num_stages=2, waves=4),
-                dict(bt=16, num_warps=4, num_stages=2, waves="fill")]
+                dict(bt=16, num_warps=4, num_stages=2, waves="fill"),
+                dict(bt=16, num_warps=4, num_stages=2, waves="fill", splits_first=True)]
     grid = [None]
     for bt in (32, 64, 128):
         for nw in (4, 8):
@@ -282,6 +283,9 @@ def _attn_grid(smoke):
     # splits sized to one round of resident programs (occupancy of the compiled kernel)
     for bt, nw, ns in ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)):
         grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill"))
+    # the split as the grid's fastest axis (neighbouring programs read one row's nearby pages)
+    for bt, nw, ns in ((32, 4, 2), (64, 4, 2), (64, 4, 3)):
+        grid.append(dict(bt=bt, num_warps=nw, num_stages=ns, waves="fill", splits_first=True))
     return grid
 
 
@@ -307,7 +311,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
     topk_vars = [(8, 1), (4, 1), (16, 1), (8, 4)]  # (warps, thresholds per pass)
     if smoke:
         topk_vars = [(4, 1), (4, 4)]
-    score_cfgs = [(bp, nw) for bp in (32, 64, 128) for nw in (4, 8)] if not smoke else [(16, 4)]
+    score_cfgs = [(bp, nw, pf) for bp in (32, 64, 128) for nw in (4, 8) for pf in (False, True)] \
+        if not smoke else [(16, 4, False), (16, 4, True)]
 
     def left():
         return deadline_s - (time.time() - t_start)
@@ -339,9 +344,10 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         # score
         s_ref = naive.quest_scores_torch(q, kmin, kmax)
         rows = []
-        for bp, nw in score_cfgs:
-            rows.append(trial(dict(bp=bp, num_warps=nw), f"score bp={bp} nw={nw}",
-                              lambda bp=bp, nw=nw: to.quest_scores(q, kmin, kmax, bp=bp, num_warps=nw),
+        for bp, nw, pf in score_cfgs:
+            rows.append(trial(dict(bp=bp, num_warps=nw, pages_first=pf), f"score bp={bp} nw={nw} pages_first={pf}",
+                              lambda bp=bp, nw=nw, pf=pf: to.quest_scores(q, kmin, kmax, bp=bp, num_warps=nw,
+                                                                          pages_first=pf),
                               lambda r: (_rel(r, s_ref) < 1e-5, _rel(r, s_ref))))
         shp["components"]["score"] = rows
         okr = [r for r in rows if "ms" in r]
@@ -410,7 +416,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             bs_, bt_, ba_ = best_score, best_topk, best_attn
 
             def e2e_best():
-                s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"))
+                s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
+                                    pages_first=bool(bs_.get("pages_first")))
                 i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
@@ -420,7 +427,8 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 if "ms" in r:
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
-            e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps")),
+            e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
+                                                     pages_first=bs_.get("pages_first")),
                                           topk=dict(num_warps=bt_.get("num_warps"), ways=bt_.get("ways")),
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e

@@ -93,6 +93,8 @@ def _calls():
             topk = max(1, P // 4)
             idx = torch.randint(0, P, (B, Hkv, topk), generator=g).to(torch.int32)
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq)
+            yield lambda: sp.quest_scores(q, kmin, kmax, seq, page, pages_first=True)
+            yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(splits_first=True))
             for ways in (1, 4, 8):
                 yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, ways=ways)
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,

@@ -96,6 +96,10 @@ def test_quest_scores(backend, G):
                 assert (qk[b, :, p * page:s1].amax(-1) <= s[b, :, p].double() + 1e-4).all()
     s2 = sp.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, backend=backend)
     assert torch.isinf(s2[1, :, 3:]).all() and torch.isfinite(s2[1, :, :3]).all()
+    if backend == "triton":  # the page-tile-major grid (a launch option) computes the same
+        from kernels.sparse import triton_ops as to
+        s3 = to.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, pages_first=True)
+        assert torch.equal(s3, s2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -376,7 +380,7 @@ def test_block_sparse_decode_splits(dtype, G, per_q, bs):
     idx[0, 0, :2] = torch.tensor([0, NB - 1], dtype=torch.int32)  # the partial last block
     idx[1, Hsel - 1] = -1  # nothing selected: zeros
     idx = idx.to(DEV)
-    for ns, cfg in ((None, None), (3, None), (None, dict(waves=2))):
+    for ns, cfg in ((None, None), (3, None), (None, dict(waves=2)), (3, dict(splits_first=True))):
         out = to.block_sparse_decode(q, k, v, idx, bs, seq_len=sl, num_splits=ns, cfg=cfg)
         _check_block_sparse_decode(out, q, k, v, idx, bs, sl)
     twin = naive.block_sparse_decode_torch(q, k, v, idx, bs, seq_len=sl)

@@ -209,9 +209,14 @@ def block_means_update(kmeans, k_new, pos, block_size):
 @triton.jit
 def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
                   sqb, sqh, sqd, slb, slh, slp, sld,
-                  HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr):
-    bh = tl.program_id(0)
-    pt = tl.program_id(1)
+                  HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                  PAGES_FIRST: tl.constexpr = False):
+    if PAGES_FIRST:  # consecutive programs read consecutive page tiles of one head
+        pt = tl.program_id(0)
+        bh = tl.program_id(1)
+    else:
+        bh = tl.program_id(0)
+        pt = tl.program_id(1)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -232,7 +237,8 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
     tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
 
 
-def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_warps=None):
+def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_warps=None,
+                 pages_first=False):
     B, Hq, D = q.shape
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
@@ -248,9 +254,11 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_wa
     # BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep on every shape
     # (within 0.1 %; 4 warps: up to 2.5 % slower)
     BP = bp or (64 if not INTERPRET else 16)
-    _quest_kernel[(B * Hq, triton.cdiv(NP, BP))](
+    grid = (triton.cdiv(NP, BP), B * Hq) if pages_first else (B * Hq, triton.cdiv(NP, BP))
+    _quest_kernel[grid](
         q, kmin, kmax, n_pages, out, Hq, G, Hkv, D, NP, *q.stride(), *kmin.stride(),
-        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), num_warps=num_warps or 8)
+        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
+        num_warps=num_warps or 8)
     return out
 
 
@@ -370,9 +378,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
                    Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale, CHUNK, WINDOW, PREFIX,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
                    DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    r = tl.program_id(0)
-    sp = tl.program_id(1)
+                   BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                   SPLITS_FIRST: tl.constexpr = False):
+    if SPLITS_FIRST:  # consecutive programs take consecutive stretches of one row's list
+        sp = tl.program_id(0)
+        r = tl.program_id(1)
+    else:
+        r = tl.program_id(0)
+        sp = tl.program_id(1)
     b = r // Hsel
     hs = r % Hsel
     h0 = hs * HSG
@@ -514,8 +527,8 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     args = [q, k, v, idx if dilated is None else sl, sl, m, m, m, Hq, Hsel, G, HSG, D, NSEL, bs,
             1, 1, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr]
     meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
-                BT=BT, BD=BD, PREC=_prec(q.dtype), num_warps=c["num_warps"],
-                num_stages=c["num_stages"])
+                BT=BT, BD=BD, PREC=_prec(q.dtype), SPLITS_FIRST=bool(c.get("splits_first")),
+                num_warps=c["num_warps"], num_stages=c["num_stages"])
     if num_splits is None:
         if c["waves"] == "fill":  # one round of resident programs: no partial last wave
             slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
@@ -529,7 +542,7 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
     args[5:8] = m, l, acc
     args[15:17] = TPS, S
-    _decode_kernel[(B * Hsel, S)](*args, **meta)
+    _decode_kernel[(S, B * Hsel) if meta["SPLITS_FIRST"] else (B * Hsel, S)](*args, **meta)
     return m, l, acc, S
 
 
@@ -566,7 +579,8 @@ def _merge(q, m, l, acc, S):
 
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None, *,
                         num_splits=None, cfg=None):
-    """``cfg`` overrides DECODE_CFG's launch config (bt, num_warps, num_stages, waves)."""
+    """``cfg`` overrides DECODE_CFG's launch config (bt, num_warps, num_stages, waves,
+    splits_first: the grid's fastest axis is the split instead of the row)."""
     if block_idx.dtype != torch.int32:
         block_idx = block_idx.to(torch.int32)
     n_max = block_idx.shape[2] * block_size
