@@ -122,6 +122,16 @@ def train_records(result: dict) -> list[dict]:
     return [m for m in result["metrics"] if m.get("kind") == "train"]
 
 
+def loss_curve(result: dict) -> dict[int, float]:
+    """{iteration: loss} of one trainer run's logged training steps."""
+    return {m["iteration"]: m["loss"] for m in train_records(result)}
+
+
+def max_rel_diff(curve: dict[int, float], ref: dict[int, float], iterations) -> float | None:
+    """The largest |curve / ref - 1| over the iterations both curves logged (None: none)."""
+    return max((abs(curve[i] / ref[i] - 1) for i in iterations if i in curve and i in ref), default=None)
+
+
 def throughput(result: dict, gpus: int, tokens_per_step: int) -> dict:
     """Steady-state numbers of one trainer run: means over its logged intervals after the first
     (which holds warm-up and allocation); {} when it logged fewer than two intervals."""

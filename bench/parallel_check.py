@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (REPO, child_env, environment, launcher, link_checkpoint, run_all, train_records,  # noqa: E402
-                   write_json)
+from _runs import (REPO, child_env, environment, launcher, link_checkpoint, loss_curve,  # noqa: E402
+                   max_rel_diff, run_all, train_records, write_json)
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 STEP_TOLERANCE = 2e-2  # bf16: relative loss difference over the first steps
@@ -206,13 +206,13 @@ def resume_across_layouts(args, work: Path, mem: str, overrides: list[str]) -> d
                                   f"train.train_iters={args.iters + args.resume_iters}",
                                   f"checkpoint.save={dst}"], tp * pp))
     results = run_all(runs, gpu_count=torch.cuda.device_count(), workdir=work)
-    curves = {r["name"].rsplit("_", 1)[1]: {m["iteration"]: m["loss"] for m in train_records(r)} for r in results}
+    curves = {r["name"].rsplit("_", 1)[1]: loss_curve(r) for r in results}
     want = list(range(args.iters + 1, args.iters + args.resume_iters + 1))
     ref = curves.get("tp2", {})
     out = {}
     for name, curve in curves.items():
         resumed = sorted(curve) == want  # trained exactly the steps after the checkpoint
-        rel = max((abs(curve[i] / ref[i] - 1) for i in want if i in curve and i in ref), default=None)
+        rel = max_rel_diff(curve, ref, want)
         out[name] = {"losses": [curve.get(i) for i in want], "resumed_at": args.iters if resumed else None,
                      "max_rel_diff_to_tp2": rel,
                      "ok": resumed and rel is not None and rel <= STEP_TOLERANCE and sorted(ref) == want}

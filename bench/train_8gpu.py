@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (H200_BF16_DENSE_TFLOPS, environment, link_checkpoint, run_all, throughput,  # noqa: E402
-                   train_records, write_json)
+from _runs import (H200_BF16_DENSE_TFLOPS, environment, link_checkpoint, loss_curve,  # noqa: E402
+                   max_rel_diff, run_all, throughput, train_records, write_json)
 
 RESUME_TOLERANCE = 2e-2  # bf16: relative loss difference between the two resumed runs
 
@@ -121,12 +121,12 @@ def main() -> None:
         save = link_checkpoint(work / "bf16", args.iters, work / name)
         ov = base + layout(t, p) + [f"train.train_iters={args.iters + args.resume_iters}", f"checkpoint.save={save}"]
         (r,) = run_all([(name, args.config, ov, args.gpus)], gpu_count=args.gpus, workdir=work)
-        curves[name] = {m["iteration"]: m["loss"] for m in train_records(r)}
+        curves[name] = loss_curve(r)
         record([r], [{"run": name, "tp": t, "pp": p, "returncode": r["returncode"],
                       **throughput(r, args.gpus, tokens_per_step)}])
     want = [i for i in range(args.iters + 1, args.iters + args.resume_iters + 1) if i % 5 == 0]
     ref, new = curves["resumed_at_original"], curves["resumed_at_new"]
-    rel = max((abs(new[i] / ref[i] - 1) for i in want if i in new and i in ref), default=None)
+    rel = max_rel_diff(new, ref, want)
     report["resume"] = {"logged_iterations": want, "losses_original_layout": [ref.get(i) for i in want],
                         "losses_new_layout": [new.get(i) for i in want], "max_rel_diff": rel,
                         "tolerance": RESUME_TOLERANCE,

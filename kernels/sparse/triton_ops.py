@@ -307,10 +307,10 @@ def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
 
 @triton.jit
 def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr):
-    """Top-k of one row, ascending, -1 padded, ties to the lower index. A WAYS-ary search for the threshold on the order-preserving int32 image of the scores:
-    each pass counts the keys at or above WAYS thresholds spread over [lo, hi] in one reduction,
-    the range starts at the row's finite [min, max] instead of the whole int32 range, and the
-    search stops as soon as a threshold leaves exactly the k needed at or above it (typical for
+    """Top-k of one row, ascending, -1 padded, ties to the lower index. A WAYS-ary search for
+    the threshold on the order-preserving int32 image of the scores: each pass counts the keys at
+    or above WAYS thresholds spread over [lo, hi] in one reduction, the range starts at the row's
+    finite [min, max] instead of the whole int32 range, and the search stops as soon as a threshold leaves exactly the k needed at or above it (typical for
     continuous scores: about log2(N) / log2(WAYS + 1) passes instead of 32)."""
     row = tl.program_id(0)
     n = tl.arange(0, BN)

@@ -86,9 +86,6 @@ def _model_sharded_state_dict(models) -> dict:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
 
 
-OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
-
-
 def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer: bool, trainer_state: dict,
          rank: int, optimizer_sharding: str = "dp_reshardable") -> str:
     """Write SAVE/iter_XXXXXXX on every rank, then (rank 0) point the latest file at it."""
@@ -175,6 +172,15 @@ def _layout_str(layout: dict) -> str:
     return f"TP={layout['tp']} PP={layout['pp']} DP={layout['dp']}"
 
 
+def _torch_adams(optimizer):
+    """(megatron optimizer, its torch Adam/AdamW) for each optimizer in the chain that wraps one:
+    megatron without TE or apex; TE's and apex's FusedAdam are not yielded."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield opt, inner
+
+
 def prime_torch_adam(optimizer) -> None:
     """Give a torch Adam inside megatron's optimizer the state of step 0 where it has none yet.
 
@@ -184,9 +190,8 @@ def prime_torch_adam(optimizer) -> None:
     (``assert len(steps) == 1``): a fresh process could not resume. This is the state Adam's first
     step would create; the load overwrites all of it. TE's and apex's FusedAdam are left alone.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or inner.state:
+    for _, inner in _torch_adams(optimizer):
+        if inner.state:
             continue
         for group in inner.param_groups:
             on_device = group.get("fused") or group.get("capturable")  # where Adam keeps its step
@@ -205,10 +210,8 @@ def _torch_adam_step_kept(optimizer, sharding: str):
     its own source, so the copy is a no-op and the step comes from the param groups as usual."""
     patched = []
     if sharding == "fully_reshardable":
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            inner = getattr(opt, "optimizer", None)
-            if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not hasattr(
-                    opt, "model_param_group_index_map"):
+        for opt, _ in _torch_adams(optimizer):
+            if not hasattr(opt, "model_param_group_index_map"):
                 continue
             if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
                 continue  # that branch sets each given state by name: leave it alone
@@ -235,12 +238,10 @@ def _unshare_torch_adam_steps(optimizer) -> None:
     every parameter's state; Adam increments each parameter's step in place, so after a resume the
     shared count would grow by the number of parameters per step and distort the bias correction.
     Give every parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            for st in inner.state.values():
-                if isinstance(st.get("step"), torch.Tensor):
-                    st["step"] = st["step"].clone()
+    for _, inner in _torch_adams(optimizer):
+        for st in inner.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
 
 
 def _load_model_state(models, state: dict, strict: bool):
