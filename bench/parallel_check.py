@@ -6,11 +6,14 @@
    TP=1's.
 3. The TP=2 run's final checkpoint is loaded at TP=1, TP=2 and PP=2, and the PP=2 run's at TP=2:
    the forward loss on fixed held-out batches must agree across layouts.
-4. Training resumed across layouts: the TP=2 run's final checkpoint (model + distributed optimizer,
-   saved fully_reshardable) is resumed at TP=2, TP=1 and PP=2 for a few more steps; the resumed
-   TP=1 and PP=2 losses must follow the TP=2 continuation (bf16 tolerance).
+4. Training resumed across layouts: one run's final checkpoint (--resume-from, default TP=2; model
+   + distributed optimizer, saved fully_reshardable) is resumed at --resume-at (default TP=2, TP=1,
+   PP=2) for a few more steps. Each resumed curve must follow the same layout's uninterrupted run
+   (trained K + more steps from the start: nothing lost by stopping) within bf16 tolerance.
 
     python bench/parallel_check.py --data .carry/data/essays_text_document --out bench/results/parallel_check.json
+    # one GPU: the TP=1 run stopped and resumed at TP=1 only
+    python bench/parallel_check.py --data ... --layouts tp1 --load-checks '' --resume-from tp1 --resume-at tp1
 
 Worker modes (run by the driver): `_init` builds and saves the initial model; `_loss` loads a
 checkpoint at a layout and prints the loss as JSON.
@@ -111,6 +114,8 @@ def main() -> None:
     ap.add_argument("--resume-checks", default="on",
                     help="memory settings whose TP=2 run is resumed at other layouts ('' for none)")
     ap.add_argument("--resume-iters", type=int, default=6, help="steps trained after each resume")
+    ap.add_argument("--resume-from", default="tp2", choices=list(LAYOUTS), help="the run whose checkpoint is resumed")
+    ap.add_argument("--resume-at", default="tp2,tp1,pp2", help="layouts the checkpoint is resumed at")
     ap.add_argument("--layouts", default=",".join(LAYOUTS),
                     help="layouts trained in the step comparison (tp1 is its reference; the resume "
                          "check needs tp2)")
@@ -193,30 +198,45 @@ def main() -> None:
 
 
 def resume_across_layouts(args, work: Path, mem: str, overrides: list[str]) -> dict:
-    """Resume the TP=2 run's final checkpoint at TP=2 (the reference), TP=1 and PP=2 for
-    --resume-iters more steps, each in its own save directory that links the checkpoint."""
+    """Resume the --resume-from run's final checkpoint at each --resume-at layout for --resume-iters
+    more steps (each in its own save directory that links the checkpoint), beside an uninterrupted
+    run of the source layout for all the steps: the reference every resumed curve must follow."""
     import torch
 
-    runs = []
-    for name in ("tp2", "tp1", "pp2"):
-        dst = link_checkpoint(work / f"run_{mem}_tp2", args.iters, work / f"resume_{mem}_tp2_at_{name}")
+    src = args.resume_from
+    targets = [t for t in args.resume_at.split(",") if t]
+    unknown = [t for t in targets if t not in LAYOUTS]
+    if unknown:
+        raise SystemExit(f"parallel_check: --resume-at {','.join(unknown)}: unknown layout (known: {','.join(LAYOUTS)})")
+    total = args.iters + args.resume_iters
+    stp, spp = LAYOUTS[src]
+    shutil.rmtree(work / f"straight_{mem}_{src}", ignore_errors=True)
+    runs = [(f"straight_{mem}_{src}", args.config,
+             overrides + [f"parallel.tp={stp}", f"parallel.pp={spp}", f"train.train_iters={total}",
+                          f"checkpoint.init_from={work / f'init_{mem}'}",
+                          f"checkpoint.save={work / f'straight_{mem}_{src}'}"], stp * spp)]
+    for name in targets:
+        dst = link_checkpoint(work / f"run_{mem}_{src}", args.iters, work / f"resume_{mem}_{src}_at_{name}")
         tp, pp = LAYOUTS[name]
         runs.append((f"resume_{mem}_at_{name}", args.config,
-                     overrides + [f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                  f"train.train_iters={args.iters + args.resume_iters}",
+                     overrides + [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.train_iters={total}",
                                   f"checkpoint.save={dst}"], tp * pp))
     results = run_all(runs, gpu_count=torch.cuda.device_count(), workdir=work)
-    curves = {r["name"].rsplit("_", 1)[1]: loss_curve(r) for r in results}
-    want = list(range(args.iters + 1, args.iters + args.resume_iters + 1))
-    ref = curves.get("tp2", {})
-    out = {}
-    for name, curve in curves.items():
+    curves = {r["name"].rsplit("_", 1)[1] if r["name"].startswith("resume_") else "straight": loss_curve(r)
+              for r in results}
+    want = list(range(args.iters + 1, total + 1))
+    ref = curves.get("straight", {})
+    ref_ok = all(i in ref for i in want)
+    out = {"straight": {"layout": src, "losses": [ref.get(i) for i in want], "ok": ref_ok}}
+    for name in targets:
+        curve = curves.get(name, {})
         resumed = sorted(curve) == want  # trained exactly the steps after the checkpoint
         rel = max_rel_diff(curve, ref, want)
         out[name] = {"losses": [curve.get(i) for i in want], "resumed_at": args.iters if resumed else None,
-                     "max_rel_diff_to_tp2": rel,
-                     "ok": resumed and rel is not None and rel <= STEP_TOLERANCE and sorted(ref) == want}
-    print(json.dumps({mem: {"resumes": {k: v["max_rel_diff_to_tp2"] for k, v in out.items()}}}), flush=True)
+                     f"max_rel_diff_to_uninterrupted_{src}": rel,
+                     "ok": resumed and ref_ok and rel is not None and rel <= STEP_TOLERANCE}
+    print(json.dumps({mem: {"resumes_vs_uninterrupted": {k: v.get(f"max_rel_diff_to_uninterrupted_{src}")
+                                                          for k, v in out.items()}}}), flush=True)
     return out
 
 

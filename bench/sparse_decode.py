@@ -308,9 +308,11 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                decode_cfg=to.DECODE_CFG)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_vars = [(8, 1), (4, 1), (16, 1), (8, 4)]  # (warps, thresholds per pass)
+    # (warps, thresholds per pass, search, histogram bins)
+    topk_vars = [(8, 1, "bisect", None), (8, 1, "hist", 256), (4, 1, "hist", 256), (16, 1, "hist", 256),
+                 (8, 1, "hist", 64), (8, 1, "hist", 1024), (4, 1, "bisect", None)]
     if smoke:
-        topk_vars = [(4, 1), (4, 4)]
+        topk_vars = [(4, 1, "bisect", None), (4, 4, "bisect", None), (4, 1, "hist", 64)]
     score_cfgs = [(bp, nw, pf) for bp in (32, 64, 128) for nw in (4, 8) for pf in (False, True)] \
         if not smoke else [(16, 4, False), (16, 4, True)]
 
@@ -361,14 +363,27 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
             trows = []
-            for nw, ways in topk_vars:
-                trows.append(trial(dict(num_warps=nw, ways=ways), f"topk nw={nw} ways={ways}",
-                                   lambda nw=nw, ways=ways: to.select_topk(
-                                       scores, n, num_warps=nw, ways=ways),
+            for nw, ways, search, bins in topk_vars:
+                trows.append(trial(dict(num_warps=nw, ways=ways, search=search, bins=bins),
+                                   f"topk nw={nw} ways={ways} {search} {bins or ''}",
+                                   lambda nw=nw, ways=ways, search=search, bins=bins: to.select_topk(
+                                       scores, n, num_warps=nw, ways=ways, search=search, bins=bins),
                                    lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
             okt = [r for r in trows if "ms" in r]
             best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(num_warps=None, ways=1)
+            # scores + top-k in one launch (quest_select): grid order x search
+            srows = []
+            for pf in (True, False):
+                for search, bins in (("bisect", None), ("hist", best_topk.get("bins") or 256)):
+                    srows.append(trial(dict(pages_first=pf, search=search, bins=bins),
+                                       f"select pages_first={pf} {search}",
+                                       lambda pf=pf, search=search, bins=bins: to.quest_select(
+                                           q, kmin, kmax, n, pages_first=pf, search=search, bins=bins),
+                                       lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
+            comp["select_fused"] = srows
+            oks = [r for r in srows if "ms" in r]
+            best_sel = min(oks, key=lambda r: r["ms"]) if oks else dict(pages_first=True, search="bisect")
             # attention
             idx = sel_ref.contiguous()
             a_ref = _ref_gather_decode(q, k, v, idx, PAGE)
@@ -393,6 +408,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 bc = min(oka, key=lambda r: r["ms"])["cfg"] or to.DECODE_CFG
                 for w in (2, 3, "fill", 8, 16):
                     attn_trial(dict(bc, waves=w), f"attn waves {w}")
+                attn_trial(dict(bc, fused_merge=True), "attn fused merge")
                 oka = [r for r in arows if "ms" in r]
                 bc = min(oka, key=lambda r: r["ms"])["cfg"]
                 if bc is not None:
@@ -418,26 +434,61 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                     pages_first=bool(bs_.get("pages_first")))
-                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1))
+                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1),
+                                   search=bt_.get("search", "bisect"), bins=bt_.get("bins"))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
+            fused_cfg = dict(ba_["cfg"] or to.DECODE_CFG, fused_merge=True)
+            sel_kw = dict(pages_first=best_sel.get("pages_first", True), search=best_sel.get("search", "bisect"),
+                          bins=best_sel.get("bins"))
+
+            def e2e_fused():  # 2 launches (+ 2 memsets): quest_select, decode with the merge inside
+                i = to.quest_select(q, kmin, kmax, n, **sel_kw)
+                return to.block_sparse_decode(q, k, v, i, PAGE, cfg=fused_cfg)
+
+            def e2e_streams(groups):
+                """e2e_fused on `groups` slices of the heads, each on its own CUDA stream (one
+                group's selection overlaps another's attention)."""
+                streams = [torch.cuda.Stream() for _ in range(groups)] if dev.type == "cuda" else []
+
+                def run():
+                    out = torch.empty_like(q)
+                    hs = H // groups
+                    cur = torch.cuda.current_stream()
+                    for gi, st in enumerate(streams):
+                        st.wait_stream(cur)
+                        with torch.cuda.stream(st):
+                            h = slice(gi * hs, (gi + 1) * hs)
+                            i = to.quest_select(q[:, h], kmin[:, h], kmax[:, h], n, **sel_kw)
+                            to.block_sparse_decode(q[:, h], k[:, h], v[:, h], i, PAGE, cfg=fused_cfg,
+                                                   out=out[:, h])
+                    for st in streams:
+                        cur.wait_stream(st)
+                    return out
+                return run
+
             e2e = {}
-            for nm, fn in (("default", e2e_default), ("best", e2e_best)):
+            cands = [("default", e2e_default), ("best", e2e_best), ("fused", e2e_fused)]
+            if dev.type == "cuda":
+                cands += [("streams2", e2e_streams(2)), ("streams4", e2e_streams(4))]
+            for nm, fn in cands:
                 r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
                 if "ms" in r:
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                                      pages_first=bs_.get("pages_first")),
-                                          topk=dict(num_warps=bt_.get("num_warps"), ways=bt_.get("ways")),
+                                          topk=dict(num_warps=bt_.get("num_warps"), ways=bt_.get("ways"),
+                                                    search=bt_.get("search"), bins=bt_.get("bins")),
+                                          select_fused=sel_kw,
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
                 f"topk best {bt_.get('num_warps')}w/{bt_.get('ways')} {bt_.get('ms', float('nan')):.4f} ms, "
                 f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
-                f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
-                f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
-                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f})")
+                f"select fused best {sel_kw} {best_sel.get('ms', float('nan')):.4f} ms, "
+                + ", ".join(f"e2e {nm} {e2e[nm].get('ms', float('nan')):.4f} ms "
+                            f"(x{e2e[nm].get('x_sdpa', float('nan')):.2f})" for nm, _ in cands))
             del a_ref
         out["shapes"].append(shp)
         del k, v, kmin, kmax, scores

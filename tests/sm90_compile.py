@@ -71,6 +71,7 @@ def _calls():
         z, k, v = (r(B, T, H, D).requires_grad_() for _ in range(3))
         h0 = (r(B, H, D, dtype=torch.float32), r(B, H, D, dtype=torch.float32))
         yield lambda: fused.memory_scan_fused(z, k, v, output_final_state=True)[0].sum().backward()
+        yield lambda: fused.memory_scan_fused(z, k, v, fwd=dict(agg_reverse=True, CT=64))[0].sum().backward()
         for schedule in ("chained", "loop"):
             yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True,
                                                   bwd=dict(schedule=schedule))[0].sum().backward()
@@ -95,11 +96,17 @@ def _calls():
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq)
             yield lambda: sp.quest_scores(q, kmin, kmax, seq, page, pages_first=True)
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(splits_first=True))
+            yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(fused_merge=True))
             for ways in (1, 4, 8):
                 yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, ways=ways)
+            yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, search="hist")
+            for search in ("bisect", "hist"):
+                yield lambda: sp.quest_select(q, kmin, kmax, topk, seq, page, True, search=search)
+                yield lambda: sp.quest_select(q, kmin, kmax, topk, search=search, pages_first=False)
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))
         yield lambda: sp.dilated_decode(q, k, v, 8, 32, 4, seq)
+        yield lambda: sp.dilated_decode(q, k, v, 8, 32, 4, seq, cfg=dict(fused_merge=True))
         yield lambda: sp.snapkv_votes(r(B, Hq, 32, D), k)
         qp = r(B, Hq, T, D)
         yield lambda: sp.moba_prefill(qp, k, v, 64, 3)

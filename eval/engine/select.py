@@ -37,11 +37,10 @@ def quest_select(q, kmin, kmax, seq_len, page_size, nsel, force_current=True, pe
     that many pages (rows with fewer valid pages keep all of theirs, -1 padded); Quest's
     evaluation code uses 3 with ``force_current=False``. Returns [B, Hkv|Hq, max(nsel, min_pages)].
     """
-    nsel = max(nsel, min_pages)
+    nsel = max(1, min(max(nsel, min_pages), kmin.shape[2]))
     qs = q if per_query_head else group_mean(q, kmin.shape[1])
-    scores = ks.quest_scores(qs, kmin, kmax, seq_len=seq_len, page_size=page_size)
-    force = (seq_len - 1) // page_size if force_current else None
-    return topk_blocks(scores, nsel, force)
+    return ks.quest_select(qs, kmin, kmax, nsel, seq_len=seq_len, page_size=page_size,
+                           force_last=force_current)
 
 
 def moba_select(q, kmeans, seq_len, block_size, nsel, per_query_head=False):

@@ -14,7 +14,7 @@ from . import naive
 from .._dispatch import use_triton as _use_triton
 from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
 
-__all__ = ["page_minmax", "page_minmax_update", "quest_scores", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
+__all__ = ["page_minmax", "page_minmax_update", "quest_scores", "quest_select", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
            "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
            "block_sparse_mask", "dilated_mask", "select_topk"]
 
@@ -49,6 +49,19 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, backend: str = "au
     if _use_triton(backend, q, kmin, kmax):
         return _ops().quest_scores(q, kmin, kmax, seq_len, page_size)
     return naive.quest_scores_torch(q, kmin, kmax, seq_len, page_size)
+
+
+def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False,
+                 backend: str = "auto"):
+    """Quest's selection in one op: ``select_topk(quest_scores(...), k)`` -> [B, Hq, k] int32.
+
+    ``force_last`` (needs ``seq_len``): the page holding position seq_len - 1 (the decoding
+    query's own page) is always kept and counts toward k. The Triton path is one launch: the last
+    program to finish a row's scores also selects that row's pages.
+    """
+    if _use_triton(backend, q, kmin, kmax):
+        return _ops().quest_select(q, kmin, kmax, k, seq_len, page_size, force_last)
+    return naive.quest_select_torch(q, kmin, kmax, k, seq_len, page_size, force_last)
 
 
 def block_means(k, block_size, seq_len=None, backend: str = "auto"):

@@ -81,6 +81,19 @@ def quest_scores_torch(q, kmin, kmax, seq_len=None, page_size=None):
     return s
 
 
+def quest_select_torch(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False):
+    """quest_scores_torch then select_topk_torch; force_last gives the page holding position
+    seq_len - 1 the largest finite score first (kept, and counted in k)."""
+    s = quest_scores_torch(q, kmin, kmax, seq_len, page_size)
+    if force_last:
+        if seq_len is None:
+            raise ValueError("quest_select: force_last needs seq_len")
+        B, P = s.shape[0], s.shape[2]
+        last = (_seq_len(seq_len, B, P * page_size, q.device) - 1) // page_size
+        s[torch.arange(B, device=s.device), :, last.long()] = torch.finfo(torch.float32).max
+    return select_topk_torch(s, k)
+
+
 def block_means_torch(k, block_size, seq_len=None):
     B, H, T, D = k.shape
     NB = math.ceil(T / block_size)
