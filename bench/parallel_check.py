@@ -146,8 +146,12 @@ def main() -> None:
             ok = False
             mems.remove(mem)
     # layout-major order: the two single-GPU runs share the machine, then the two-GPU runs
+    # every run is scheduled for iters + resume_iters steps and stops (with a checkpoint) after
+    # iters: the resumed runs and the uninterrupted reference then share one LR schedule
+    total = args.iters + args.resume_iters
     runs = [(f"{mem}_{name}", args.config,
-             overrides[mem] + [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.train_iters={args.iters}",
+             overrides[mem] + [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.train_iters={total}",
+                               f"train.exit_at_iter={args.iters}",
                                f"checkpoint.init_from={work / f'init_{mem}'}",
                                f"checkpoint.save={work / f'run_{mem}_{name}'}"], tp * pp)
             for name, (tp, pp) in LAYOUTS.items() if name in args.layouts.split(",") for mem in mems]

@@ -45,6 +45,7 @@ from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noq
 
 sys.path.insert(0, str(REPO / "bench"))
 from _runs import commit as run_commit  # noqa: E402
+from _timing import FLUSHES, time_ms  # noqa: E402
 
 H, D = 32, 128
 # forward configs timed beside the default plan (fused._fwd_plan): the 2026-11-30 sweep's winner
@@ -84,9 +85,11 @@ def fname(c):
     return n
 
 
-def bench(fn, rep=60, grad_to_none=None):
-    return triton.testing.do_bench(fn, warmup=15, rep=rep, return_mode="median",
-                                   grad_to_none=grad_to_none)
+FLUSH = "write"  # --flush (bench/_timing.py); "write" is triton.testing.do_bench's zeroing
+
+
+def bench(fn, rep=60, grad_to_none=None, graph=False):
+    return time_ms(fn, graph=graph, flush=FLUSH, warmup=15, rep=rep, grad_to_none=grad_to_none)
 
 
 def rel(a, b):
@@ -268,11 +271,15 @@ def main():
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
     ap.add_argument("--no-assoc", action="store_true")
+    ap.add_argument("--flush", default="write", choices=FLUSHES,
+                    help="L2 state before each timed call (bench/_timing.py)")
     ap.add_argument("--chained-smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sweep", action="store_true", help="forward config sweep (sweep_main)")
     ap.add_argument("--dry-run", action="store_true",
                     help="sweep on CPU through the Triton interpreter, tiny shapes (logic test)")
     args = ap.parse_args()
+    global FLUSH
+    FLUSH = args.flush
     if args.chained_smoke:
         chained_smoke()
         return
@@ -281,7 +288,7 @@ def main():
         return
     commit = args.commit or run_commit()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "commit": commit, "command": " ".join(sys.argv),
+           "triton": triton.__version__, "commit": commit, "command": " ".join(sys.argv), "flush": FLUSH,
            "shape": {"heads": H, "dim": D, "dtype": "bfloat16"},
            "bytes_note": "fwd: 5 tensors (z, k, v read; k~, v~ written); fwd+bwd: 15 tensors",
            "results": [], "checks": {}, "notes": []}
@@ -354,8 +361,7 @@ def main():
         if T == 4096:  # launch overhead out: the same calls replayed from a CUDA graph
             for var in [{}] + fwd_vs:
                 try:
-                    ms = triton.testing.do_bench_cudagraph(lambda: scan_fwd(z, k, v, **var), rep=60,
-                                                           return_mode="median")
+                    ms = bench(lambda: scan_fwd(z, k, v, **var), graph=True)
                     add(B, T, "fwd", "fused (CUDA graph)", ms, 5,
                         fname(var) if var else "default-plan")
                 except Exception as e:  # noqa: BLE001

@@ -18,8 +18,10 @@ quest_scores 64 pages x 8 warps; select_topk's threshold search with one thresho
 early exit, 8 warps; the decode kernel's launch config DECODE_CFG (64-token tiles, 4 warps, 2
 stages, splits for one round of resident programs). The JSON records them under "defaults".
 
-Times: triton.testing.do_bench medians (L2 flushed before each call), eager and, for the
-pipelines, replayed from a CUDA graph (launch gaps removed). Correctness first: at full budget
+Times: medians of CUDA-event times with the L2 flushed before each call (``--flush``: "write",
+triton.testing.do_bench's zeroing, leaves dirty lines the timed call must write back; "read" leaves
+clean ones; bench/_timing.py), eager and, for the pipelines, replayed from a CUDA graph (launch
+gaps removed). Correctness first: at full budget
 the sparse paths equal dense; Triton equals the torch twins.
 
     python bench/sparse_decode.py --out bench/results/sparse_decode.json
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.sparse as sp  # noqa: E402
 from _runs import commit  # noqa: E402  (COMMIT first: the GPU machine runs an archive of HEAD)
+from _timing import FLUSHES, time_ms  # noqa: E402
 
 H, D = 32, 128
 PAGE, MOBA_BLOCK = 16, 512
@@ -61,22 +64,11 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+FLUSH = "write"  # --flush: the L2 state each timed call starts from (bench/_timing.py)
+
+
 def _bench(fn, graph=False, warmup=25, rep=100):
-    import triton.testing as tt
-    if graph:
-        fn()
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        torch.cuda.synchronize()
-        return tt.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median")
-    return tt.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    return time_ms(fn, graph=graph, flush=FLUSH, warmup=warmup, rep=rep)
 
 
 def correctness(dev, dtype):
@@ -308,11 +300,9 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                decode_cfg=to.DECODE_CFG)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    # (warps, thresholds per pass, search, histogram bins)
-    topk_vars = [(8, 1, "bisect", None), (8, 1, "hist", 256), (4, 1, "hist", 256), (16, 1, "hist", 256),
-                 (8, 1, "hist", 64), (8, 1, "hist", 1024), (4, 1, "bisect", None)]
+    topk_vars = [(8, 1), (4, 1), (16, 1), (8, 4)]  # (warps, thresholds per pass)
     if smoke:
-        topk_vars = [(4, 1, "bisect", None), (4, 4, "bisect", None), (4, 1, "hist", 64)]
+        topk_vars = [(4, 1), (4, 4)]
     score_cfgs = [(bp, nw, pf) for bp in (32, 64, 128) for nw in (4, 8) for pf in (False, True)] \
         if not smoke else [(16, 4, False), (16, 4, True)]
 
@@ -363,27 +353,14 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
             trows = []
-            for nw, ways, search, bins in topk_vars:
-                trows.append(trial(dict(num_warps=nw, ways=ways, search=search, bins=bins),
-                                   f"topk nw={nw} ways={ways} {search} {bins or ''}",
-                                   lambda nw=nw, ways=ways, search=search, bins=bins: to.select_topk(
-                                       scores, n, num_warps=nw, ways=ways, search=search, bins=bins),
+            for nw, ways in topk_vars:
+                trows.append(trial(dict(num_warps=nw, ways=ways), f"topk nw={nw} ways={ways}",
+                                   lambda nw=nw, ways=ways: to.select_topk(
+                                       scores, n, num_warps=nw, ways=ways),
                                    lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
             okt = [r for r in trows if "ms" in r]
             best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(num_warps=None, ways=1)
-            # scores + top-k in one launch (quest_select): grid order x search
-            srows = []
-            for pf in (True, False):
-                for search, bins in (("bisect", None), ("hist", best_topk.get("bins") or 256)):
-                    srows.append(trial(dict(pages_first=pf, search=search, bins=bins),
-                                       f"select pages_first={pf} {search}",
-                                       lambda pf=pf, search=search, bins=bins: to.quest_select(
-                                           q, kmin, kmax, n, pages_first=pf, search=search, bins=bins),
-                                       lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
-            comp["select_fused"] = srows
-            oks = [r for r in srows if "ms" in r]
-            best_sel = min(oks, key=lambda r: r["ms"]) if oks else dict(pages_first=True, search="bisect")
             # attention
             idx = sel_ref.contiguous()
             a_ref = _ref_gather_decode(q, k, v, idx, PAGE)
@@ -408,7 +385,6 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 bc = min(oka, key=lambda r: r["ms"])["cfg"] or to.DECODE_CFG
                 for w in (2, 3, "fill", 8, 16):
                     attn_trial(dict(bc, waves=w), f"attn waves {w}")
-                attn_trial(dict(bc, fused_merge=True), "attn fused merge")
                 oka = [r for r in arows if "ms" in r]
                 bc = min(oka, key=lambda r: r["ms"])["cfg"]
                 if bc is not None:
@@ -434,43 +410,21 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                     pages_first=bool(bs_.get("pages_first")))
-                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1),
-                                   search=bt_.get("search", "bisect"), bins=bt_.get("bins"))
+                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
-            fused_cfg = dict(ba_["cfg"] or to.DECODE_CFG, fused_merge=True)
-            sel_kw = dict(pages_first=best_sel.get("pages_first", True), search=best_sel.get("search", "bisect"),
-                          bins=best_sel.get("bins"))
-
-            def e2e_fused():  # 2 launches (+ 2 memsets): quest_select, decode with the merge inside
-                i = to.quest_select(q, kmin, kmax, n, **sel_kw)
-                return to.block_sparse_decode(q, k, v, i, PAGE, cfg=fused_cfg)
-
-            def e2e_streams(groups):
-                """e2e_fused on `groups` slices of the heads, each on its own CUDA stream (one
-                group's selection overlaps another's attention)."""
-                streams = [torch.cuda.Stream() for _ in range(groups)] if dev.type == "cuda" else []
-
+            def no_pdl(fn):  # the same calls without programmatic dependent launch
                 def run():
-                    out = torch.empty_like(q)
-                    hs = H // groups
-                    cur = torch.cuda.current_stream()
-                    for gi, st in enumerate(streams):
-                        st.wait_stream(cur)
-                        with torch.cuda.stream(st):
-                            h = slice(gi * hs, (gi + 1) * hs)
-                            i = to.quest_select(q[:, h], kmin[:, h], kmax[:, h], n, **sel_kw)
-                            to.block_sparse_decode(q[:, h], k[:, h], v[:, h], i, PAGE, cfg=fused_cfg,
-                                                   out=out[:, h])
-                    for st in streams:
-                        cur.wait_stream(st)
-                    return out
+                    to.PDL = False
+                    try:
+                        return fn()
+                    finally:
+                        to.PDL = True
                 return run
 
             e2e = {}
-            cands = [("default", e2e_default), ("best", e2e_best), ("fused", e2e_fused)]
-            if dev.type == "cuda":
-                cands += [("streams2", e2e_streams(2)), ("streams4", e2e_streams(4))]
+            cands = [("default", e2e_default), ("best", e2e_best),
+                     ("default_no_pdl", no_pdl(e2e_default)), ("best_no_pdl", no_pdl(e2e_best))]
             for nm, fn in cands:
                 r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
                 if "ms" in r:
@@ -479,14 +433,12 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                                      pages_first=bs_.get("pages_first")),
                                           topk=dict(num_warps=bt_.get("num_warps"), ways=bt_.get("ways"),
-                                                    search=bt_.get("search"), bins=bt_.get("bins")),
-                                          select_fused=sel_kw,
+                                          ),
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
                 f"topk best {bt_.get('num_warps')}w/{bt_.get('ways')} {bt_.get('ms', float('nan')):.4f} ms, "
                 f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
-                f"select fused best {sel_kw} {best_sel.get('ms', float('nan')):.4f} ms, "
                 + ", ".join(f"e2e {nm} {e2e[nm].get('ms', float('nan')):.4f} ms "
                             f"(x{e2e[nm].get('x_sdpa', float('nan')):.2f})" for nm, _ in cands))
             del a_ref
@@ -540,7 +492,7 @@ def sweep_main(args):
                   python=platform.python_version(), git_commit=commit(),
                   command=" ".join([sys.executable] + sys.argv), dtype=str(dtype), heads=H,
                   head_dim=D, page=PAGE, date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  shapes=shapes, budgets=budgets)
+                  shapes=shapes, budgets=budgets, flush=FLUSH)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result["sweep"] = run_sweep(dev, dtype, shapes, budgets, args.sweep_budget_s, smoke=smoke)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -574,7 +526,12 @@ def main():
                     help="--sweep stops trying new attention configs after this many seconds")
     ap.add_argument("--smoke", action="store_true",
                     help="--sweep on tiny shapes (CPU under TRITON_INTERPRET=1: code paths only)")
+    ap.add_argument("--flush", default="write", choices=FLUSHES,
+                    help="L2 state before each timed call (bench/_timing.py): write = triton's "
+                         "do_bench (dirty lines), read = clean lines, none = warm")
     args = ap.parse_args()
+    global FLUSH
+    FLUSH = args.flush
     if args.sweep:
         if args.out == "bench/results/sparse_decode.json":
             args.out = "bench/results/sparse_sweep.json"
@@ -590,7 +547,7 @@ def main():
                   triton=triton.__version__, python=platform.python_version(),
                   git_commit=commit(), command=" ".join([sys.executable] + sys.argv),
                   dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), flush=FLUSH,
                   defaults=dict(decode_cfg=to.DECODE_CFG,
                                 topk=dict(ways=1, num_warps="8 from 2048 pages, else 4")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

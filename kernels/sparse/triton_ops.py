@@ -34,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .naive import _group, _q_pos, _seq_len
 
@@ -86,6 +87,22 @@ def _n_sms(device):
 
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Programmatic dependent launch (Hopper+): a kernel of the decode chain (top-k, decode, merge) is
+# launched with launch_pdl and starts with gdc_wait, so its programs are scheduled while the
+# kernel before it drains (the chain's launch gaps overlap) and run once its results are visible.
+# The score kernel, first in the chain, only lets its dependent launch early. False: off.
+PDL = os.environ.get("RATPLUS_PDL", "1") != "0"
+
+
+def _pdl(device):
+    return bool(PDL and not INTERPRET and device.type == "cuda"
+                and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _pdl_launch(device):
+    return dict(launch_pdl=True) if _pdl(device) else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,15 +224,15 @@ def block_means_update(kmeans, k_new, pos, block_size):
 
 
 @triton.jit
-def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, cnt_ptr, idx_ptr, Hq, G, Hkv, D, NP, K, NPT,
+def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
                   sqb, sqh, sqd, slb, slh, slp, sld,
                   HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                  PAGES_FIRST: tl.constexpr = False, SELECT: tl.constexpr = False,
-                  FORCE_LAST: tl.constexpr = False, BN: tl.constexpr = 16,
-                  WAYS: tl.constexpr = 1, HIST: tl.constexpr = 0):
-    """Scores of one tile of pages. SELECT: the row's last program to finish (a per-row ticket)
-    also takes the row's top-k, while other rows are still being scored; FORCE_LAST gives the
-    row's last valid page the largest finite score first (kept and counted in K)."""
+                  PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False,
+                  PDL: tl.constexpr = False):
+    """Scores of one tile of pages. FORCE_LAST: the row's last valid page (the decoding query's
+    own) gets the largest finite score, so that the top-k keeps it (and counts it)."""
+    if PDL:  # the top-k may be scheduled once every score program has started
+        gdc_launch_dependents()
     if PAGES_FIRST:  # consecutive programs read consecutive page tiles of one head
         pt = tl.program_id(0)
         bh = tl.program_id(1)
@@ -242,74 +259,38 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, cnt_ptr, idx_ptr, Hq, G,
         if FORCE_LAST:
             s = tl.where(p == n - 1, 3.4028234663852886e38, s)
     tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
-    if SELECT:
-        # acq_rel: this program's scores are visible before its ticket; the last one sees them all
-        if tl.atomic_add(cnt_ptr + bh, 1) == NPT - 1:
-            tl.store(cnt_ptr + bh, 0)  # ready for the next call
-            r = tl.arange(0, BN)
-            x = tl.load(o_ptr + bh.to(tl.int64) * NP + r, mask=r < NP, other=float("-inf"),
-                        cache_modifier=".cg")
-            _topk_row(x, r, NP, K, idx_ptr + bh.to(tl.int64) * K, WAYS, HIST, BN)
-
-
-def _n_pages(seq_len, page_size, B, NP, device):
-    if page_size is None:
-        raise ValueError("quest_scores: seq_len needs page_size")
-    sl = _seq_len(seq_len, B, NP * page_size, device)
-    return ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
 
 
 def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_warps=None,
-                 pages_first=False):
+                 pages_first=False, force_last=False):
     B, Hq, D = q.shape
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
     assert kmin.stride() == kmax.stride()
     out = torch.empty(B, Hq, NP, device=q.device, dtype=torch.float32)
-    n_pages = out if seq_len is None else _n_pages(seq_len, page_size, B, NP, q.device)
+    if seq_len is not None:
+        if page_size is None:
+            raise ValueError("quest_scores: seq_len needs page_size")
+        sl = _seq_len(seq_len, B, NP * page_size, q.device)
+        n_pages = ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
+    elif force_last:
+        raise ValueError("quest_select: force_last needs seq_len")
+    else:
+        n_pages = out  # unused
     # BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep on every shape
     # (within 0.1 %; 4 warps: up to 2.5 % slower)
     BP = bp or (64 if not INTERPRET else 16)
     grid = (triton.cdiv(NP, BP), B * Hq) if pages_first else (B * Hq, triton.cdiv(NP, BP))
     _quest_kernel[grid](
-        q, kmin, kmax, n_pages, out, out, out, Hq, G, Hkv, D, NP, 0, grid[0 if pages_first else 1],
-        *q.stride(), *kmin.stride(),
+        q, kmin, kmax, n_pages, out, Hq, G, Hkv, D, NP, *q.stride(), *kmin.stride(),
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
-        num_warps=num_warps or 8)
+        FORCE_LAST=force_last, PDL=_pdl(q.device), num_warps=num_warps or 8)
     return out
 
 
-def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False, *, bp=None,
-                 num_warps=None, pages_first=True, search="bisect", ways=1, bins=None):
-    """quest_scores + select_topk in one launch -> [B, Hq, k] int32 (ascending, -1 padded).
-    force_last (needs seq_len): the page holding position seq_len - 1 is always kept."""
-    B, Hq, D = q.shape
-    Hkv, NP = kmin.shape[1], kmin.shape[2]
-    G = _group(Hq, Hkv)
-    assert kmin.stride() == kmax.stride()
-    if force_last and seq_len is None:
-        raise ValueError("quest_select: force_last needs seq_len")
-    BN = _p2(NP)
-    if BN > 32768 or k <= 0:  # rows too long for one program's registers: two launches
-        s = quest_scores(q, kmin, kmax, seq_len, page_size)
-        if force_last:
-            s[torch.arange(B, device=s.device), :, _n_pages(seq_len, page_size, B, NP, q.device).long() - 1] = \
-                torch.finfo(torch.float32).max
-        return select_topk(s, k, search=search, bins=bins)
-    scores = torch.empty(B, Hq, NP, device=q.device, dtype=torch.float32)
-    tickets = torch.zeros(B * Hq, device=q.device, dtype=torch.int32)
-    out = torch.empty(B, Hq, k, device=q.device, dtype=torch.int32)
-    n_pages = scores if seq_len is None else _n_pages(seq_len, page_size, B, NP, q.device)
-    BP = bp or (64 if not INTERPRET else 16)
-    npt = triton.cdiv(NP, BP)
-    grid = (npt, B * Hq) if pages_first else (B * Hq, npt)
-    _quest_kernel[grid](
-        q, kmin, kmax, n_pages, scores, tickets, out, Hq, G, Hkv, D, NP, k, npt,
-        *q.stride(), *kmin.stride(),
-        HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first, SELECT=True,
-        FORCE_LAST=force_last, BN=BN, WAYS=ways, HIST=_hist_bins(search, bins),
-        num_warps=num_warps or 8)
-    return out
+def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False):
+    """select_topk(quest_scores(...), k) with the query's own page forced in the score kernel."""
+    return select_topk(quest_scores(q, kmin, kmax, seq_len, page_size, force_last=force_last), k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,52 +351,42 @@ def _key_value(key):
 
 
 @triton.jit
-def _topk_row(x, n, N, K, o_ptr, WAYS: tl.constexpr, HIST: tl.constexpr, BN: tl.constexpr):
-    """Top-k of one row x [BN] (n = arange(BN), entries >= N ignored) into o_ptr[0:K]: ascending,
-    -1 padded, ties to the lower index. The threshold (the k-th largest key of the
-    order-preserving int32 image) is searched for inside the row's finite [min, max], and the
-    search stops as soon as the keys at or above a threshold are exactly the k needed.
-    HIST=0: WAYS thresholds per pass spread evenly over the bracket (WAYS=1: a bisection).
-    HIST>0: each pass sorts the bracket's entries into HIST bins (linear in value; by key bits
-    when the value range overflows or collapses), and the bin holding the k-th largest becomes
-    the next bracket: for continuous scores the bracket shrinks about HIST-fold a pass."""
+def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
+    largest key of the scores' order-preserving int32 image) is searched for inside the row's
+    finite [min, max], and the search stops as soon as the keys at or above a threshold are
+    exactly the k needed (continuous scores: well before the 32 passes of a full bisection).
+    WAYS=1: one count (one block reduction) per pass, at the midpoint in value (key midpoint when
+    that does not split the bracket: -0/+0, or a range past float32). WAYS>1: WAYS thresholds
+    spread over the key bracket, counted in one reduction of WAYS sums."""
+    if PDL:  # scheduled early (programmatic dependent launch): wait for the scores
+        gdc_wait()
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    n = tl.arange(0, BN)
     nm = n < N
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    o_ptr += row.to(tl.int64) * K
     valid = nm & (x > float("-inf"))
     key = tl.where(valid, _value_key(x), -2147483647 - 1)
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     need = tl.minimum(K, n_valid)
-    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(key, axis=0).to(tl.int64)
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
+    hi = tl.max(key, axis=0)
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)  # everything valid is kept: lo = min
-    if HIST > 0:
-        bins_id = tl.arange(0, HIST)
-        c_above = n_valid * 0  # keys > hi
-        c_in = n_valid  # keys in [lo, hi]
-        while lo < hi:
-            lo32 = lo.to(tl.int32)
-            hi32 = hi.to(tl.int32)
-            inb = valid & (key >= lo32) & (key <= hi32)
-            lo_v = _key_value(lo32)
-            rng = _key_value(hi32) - lo_v
-            if (rng > 0) & (rng < 3.0e38):
-                bins = ((x - lo_v) * (HIST / rng)).to(tl.int32)
-            else:  # -0.0 vs 0.0, or a range past float32: bins of the key's high bits
-                shift = lo * 0
-                while ((hi - lo) >> (shift + 1)) >= HIST:
-                    shift += 1
-                bins = ((key.to(tl.int64) - lo) >> shift).to(tl.int32)
-            bins = tl.minimum(tl.maximum(bins, 0), HIST - 1)  # monotone in the key
-            h = tl.histogram(bins, HIST, mask=inb)
-            ge = c_above + c_in - tl.cumsum(h, axis=0) + h  # keys in bins >= b, and above hi
-            bstar = tl.max(tl.where(ge >= need, bins_id, -1), axis=0)
-            c_ge = tl.sum(tl.where(bins_id == bstar, ge, 0), axis=0)
-            c_in = tl.sum(tl.where(bins_id == bstar, h, 0), axis=0)
-            c_above = c_ge - c_in
-            inbin = inb & (bins == bstar)
-            lo = tl.min(tl.where(inbin, key, 2147483647), axis=0).to(tl.int64)
-            hi = tl.max(tl.where(inbin, key, -2147483647 - 1), axis=0).to(tl.int64)
-            hi = tl.where(c_ge == need, lo, hi)  # exactly k at or above the bin's lowest key
+    if WAYS == 1:
+        while lo < hi:  # invariant: count(key >= lo) >= need > count(key > hi)
+            t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
+            t = tl.where((t <= lo) | (t > hi),
+                         (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
+            cnt = tl.sum((key >= t).to(tl.int32), axis=0)
+            ok = cnt >= need
+            lo = tl.where(ok, t, lo)
+            hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
     else:
+        lo = lo.to(tl.int64)
+        hi = hi.to(tl.int64)
         j = tl.arange(0, WAYS)
         while lo < hi:
             thr = lo + ((hi - lo) * (j + 1) + WAYS) // (WAYS + 1)  # increasing, in (lo, hi]
@@ -441,30 +412,10 @@ def _topk_row(x, n, N, K, o_ptr, WAYS: tl.constexpr, HIST: tl.constexpr, BN: tl.
         tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
-@triton.jit
-def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, HIST: tl.constexpr,
-                        BN: tl.constexpr):
-    row = tl.program_id(0)
-    n = tl.arange(0, BN)
-    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=n < N, other=float("-inf"))
-    _topk_row(x, n, N, K, o_ptr + row.to(tl.int64) * K, WAYS, HIST, BN)
-
-
-# Bisection (WAYS = 1) with early exit, 8 warps: the fastest top-k of the 2026-11-30 H200 sweep
-# (bench/NOTES-sparse.md), 20 us for 32 rows of 8192 pages where the 32-pass bisection took 27 us;
-# WAYS 4 / 8 lost. search="hist" (histogram passes, HIST bins) is timed in the sweep.
-TOPK_HIST_BINS = 256
-
-
-def _hist_bins(search, bins=None):
-    if search not in ("bisect", "hist"):
-        raise ValueError(f"select_topk: search must be 'bisect' or 'hist', got {search!r}")
-    return (bins or TOPK_HIST_BINS) if search == "hist" else 0
-
-
-def select_topk(scores, k, *, num_warps=None, ways=1, search="bisect", bins=None):
+# WAYS = 1, 8 warps: the fastest top-k of the 2026-11-30 H200 sweep (bench/NOTES-sparse.md); WAYS
+# 4 / 8 lost, and so did histogram passes (2 passes, but tl.histogram made each about 10x a count).
+def select_topk(scores, k, *, num_warps=None, ways=1):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
-    hist = _hist_bins(search, bins)
     shape = scores.shape
     N = shape[-1]
     s = scores.float().reshape(-1, N).contiguous()
@@ -473,8 +424,9 @@ def select_topk(scores, k, *, num_warps=None, ways=1, search="bisect", bins=None
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
     out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
-    _select_topk_kernel[(s.shape[0],)](s, out, N, k, WAYS=ways, HIST=hist, BN=BN,
-                                       num_warps=num_warps or (8 if BN >= 2048 else 4))
+    _select_topk_kernel[(s.shape[0],)](s, out, N, k, WAYS=ways, BN=BN, PDL=_pdl(s.device),
+                                       num_warps=num_warps or (8 if BN >= 2048 else 4),
+                                       **_pdl_launch(s.device))
     return out.view(*shape[:-1], k)
 
 
@@ -483,14 +435,14 @@ def select_topk(scores, k, *, num_warps=None, ways=1, search="bisect", bins=None
 
 
 @triton.jit(do_not_specialize=["Hq", "Hsel", "G", "HSG", "NSEL", "BS", "TPS", "S",
-                               "CHUNK", "WINDOW", "PREFIX"])
-def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr,
-                   Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale, CHUNK, WINDOW, PREFIX,
+                               "CHUNK", "WINDOW", "PREFIX", "T"])
+def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
+                   Hq, Hsel, G, HSG, D, NSEL, BS, TPS, S, scale, CHUNK, WINDOW, PREFIX, T,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
-                   sob, soh, sod,
                    DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
                    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                   SPLITS_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False):
+                   SPLITS_FIRST: tl.constexpr = False, HAS_SL: tl.constexpr = True,
+                   PDL: tl.constexpr = False):
     if SPLITS_FIRST:  # consecutive programs take consecutive stretches of one row's list
         sp = tl.program_id(0)
         r = tl.program_id(1)
@@ -501,7 +453,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr, 
     hs = r % Hsel
     h0 = hs * HSG
     hk = h0 // G
-    L = tl.load(sl_ptr + b)
+    if PDL:  # scheduled early (programmatic dependent launch): wait for the selection
+        gdc_wait()
+        gdc_launch_dependents()
+    if HAS_SL:
+        L = tl.load(sl_ptr + b)
+    else:
+        L = T
     rows = tl.arange(0, BM)
     rm = rows < HSG
     hq = h0 + rows
@@ -559,37 +517,17 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr, 
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    row0 = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S
-    o = row0 + sp
+    o = (b.to(tl.int64) * Hq + hq.to(tl.int64)) * S + sp
     tl.store(m_ptr + o, m_i, mask=rm)
     tl.store(l_ptr + o, l_i, mask=rm)
     tl.store(acc_ptr + o[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
-    if MERGE:  # the row's last split to finish merges all S partials (no second launch)
-        if tl.atomic_add(cnt_ptr + r, 1) == S - 1:  # acq_rel: every split's partials are visible
-            tl.store(cnt_ptr + r, 0)  # ready for the next call
-            mx = tl.full([BM], float("-inf"), tl.float32)
-            den = tl.zeros([BM], tl.float32)
-            num = tl.zeros([BM, BD], tl.float32)
-            for s2 in range(0, S):
-                ms = tl.load(m_ptr + row0 + s2, mask=rm, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(l_ptr + row0 + s2, mask=rm, other=0., cache_modifier=".cg")
-                accs = tl.load(acc_ptr + (row0 + s2)[:, None] * D + d[None, :],
-                               mask=rm[:, None] & dm[None, :], other=0., cache_modifier=".cg")
-                m_new = tl.maximum(mx, ms)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                a_old = tl.exp(mx - m_safe)
-                a_new = tl.exp(ms - m_safe)
-                num = num * a_old[:, None] + accs * a_new[:, None]
-                den = den * a_old + ls * a_new
-                mx = m_new
-            out = num / tl.where(den > 0, den, 1.0)[:, None]
-            tl.store(o_ptr + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + d[None, :] * sod,
-                     out.to(o_ptr.dtype.element_ty), mask=rm[:, None] & dm[None, :])
 
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
-                  BS_: tl.constexpr, BD: tl.constexpr):
+                  BS_: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
     bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
@@ -623,7 +561,7 @@ DECODE_CFG = dict(bt=64, num_warps=4, num_stages=2, waves="fill")
 
 
 def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=None,
-                  num_splits=None, cfg=None, out=None):
+                  num_splits=None, cfg=None):
     """Split-K partials (max, sum, acc) of one decode query per row over its virtual token list
     (the selected blocks of ``idx``, or the ``dilated`` = (chunk, window, prefix) set), at most
     n_max tokens. One program per (row, selection head, split) serves every query head that shares
@@ -645,7 +583,8 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
         chunk, window, prefix = dilated
     HSG = Hq // Hsel
     scale = D ** -0.5 if scale is None else float(scale)
-    sl = _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
+    # no seq_len: every row is T long (no tensor, no fill kernel before the launch)
+    sl = None if seq_len is None else _seq_len(seq_len, B, T, q.device).to(torch.int32).contiguous()
     BD = max(16, _p2(D))
     c = dict(DECODE_CFG)
     # the configs were measured for bf16, D=128: a K tile of at most 32 KiB, so fp32 or wider heads
@@ -656,17 +595,14 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     BT = max(16, c["bt"])
     BM = max(16, _p2(HSG))
     tiles = max(1, triton.cdiv(n_max, BT))
-    merge = bool(c.get("fused_merge"))
-    if merge and out is None:
-        raise ValueError("fused_merge needs out")
     m = torch.empty(0, device=q.device, dtype=torch.float32)  # placeholders until S is known
-    ostr = out.stride() if merge else (0, 0, 0)
-    args = [q, k, v, idx if dilated is None else sl, sl, m, m, m, m, out if merge else m,
-            Hq, Hsel, G, HSG, D, NSEL, bs,
-            1, 1, scale, chunk, window, prefix, *q.stride(), *k.stride(), *v.stride(), *istr, *ostr]
+    args = [q, k, v, idx if dilated is None else m, m if sl is None else sl, m, m, m,
+            Hq, Hsel, G, HSG, D, NSEL, bs, 1, 1, scale, chunk, window, prefix, T,
+            *q.stride(), *k.stride(), *v.stride(), *istr]
     meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
                 BT=BT, BD=BD, PREC=_prec(q.dtype), SPLITS_FIRST=bool(c.get("splits_first")),
-                MERGE=merge, num_warps=c["num_warps"], num_stages=c["num_stages"])
+                HAS_SL=sl is not None, PDL=_pdl(q.device), num_warps=c["num_warps"],
+                num_stages=c["num_stages"], **_pdl_launch(q.device))
     if num_splits is None:
         if c["waves"] == "fill":  # one round of resident programs: no partial last wave
             slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
@@ -679,9 +615,7 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
     l = torch.empty_like(m)
     acc = torch.empty(B * Hq * S, D, device=q.device, dtype=torch.float32)
     args[5:8] = m, l, acc
-    if merge:
-        args[8] = torch.zeros(B * Hsel, device=q.device, dtype=torch.int32)  # per-row tickets
-    args[17:19] = TPS, S
+    args[15:17] = TPS, S
     _decode_kernel[(S, B * Hsel) if meta["SPLITS_FIRST"] else (B * Hsel, S)](*args, **meta)
     return m, l, acc, S
 
@@ -710,43 +644,33 @@ def _resident_programs(kernel, args, meta, device):
     return _RESIDENT[key]
 
 
-def _merge(q, m, l, acc, S, out=None):
+def _merge(q, m, l, acc, S):
     B, Hq, D = q.shape
-    if out is None:
-        out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D),
+                             PDL=_pdl(q.device), **_pdl_launch(q.device))
     return out
 
 
-def _decode(q, k, v, n_max, seq_len, scale, num_splits, cfg, out, **select):
-    """Partials then the merge: a second launch, or inside the decode kernel (cfg fused_merge)."""
-    if dict(DECODE_CFG, **(cfg or {})).get("fused_merge"):
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
-        _decode_parts(q, k, v, n_max, seq_len, scale, num_splits=num_splits, cfg=cfg, out=out, **select)
-        return out
-    return _merge(q, *_decode_parts(q, k, v, n_max, seq_len, scale, num_splits=num_splits, cfg=cfg,
-                                    **select), out=out)
-
-
 def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None, *,
-                        num_splits=None, cfg=None, out=None):
+                        num_splits=None, cfg=None):
     """``cfg`` overrides DECODE_CFG's launch config (bt, num_warps, num_stages, waves,
-    splits_first: the grid's fastest axis is the split instead of the row; fused_merge: the last
-    split of a row merges the partials instead of a second launch). ``out``: [B, Hq, D] to write
-    into (a view is fine)."""
+    splits_first: the grid's fastest axis is the split instead of the row)."""
     if block_idx.dtype != torch.int32:
         block_idx = block_idx.to(torch.int32)
-    return _decode(q, k, v, block_idx.shape[2] * block_size, seq_len, scale, num_splits, cfg, out,
-                   idx=block_idx, bs=block_size)
+    n_max = block_idx.shape[2] * block_size
+    return _merge(q, *_decode_parts(q, k, v, n_max, seq_len, scale, idx=block_idx, bs=block_size,
+                                    num_splits=num_splits, cfg=cfg))
 
 
 def dilated_decode(q, k, v, chunk, window, prefix, seq_len=None, scale=None, *,
-                   num_splits=None, cfg=None, out=None):
+                   num_splits=None, cfg=None):
     if chunk < 1 or window < 0 or prefix < 0:
         raise ValueError("dilated_decode: chunk >= 1, window >= 0, prefix >= 0")
     T = k.shape[2]
     n_max = min(T, prefix + T // chunk + window + 1)
-    return _decode(q, k, v, n_max, seq_len, scale, num_splits, cfg, out, dilated=(chunk, window, prefix))
+    return _merge(q, *_decode_parts(q, k, v, n_max, seq_len, scale, dilated=(chunk, window, prefix),
+                                    num_splits=num_splits, cfg=cfg))
 
 
 # --------------------------------------------------------------------------------------------
