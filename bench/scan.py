@@ -53,9 +53,6 @@ H, D = 32, 128
 FWD_VARIANTS = [
     dict(BH=2, BT=2, num_warps=1, CT=64),
     dict(BH=4, BT=2, num_warps=2, CT=512),
-    # the default tile with launch 1 walking the chunks backwards (L2 reuse by launch 3)
-    dict(BH=4, BT=2, num_warps=2, agg_reverse=True),
-    dict(BH=2, BT=2, num_warps=1, CT=64, agg_reverse=True),
 ]
 # backward configs: the default (BT64 BD32 w4) under both schedules and run 1's runner-up
 BWD_VARIANTS = [
@@ -80,8 +77,6 @@ def fname(c):
     n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
     if not c.get("prefetch", True):
         n += "-nopf"
-    if c.get("agg_reverse"):
-        n += "-rev"
     return n
 
 

@@ -300,9 +300,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                decode_cfg=to.DECODE_CFG)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_vars = [(8, 1), (4, 1), (16, 1), (8, 4)]  # (warps, thresholds per pass)
-    if smoke:
-        topk_vars = [(4, 1), (4, 4)]
+    topk_warps = [8, 4, 16] if not smoke else [4]
     score_cfgs = [(bp, nw, pf) for bp in (32, 64, 128) for nw in (4, 8) for pf in (False, True)] \
         if not smoke else [(16, 4, False), (16, 4, True)]
 
@@ -353,14 +351,13 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
             trows = []
-            for nw, ways in topk_vars:
-                trows.append(trial(dict(num_warps=nw, ways=ways), f"topk nw={nw} ways={ways}",
-                                   lambda nw=nw, ways=ways: to.select_topk(
-                                       scores, n, num_warps=nw, ways=ways),
+            for nw in topk_warps:
+                trows.append(trial(dict(num_warps=nw), f"topk nw={nw}",
+                                   lambda nw=nw: to.select_topk(scores, n, num_warps=nw),
                                    lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
             okt = [r for r in trows if "ms" in r]
-            best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(num_warps=None, ways=1)
+            best_topk = min(okt, key=lambda r: r["ms"]) if okt else dict(num_warps=None)
             # attention
             idx = sel_ref.contiguous()
             a_ref = _ref_gather_decode(q, k, v, idx, PAGE)
@@ -410,21 +407,11 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                     pages_first=bool(bs_.get("pages_first")))
-                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), ways=bt_.get("ways", 1))
+                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
-            def no_pdl(fn):  # the same calls without programmatic dependent launch
-                def run():
-                    to.PDL = False
-                    try:
-                        return fn()
-                    finally:
-                        to.PDL = True
-                return run
-
             e2e = {}
-            cands = [("default", e2e_default), ("best", e2e_best),
-                     ("default_no_pdl", no_pdl(e2e_default)), ("best_no_pdl", no_pdl(e2e_best))]
+            cands = [("default", e2e_default), ("best", e2e_best)]
             for nm, fn in cands:
                 r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
                 if "ms" in r:
@@ -432,12 +419,12 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                                      pages_first=bs_.get("pages_first")),
-                                          topk=dict(num_warps=bt_.get("num_warps"), ways=bt_.get("ways"),
+                                          topk=dict(num_warps=bt_.get("num_warps"),
                                           ),
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
-                f"topk best {bt_.get('num_warps')}w/{bt_.get('ways')} {bt_.get('ms', float('nan')):.4f} ms, "
+                f"topk best {bt_.get('num_warps')}w {bt_.get('ms', float('nan')):.4f} ms, "
                 f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
                 + ", ".join(f"e2e {nm} {e2e[nm].get('ms', float('nan')):.4f} ms "
                             f"(x{e2e[nm].get('x_sdpa', float('nan')):.2f})" for nm, _ in cands))
@@ -549,7 +536,7 @@ def main():
                   dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
                   date=time.strftime("%Y-%m-%d %H:%M:%S"), flush=FLUSH,
                   defaults=dict(decode_cfg=to.DECODE_CFG,
-                                topk=dict(ways=1, num_warps="8 from 2048 pages, else 4")))
+                                topk=dict(num_warps="8 from 2048 pages, else 4")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save():

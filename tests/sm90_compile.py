@@ -62,8 +62,6 @@ def _calls():
     from kernels.memory_scan import fused
     from kernels.sparse import triton_ops as sp
 
-    sp._pdl = lambda device: True  # what an H100/H200 runs: the decode chain's PDL variants
-
     g = torch.Generator().manual_seed(0)
 
     def r(*s, dtype=torch.bfloat16):
@@ -73,7 +71,6 @@ def _calls():
         z, k, v = (r(B, T, H, D).requires_grad_() for _ in range(3))
         h0 = (r(B, H, D, dtype=torch.float32), r(B, H, D, dtype=torch.float32))
         yield lambda: fused.memory_scan_fused(z, k, v, output_final_state=True)[0].sum().backward()
-        yield lambda: fused.memory_scan_fused(z, k, v, fwd=dict(agg_reverse=True, CT=64))[0].sum().backward()
         for schedule in ("chained", "loop"):
             yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True,
                                                   bwd=dict(schedule=schedule))[0].sum().backward()
@@ -99,8 +96,7 @@ def _calls():
             yield lambda: sp.quest_scores(q, kmin, kmax, seq, page, pages_first=True)
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(splits_first=True))
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page)
-            for ways in (1, 4, 8):
-                yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, ways=ways)
+            yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk)
             yield lambda: sp.quest_select(q, kmin, kmax, topk, seq, page, True)
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))

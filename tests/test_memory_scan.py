@@ -29,8 +29,7 @@ PLANS = {"default": {},
          "chunks-chained": dict(fwd=dict(BT=2, CT=6, BH=1, BD=4),
                                 bwd=dict(BT=8, BD=8, schedule="chained"))}
 PLAN_IDS = list(PLANS)
-FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
-             "chunks-agg-reverse": dict(fwd=dict(SMALL_FWD, agg_reverse=True))}
+FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD)}  # forward-only tests
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):

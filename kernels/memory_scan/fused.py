@@ -215,17 +215,12 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
                            sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                            BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                            NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
-                           PREFETCH: tl.constexpr, OFF64: tl.constexpr, WRITE: tl.constexpr,
-                           AGG_REVERSE: tl.constexpr = False):
+                           PREFETCH: tl.constexpr, OFF64: tl.constexpr, WRITE: tl.constexpr):
     """Launches 1 and 3, grid (channel blocks, chunks). WRITE=False (chunks 0..NC-2): the
     aggregates into ws[3, NC, NCHB, L]. WRITE=True (every chunk): chunk c from chunk c-1's
-    inclusive state, which launch 2 left in ws's two state planes. AGG_REVERSE: launch 1 walks
-    the chunks last to first, so the first chunks launch 3 reads were the last launch 1 read
-    (still in L2 when the inputs are not much larger than it)."""
+    inclusive state, which launch 2 left in ws's two state planes."""
     j = tl.program_id(0)
     c = tl.program_id(1)
-    if AGG_REVERSE and not WRITE:
-        c = NC - 2 - c
     L: tl.constexpr = BH * BD
     b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
     b64 = b.to(tl.int64)
@@ -531,7 +526,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "num_stages": None, "agg_reverse": False}
+                 "num_stages": None}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # Backward defaults from bench/results/scan.json (run 1, H200): BT64 BD32 w4, chained at batch 1
 # and loop at batch 8 (chain_below = 4 x SMs channel blocks). The 2026-11-30 sweep timed no
@@ -648,7 +643,7 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward ("chunk" kernels; ``opts``: BH, BT, BD, CT (int or 'auto'),
-    num_warps, prefetch, num_stages, agg_reverse, over _FWD_DEFAULTS).
+    num_warps, prefetch, num_stages, over _FWD_DEFAULTS).
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -684,8 +679,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         if NC > 1:
             M = NCHB * p["BH"] * p["BD"]
             ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
-            _fwd_chunk_scan_kernel[(NCHB, NC - 1)](*args, ws, *sizes, *strides, WRITE=False,
-                                                   AGG_REVERSE=bool(p["agg_reverse"]), **meta)
+            _fwd_chunk_scan_kernel[(NCHB, NC - 1)](*args, ws, *sizes, *strides, WRITE=False, **meta)
             CH = 64
             NCB = min(64, triton.next_power_of_2(NC - 1))
             _fwd_carry_scan_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4)

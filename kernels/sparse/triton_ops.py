@@ -34,7 +34,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .naive import _group, _q_pos, _seq_len
 
@@ -87,22 +86,6 @@ def _n_sms(device):
 
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-# Programmatic dependent launch (Hopper+): a kernel of the decode chain (top-k, decode, merge) is
-# launched with launch_pdl and starts with gdc_wait, so its programs are scheduled while the
-# kernel before it drains (the chain's launch gaps overlap) and run once its results are visible.
-# The score kernel, first in the chain, only lets its dependent launch early. False: off.
-PDL = os.environ.get("RATPLUS_PDL", "1") != "0"
-
-
-def _pdl(device):
-    return bool(PDL and not INTERPRET and device.type == "cuda"
-                and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def _pdl_launch(device):
-    return dict(launch_pdl=True) if _pdl(device) else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,12 +210,9 @@ def block_means_update(kmeans, k_new, pos, block_size):
 def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
                   sqb, sqh, sqd, slb, slh, slp, sld,
                   HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                  PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False,
-                  PDL: tl.constexpr = False):
+                  PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False):
     """Scores of one tile of pages. FORCE_LAST: the row's last valid page (the decoding query's
     own) gets the largest finite score, so that the top-k keeps it (and counts it)."""
-    if PDL:  # the top-k may be scheduled once every score program has started
-        gdc_launch_dependents()
     if PAGES_FIRST:  # consecutive programs read consecutive page tiles of one head
         pt = tl.program_id(0)
         bh = tl.program_id(1)
@@ -284,7 +264,7 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_wa
     _quest_kernel[grid](
         q, kmin, kmax, n_pages, out, Hq, G, Hkv, D, NP, *q.stride(), *kmin.stride(),
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
-        FORCE_LAST=force_last, PDL=_pdl(q.device), num_warps=num_warps or 8)
+        FORCE_LAST=force_last, num_warps=num_warps or 8)
     return out
 
 
@@ -351,18 +331,13 @@ def _key_value(key):
 
 
 @triton.jit
-def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr,
-                        PDL: tl.constexpr = False):
+def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
     """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
-    largest key of the scores' order-preserving int32 image) is searched for inside the row's
-    finite [min, max], and the search stops as soon as the keys at or above a threshold are
-    exactly the k needed (continuous scores: well before the 32 passes of a full bisection).
-    WAYS=1: one count (one block reduction) per pass, at the midpoint in value (key midpoint when
-    that does not split the bracket: -0/+0, or a range past float32). WAYS>1: WAYS thresholds
-    spread over the key bracket, counted in one reduction of WAYS sums."""
-    if PDL:  # scheduled early (programmatic dependent launch): wait for the scores
-        gdc_wait()
-        gdc_launch_dependents()
+    largest key of the scores' order-preserving int32 image) is bisected for inside the row's
+    finite [min, max], one count (one block reduction) per pass, at the midpoint in value (in key
+    when that does not split the bracket: -0/+0, or a range past float32), and the search stops
+    as soon as the keys at or above the threshold are exactly the k needed (continuous scores:
+    about a dozen passes)."""
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
@@ -375,29 +350,15 @@ def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
     hi = tl.max(key, axis=0)
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)  # everything valid is kept: lo = min
-    if WAYS == 1:
-        while lo < hi:  # invariant: count(key >= lo) >= need > count(key > hi)
-            t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
-            t = tl.where((t <= lo) | (t > hi),
-                         (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
-            cnt = tl.sum((key >= t).to(tl.int32), axis=0)
-            ok = cnt >= need
-            lo = tl.where(ok, t, lo)
-            hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
-    else:
-        lo = lo.to(tl.int64)
-        hi = hi.to(tl.int64)
-        j = tl.arange(0, WAYS)
-        while lo < hi:
-            thr = lo + ((hi - lo) * (j + 1) + WAYS) // (WAYS + 1)  # increasing, in (lo, hi]
-            cnt = tl.sum((key[:, None] >= thr[None, :].to(tl.int32)).to(tl.int32), axis=0)
-            ok = cnt >= need  # a prefix of the thresholds (cnt does not increase)
-            new_lo = tl.max(tl.where(ok, thr, lo), axis=0)
-            new_hi = tl.min(tl.where(ok, hi, thr - 1), axis=0)
-            exact = tl.min(tl.where(ok, cnt, 2147483647), axis=0) == need
-            lo = new_lo
-            hi = tl.where(exact, new_lo, new_hi)
-    thr32 = lo.to(tl.int32)
+    while lo < hi:  # invariant: count(key >= lo) >= need > count(key > hi)
+        t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
+        t = tl.where((t <= lo) | (t > hi),
+                     (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
+        cnt = tl.sum((key >= t).to(tl.int32), axis=0)
+        ok = cnt >= need
+        lo = tl.where(ok, t, lo)
+        hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
+    thr32 = lo
     sel = (key >= thr32) & valid
     n_ge = tl.sum(sel.to(tl.int32), axis=0)
     if n_ge > need:  # ties at the threshold: the lower indices first
@@ -412,9 +373,10 @@ def _select_topk_kernel(s_ptr, o_ptr, N, K, WAYS: tl.constexpr, BN: tl.constexpr
         tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
-# WAYS = 1, 8 warps: the fastest top-k of the 2026-11-30 H200 sweep (bench/NOTES-sparse.md); WAYS
-# 4 / 8 lost, and so did histogram passes (2 passes, but tl.histogram made each about 10x a count).
-def select_topk(scores, k, *, num_warps=None, ways=1):
+# 8 warps: the fastest of 4 / 8 / 16 in the H200 sweeps (bench/NOTES-sparse.md): 19.5 us for 32
+# rows of 8192 pages. Lost there: several thresholds per pass (WAYS 4 / 8, up to 27 us) and
+# histogram passes (2 passes, but tl.histogram made each about 10x a count: 31 us).
+def select_topk(scores, k, *, num_warps=None):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
     N = shape[-1]
@@ -424,9 +386,8 @@ def select_topk(scores, k, *, num_warps=None, ways=1):
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
     out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
-    _select_topk_kernel[(s.shape[0],)](s, out, N, k, WAYS=ways, BN=BN, PDL=_pdl(s.device),
-                                       num_warps=num_warps or (8 if BN >= 2048 else 4),
-                                       **_pdl_launch(s.device))
+    _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN,
+                                       num_warps=num_warps or (8 if BN >= 2048 else 4))
     return out.view(*shape[:-1], k)
 
 
@@ -441,8 +402,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
                    DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
                    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                   SPLITS_FIRST: tl.constexpr = False, HAS_SL: tl.constexpr = True,
-                   PDL: tl.constexpr = False):
+                   SPLITS_FIRST: tl.constexpr = False, HAS_SL: tl.constexpr = True):
     if SPLITS_FIRST:  # consecutive programs take consecutive stretches of one row's list
         sp = tl.program_id(0)
         r = tl.program_id(1)
@@ -453,9 +413,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
     hs = r % Hsel
     h0 = hs * HSG
     hk = h0 // G
-    if PDL:  # scheduled early (programmatic dependent launch): wait for the selection
-        gdc_wait()
-        gdc_launch_dependents()
     if HAS_SL:
         L = tl.load(sl_ptr + b)
     else:
@@ -525,9 +482,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
-                  BS_: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:
-        gdc_wait()
+                  BS_: tl.constexpr, BD: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
@@ -601,8 +556,7 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
             *q.stride(), *k.stride(), *v.stride(), *istr]
     meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
                 BT=BT, BD=BD, PREC=_prec(q.dtype), SPLITS_FIRST=bool(c.get("splits_first")),
-                HAS_SL=sl is not None, PDL=_pdl(q.device), num_warps=c["num_warps"],
-                num_stages=c["num_stages"], **_pdl_launch(q.device))
+                HAS_SL=sl is not None, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if num_splits is None:
         if c["waves"] == "fill":  # one round of resident programs: no partial last wave
             slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
@@ -647,8 +601,7 @@ def _resident_programs(kernel, args, meta, device):
 def _merge(q, m, l, acc, S):
     B, Hq, D = q.shape
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D),
-                             PDL=_pdl(q.device), **_pdl_launch(q.device))
+    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
     return out
 
 
