@@ -96,8 +96,7 @@ def _calls():
             yield lambda: sp.quest_scores(q, kmin, kmax, seq, page, pages_first=True)
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(splits_first=True))
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page)
-            for cand in (0, 512):
-                yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, cand=cand)
+            yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk)
             yield lambda: sp.quest_select(q, kmin, kmax, topk, seq, page, True)
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))

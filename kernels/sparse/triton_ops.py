@@ -331,29 +331,13 @@ def _key_value(key):
 
 
 @triton.jit
-def _bisect_threshold(lo, hi):
-    """A threshold in (lo, hi]: the midpoint in value, or in key when that does not split the
-    bracket (-0/+0, or a range past float32)."""
-    t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
-    return tl.where((t <= lo) | (t > hi), (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
-
-
-@triton.jit
-def _narrow(lo, hi, c_lo, c_hi, t, cnt, need):
-    """The bracket after counting cnt keys >= t; c_lo / c_hi count the keys >= lo / > hi."""
-    ok = cnt >= need
-    return (tl.where(ok, t, lo), tl.where(ok, tl.where(cnt == need, t, hi), t - 1),
-            tl.where(ok, cnt, c_lo), tl.where(ok, c_hi, cnt))
-
-
-@triton.jit
-def _select_topk_kernel(s_ptr, o_ptr, w_ptr, N, K, BN: tl.constexpr, CAND: tl.constexpr = 0):
+def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
     """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
     largest key of the scores' order-preserving int32 image) is bisected for inside the row's
-    finite [min, max], one count (one block reduction) per pass, and the search stops as soon as
-    the keys at or above the threshold are exactly the k needed (continuous scores: about a dozen
-    passes). CAND > 0: once the bracket holds at most CAND keys they are copied to w_ptr (a
-    per-row scratch) and the remaining passes count those alone, not all BN."""
+    finite [min, max], one count (one block reduction) per pass, at the midpoint in value (in key
+    when that does not split the bracket: -0/+0, or a range past float32), and the search stops
+    as soon as the keys at or above the threshold are exactly the k needed (continuous scores:
+    about a dozen passes)."""
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
@@ -366,28 +350,14 @@ def _select_topk_kernel(s_ptr, o_ptr, w_ptr, N, K, BN: tl.constexpr, CAND: tl.co
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
     hi = tl.max(key, axis=0)
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)  # everything valid is kept: lo = min
-    c_lo = n_valid  # invariant: c_lo = count(key >= lo) >= need > c_hi = count(key > hi)
-    c_hi = n_valid * 0
-    if CAND > 0:
-        while (lo < hi) & (c_lo - c_hi > CAND):
-            t = _bisect_threshold(lo, hi)
-            lo, hi, c_lo, c_hi = _narrow(lo, hi, c_lo, c_hi, t, tl.sum((key >= t).to(tl.int32), axis=0), need)
-        if lo < hi:
-            inb = valid & (key >= lo) & (key <= hi)
-            w_ptr += row.to(tl.int64) * CAND
-            tl.store(w_ptr + tl.cumsum(inb.to(tl.int32), axis=0) - 1, key, mask=inb)
-            tl.debug_barrier()
-            c = tl.arange(0, CAND)
-            cand = tl.load(w_ptr + c, mask=c < c_lo - c_hi, other=-2147483647 - 1)
-            above = c_hi  # keys above the bracket as it was copied; keys below it never count
-            while lo < hi:
-                t = _bisect_threshold(lo, hi)
-                cnt = above + tl.sum((cand >= t).to(tl.int32), axis=0)
-                lo, hi, c_lo, c_hi = _narrow(lo, hi, c_lo, c_hi, t, cnt, need)
-    else:
-        while lo < hi:
-            t = _bisect_threshold(lo, hi)
-            lo, hi, c_lo, c_hi = _narrow(lo, hi, c_lo, c_hi, t, tl.sum((key >= t).to(tl.int32), axis=0), need)
+    while lo < hi:  # invariant: count(key >= lo) >= need > count(key > hi)
+        t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
+        t = tl.where((t <= lo) | (t > hi),
+                     (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
+        cnt = tl.sum((key >= t).to(tl.int32), axis=0)
+        ok = cnt >= need
+        lo = tl.where(ok, t, lo)
+        hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
     thr32 = lo
     sel = (key >= thr32) & valid
     n_ge = tl.sum(sel.to(tl.int32), axis=0)
@@ -406,10 +376,8 @@ def _select_topk_kernel(s_ptr, o_ptr, w_ptr, N, K, BN: tl.constexpr, CAND: tl.co
 # 8 warps: the fastest of 4 / 8 / 16 in the H200 sweeps (bench/NOTES-sparse.md): 19.5 us for 32
 # rows of 8192 pages. Lost there: several thresholds per pass (WAYS 4 / 8, up to 27 us) and
 # histogram passes (2 passes, but tl.histogram made each about 10x a count: 31 us).
-def select_topk(scores, k, *, num_warps=None, cand=0):
-    """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded. ``cand``
-    (a power of two; 0 = off): bisect the last passes over the bracket's keys alone once it holds
-    at most that many."""
+def select_topk(scores, k, *, num_warps=None):
+    """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
     N = shape[-1]
     s = scores.float().reshape(-1, N).contiguous()
@@ -418,8 +386,7 @@ def select_topk(scores, k, *, num_warps=None, cand=0):
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
     out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
-    work = torch.empty((s.shape[0], cand) if cand else (1,), device=s.device, dtype=torch.int32)
-    _select_topk_kernel[(s.shape[0],)](s, out, work, N, k, BN=BN, CAND=cand,
+    _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN,
                                        num_warps=num_warps or (8 if BN >= 2048 else 4))
     return out.view(*shape[:-1], k)
 
