@@ -56,8 +56,8 @@ def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=Fals
     """Quest's selection in one op: ``select_topk(quest_scores(...), k)`` -> [B, Hq, k] int32.
 
     ``force_last`` (needs ``seq_len``): the page holding position seq_len - 1 (the decoding
-    query's own page) is always kept and counts toward k. The Triton path is one launch: the last
-    program to finish a row's scores also selects that row's pages.
+    query's own page) is always kept and counts toward k (the score kernel gives it the largest
+    finite score, so the Triton path is two launches: scores, top-k).
     """
     if _use_triton(backend, q, kmin, kmax):
         return _ops().quest_select(q, kmin, kmax, k, seq_len, page_size, force_last)

@@ -254,7 +254,7 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_wa
         sl = _seq_len(seq_len, B, NP * page_size, q.device)
         n_pages = ((sl + page_size - 1) // page_size).to(torch.int32).contiguous()
     elif force_last:
-        raise ValueError("quest_select: force_last needs seq_len")
+        raise ValueError("quest_scores: force_last needs seq_len")
     else:
         n_pages = out  # unused
     # BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep on every shape
