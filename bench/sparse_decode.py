@@ -14,21 +14,22 @@
   against the materialised softmax (einsum + softmax + sum), when that fits.
 
 Defaults (kernels/sparse/triton_ops.py, set from the 2026-11-30 sweeps, bench/NOTES-sparse.md):
-quest_scores 64 pages x 8 warps; select_topk's threshold search with one threshold per pass and
-early exit, 8 warps; the decode kernel's launch config DECODE_CFG (64-token tiles, 4 warps, 2
+quest_scores 64 pages x 8 warps; select_topk's bisection for the threshold (value midpoints,
+early exit), 8 warps; the decode kernel's launch config DECODE_CFG (64-token tiles, 4 warps, 2
 stages, splits for one round of resident programs). The JSON records them under "defaults".
 
 Times: medians of CUDA-event times with the L2 flushed before each call (``--flush``: "write",
 triton.testing.do_bench's zeroing, leaves dirty lines the timed call must write back; "read" leaves
 clean ones; bench/_timing.py), eager and, for the pipelines, replayed from a CUDA graph (launch
-gaps removed). Correctness first: at full budget
-the sparse paths equal dense; Triton equals the torch twins.
+gaps removed). Correctness first: at full budget the sparse paths equal dense; Triton equals the
+torch twins.
 
     python bench/sparse_decode.py --out bench/results/sparse_decode.json
+    python bench/sparse_decode.py --flush read --out bench/results/sparse_decode_read.json
 
 ``--sweep`` (about 2-3 minutes on one H200): for B x T in --sweep-shapes and the budgets, the
-Quest decode components timed separately (score launch configs incl. grid order; top-k warps x
-thresholds per pass; decode launch configs: tile, warps, stages, waves, grid order, against the default;
+Quest decode components timed separately (score launch configs incl. grid order; top-k warps;
+decode launch configs: tile, warps, stages, waves, grid order, against the default;
 the merge alone), each checked against a torch reference on the GPU first, then end-to-end Quest
 with the current defaults vs the best components, all against dense SDPA.
 
