@@ -53,6 +53,12 @@ H, D = 32, 128
 FWD_VARIANTS = [
     dict(BH=2, BT=2, num_warps=1, CT=64),
     dict(BH=4, BT=2, num_warps=2, CT=512),
+    # one launch, each program walks the whole sequence (inputs read once): needs many
+    # channel blocks, i.e. batch x heads
+    dict(kernel="seq", BH=2, R=2, W=8),
+    dict(kernel="seq", BH=1, R=2, W=8),
+    dict(kernel="seq", BH=2, R=2, W=4),
+    dict(kernel="seq", BH=1, R=2, W=4),
 ]
 # backward configs: the default (BT64 BD32 w4) under both schedules and run 1's runner-up
 BWD_VARIANTS = [
@@ -74,6 +80,8 @@ def vname(v):
 
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
+    if c.get("kernel") == "seq":
+        return f"seq-BH{c['BH']}-R{c['R']}-W{c['W']}"
     n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
     if not c.get("prefetch", True):
         n += "-nopf"
@@ -177,6 +185,12 @@ def run_checks(fwd_vs, bwd_vs):
                                                            with_h0=False)
         log(f"check fwd {name}: {e:.1e}")
         assert e < 1e-2, (name, e)
+        if c.get("kernel") == "seq":  # its own code path for initial states and packed sequences
+            checks[f"fwd/{name}/float32+h0"] = e = check_variant(dict(fwd=c), torch.float32)
+            assert e < 1e-5, (name, e)
+            checks[f"fwd-varlen/{name}/float32+h0"] = e = check_variant(
+                dict(fwd=c), torch.float32, B=1, T=900, cu=[0, 100, 100, 357, 358, 900])
+            assert e < 1e-5, (name, e)
     for c in bwd_vs:
         name = vname(c)
         checks[f"grad/{name}/bfloat16"] = e = check_grads(dict(bwd=c), torch.bfloat16,
@@ -262,6 +276,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(REPO / "bench/results/scan.json"))
     ap.add_argument("--quick", action="store_true", help="two shapes only")
+    ap.add_argument("--shapes", default=None, help="BxT list, e.g. 8x4096,8x32768")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
@@ -331,6 +346,8 @@ def main():
     shapes = [(B, T) for B in (1, 8) for T in (4096, 8192, 16384, 32768)]
     if args.quick:
         shapes = [(1, 4096), (8, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
 
     def add(B, T, op, impl, ms, ntensors, variant=None):
         n = B * T * H * D

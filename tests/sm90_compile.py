@@ -71,12 +71,14 @@ def _calls():
         z, k, v = (r(B, T, H, D).requires_grad_() for _ in range(3))
         h0 = (r(B, H, D, dtype=torch.float32), r(B, H, D, dtype=torch.float32))
         yield lambda: fused.memory_scan_fused(z, k, v, output_final_state=True)[0].sum().backward()
+        yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True, fwd=dict(kernel="seq", BH=2))
         for schedule in ("chained", "loop"):
             yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True,
                                                   bwd=dict(schedule=schedule))[0].sum().backward()
         cu = torch.tensor([0, T // 3, T * B], dtype=torch.int32)
         zf, kf, vf = (r(1, B * T, H, D).requires_grad_() for _ in range(3))
         yield lambda: fused.memory_scan_fused(zf, kf, vf, cu_seqlens=cu)[0].sum().backward()
+        yield lambda: fused.memory_scan_fused(zf, kf, vf, cu_seqlens=cu, fwd=dict(kernel="seq"))
         yield lambda: fused.memory_scan_step_fused(z[:, 0].detach(), k[:, 0].detach(), v[:, 0].detach(), h0)
     for B, Hq, Hkv, T, D in [(1, 1, 1, 64, 64), (1, 8, 2, 1000, 128), (2, 4, 4, 4096, 128)]:
         q, k, v = r(B, Hq, D), r(B, Hkv, T, D), r(B, Hkv, T, D)

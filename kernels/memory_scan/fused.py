@@ -282,6 +282,113 @@ def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# forward: the "seq" kernel (one launch, each program walks the whole sequence of its lanes)
+
+
+@triton.jit
+def _pair_combine(fa1, fk1, fv1, ea1, ek1, ev1, fa2, fk2, fv2, ea2, ek2, ev2):
+    # pairs (F, E): F = a range's affine map, E = the same range without its last element;
+    # (F1, E1) then (F2, E2) -> (F1 F2, F1 E2). Scanned inclusively from (seg_w, identity), the
+    # E part at w is the exclusive prefix: the map from the tile's start to segment w's start.
+    fa, fk, fv = _affine_combine(fa1, fk1, fv1, fa2, fk2, fv2)
+    ea, ek, ev = _affine_combine(fa1, fk1, fv1, ea2, ek2, ev2)
+    return fa, fk, fv, ea, ek, ev
+
+
+@triton.jit
+def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
+                    T, H, D, NDB, NHG,
+                    szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                    sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                    R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
+    """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
+    tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
+    (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
+    each segment, one scan across the W segments of their aggregates (with the exclusive prefix
+    carried along, see _pair_combine), the outputs from each segment's entering state. The next
+    tile's loads go out before this tile's math. Inputs are read once and outputs written once
+    (5 tensors of traffic); it needs many channel blocks (batch x heads) to fill the GPU."""
+    j = tl.program_id(0)
+    L: tl.constexpr = BH * BD
+    b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
+    b64 = b.to(tl.int64)
+    oz = _fwd_offsets(hh, d, szh, szd, OFF64)[None, None, :]
+    okx = _fwd_offsets(hh, d, skh, skd, OFF64)[None, None, :]
+    ovx = _fwd_offsets(hh, d, svh, svd, OFF64)[None, None, :]
+    ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)[None, None, :]
+    oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)[None, None, :]
+    z = z + b64 * szb
+    k = k + b64 * skb
+    v = v + b64 * svb
+    ok = ok + b64 * sokb
+    ov = ov + b64 * sovb
+    lm3 = lm[None, None, :]
+    r3 = tl.arange(0, R)[:, None, None]
+    w2 = tl.arange(0, W)[:, None]
+    step = (tl.arange(0, W)[None, :, None] * R + r3).to(tl.int64)  # [R, W, 1]: warp-major time
+    TT: tl.constexpr = R * W
+    hk = tl.zeros([L], tl.float32)
+    hv = tl.zeros([L], tl.float32)
+    io = ((step < T) & lm3)
+    zl = tl.load(z + (oz + step * szt), mask=io, other=0.)
+    kx = tl.load(k + (okx + step * skt), mask=io, other=0.)
+    vx = tl.load(v + (ovx + step * svt), mask=io, other=0.)
+    t0 = T * 0
+    while t0 < T:
+        t = t0 + step
+        tn = t + TT
+        ion = (tn < T) & lm3  # the next tile's loads go out before this tile's math
+        zn = tl.load(z + (oz + tn * szt), mask=ion, other=0.)
+        kn = tl.load(k + (okx + tn * skt), mask=ion, other=0.)
+        vn = tl.load(v + (ovx + tn * svt), mask=ion, other=0.)
+        tm = t < T
+        io = tm & lm3
+        g, omg = _sig2(zl.to(tl.float32))
+        n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
+        bk = omg * kx.to(tl.float32)
+        bv = omg * vx.to(tl.float32)
+        if HAS_H0:
+            sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
+            smask = is_start & lm3
+            bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
+            bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
+        a = tl.where(is_start, 0., g)
+        a = tl.where(tm, a, 1.)  # steps past the end: identity
+        bk = tl.where(tm, bk, 0.)
+        bv = tl.where(tm, bv, 0.)
+        A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
+        last = r3 == R - 1
+        sa = tl.sum(tl.where(last, A, 0.), axis=0)  # [W, L] segment maps
+        sk = tl.sum(tl.where(last, Bk, 0.), axis=0)
+        sv = tl.sum(tl.where(last, Bv, 0.), axis=0)
+        one = tl.full([W, L], 1.0, tl.float32)
+        nil = tl.zeros([W, L], tl.float32)
+        FA, FK, FV, EA, EK, EV = tl.associative_scan((sa, sk, sv, one, nil, nil), axis=0,
+                                                     combine_fn=_pair_combine)
+        ck = EA * hk[None, :] + EK  # [W, L] state entering each segment
+        cv = EA * hv[None, :] + EV
+        xk = A * ck[None, :, :] + Bk
+        xv = A * cv[None, :, :] + Bv
+        tl.store(ok + (ook + t * sokt), xk.to(ok.dtype.element_ty), mask=io)
+        tl.store(ov + (oov + t * sovt), xv.to(ov.dtype.element_ty), mask=io)
+        if VARLEN:
+            sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
+            fmask = is_end & lm3
+            tl.store(hTk + sidx, xk, mask=fmask)
+            tl.store(hTv + sidx, xv, mask=fmask)
+        end = w2 == W - 1
+        hk = tl.sum(tl.where(end, FA * hk[None, :] + FK, 0.), axis=0)
+        hv = tl.sum(tl.where(end, FA * hv[None, :] + FV, 0.), axis=0)
+        zl, kx, vx = zn, kn, vn
+        t0 += TT
+    if not VARLEN:
+        sidx = (b * H + hh).to(tl.int64) * D + d
+        tl.store(hTk + sidx, hk, mask=lm)
+        tl.store(hTv + sidx, hv, mask=lm)
+
+
+# --------------------------------------------------------------------------------------------
 # backward
 
 
@@ -526,7 +633,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "num_stages": None}
+                 "num_stages": None, "kernel": "chunk", "R": 2, "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # Backward defaults from bench/results/scan.json (run 1, H200): BT64 BD32 w4, chained at batch 1
 # and loop at batch 8 (chain_below = 4 x SMs channel blocks). The 2026-11-30 sweep timed no
@@ -581,8 +688,14 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         CT = min(max(triton.next_power_of_2(max(want, 1)), _CT_MIN), _CT_MAX)
     CT = max(BT, (CT // BT) * BT)
     L = BH * BD
+    if cfg["kernel"] not in ("chunk", "seq"):
+        raise ValueError(f"forward kernel must be 'chunk' or 'seq', got {cfg['kernel']!r}")
+    if cfg["kernel"] == "seq":  # W segments of R steps per tile, 8 lanes per thread
+        warps = max(1, min(16, cfg["W"] * L // 256))
+    else:
+        warps = max(1, min(4, L // 256))
     return dict(cfg, BT=BT, BD=BD, BH=BH, CT=CT, NSUB=CT // BT, NC=max(1, triton.cdiv(T, CT)),
-                NDB=NDB, NHG=NHG, NCHB=NCHB, num_warps=cfg["num_warps"] or max(1, min(4, L // 256)))
+                NDB=NDB, NHG=NHG, NCHB=NCHB, num_warps=cfg["num_warps"] or warps)
 
 
 def _bwd_plan(batch: int, T: int, H: int, D: int, device, opts: dict | None = None):
@@ -642,8 +755,9 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 
 
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
-    """Launch the forward ("chunk" kernels; ``opts``: BH, BT, BD, CT (int or 'auto'),
-    num_warps, prefetch, num_stages, over _FWD_DEFAULTS).
+    """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
+    BD, CT (int or 'auto'), num_warps, prefetch, num_stages) or 'seq' (one launch; BH, BD, R, W,
+    num_warps)).
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -676,6 +790,11 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
             meta["num_stages"] = p["num_stages"]
         NC, NCHB = p["NC"], p["NCHB"]
         ws = _dummy(dev, torch.float32)
+        if p["kernel"] == "seq":
+            _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
+                                     BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
+                                     OFF64=meta["OFF64"], num_warps=p["num_warps"])
+            return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
         if NC > 1:
             M = NCHB * p["BH"] * p["BD"]
             ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
