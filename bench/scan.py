@@ -55,10 +55,11 @@ FWD_VARIANTS = [
     dict(BH=4, BT=2, num_warps=2, CT=512),
     # one launch, each program walks the whole sequence (inputs read once): needs many
     # channel blocks, i.e. batch x heads
-    dict(kernel="seq", BH=2, R=2, W=8),
     dict(kernel="seq", BH=1, R=2, W=8),
-    dict(kernel="seq", BH=2, R=2, W=4),
-    dict(kernel="seq", BH=1, R=2, W=4),
+    dict(kernel="seq", BH=1, R=2, W=8, P=2),
+    dict(kernel="seq", BH=1, R=1, W=16),
+    dict(kernel="seq", BH=1, R=1, W=16, P=2),
+
 ]
 # backward configs: the default (BT64 BD32 w4) under both schedules and run 1's runner-up
 BWD_VARIANTS = [
@@ -81,7 +82,7 @@ def vname(v):
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     if c.get("kernel") == "seq":
-        return f"seq-BH{c['BH']}-R{c['R']}-W{c['W']}"
+        return f"seq-BH{c['BH']}-R{c['R']}-W{c['W']}-P{c.get('P', 1)}"
     n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
     if not c.get("prefetch", True):
         n += "-nopf"

@@ -30,7 +30,8 @@ PLANS = {"default": {},
                                 bwd=dict(BT=8, BD=8, schedule="chained"))}
 PLAN_IDS = list(PLANS)
 FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
-             "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, R=2, W=4))}
+             "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, R=2, W=4)),
+             "seq-P2": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8, P=2))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):

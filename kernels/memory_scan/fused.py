@@ -301,13 +301,14 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr,
+                    P: tl.constexpr = 1):
     """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
     tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
     (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
     each segment, one scan across the W segments of their aggregates (with the exclusive prefix
-    carried along, see _pair_combine), the outputs from each segment's entering state. The next
-    tile's loads go out before this tile's math. Inputs are read once and outputs written once
+    carried along, see _pair_combine), the outputs from each segment's entering state. The loads
+    of the tile P tiles ahead (P = 1 or 2) go out before this tile's math. Inputs are read once and outputs written once
     (5 tensors of traffic); it needs many channel blocks (batch x heads) to fill the GPU."""
     j = tl.program_id(0)
     L: tl.constexpr = BH * BD
@@ -334,11 +335,16 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
     zl = tl.load(z + (oz + step * szt), mask=io, other=0.)
     kx = tl.load(k + (okx + step * skt), mask=io, other=0.)
     vx = tl.load(v + (ovx + step * svt), mask=io, other=0.)
+    if P == 2:  # a second tile in flight
+        io = ((step + TT < T) & lm3)
+        z2 = tl.load(z + (oz + (step + TT) * szt), mask=io, other=0.)
+        k2 = tl.load(k + (okx + (step + TT) * skt), mask=io, other=0.)
+        v2 = tl.load(v + (ovx + (step + TT) * svt), mask=io, other=0.)
     t0 = T * 0
     while t0 < T:
         t = t0 + step
-        tn = t + TT
-        ion = (tn < T) & lm3  # the next tile's loads go out before this tile's math
+        tn = t + P * TT
+        ion = (tn < T) & lm3  # the loads P tiles ahead go out before this tile's math
         zn = tl.load(z + (oz + tn * szt), mask=ion, other=0.)
         kn = tl.load(k + (okx + tn * skt), mask=ion, other=0.)
         vn = tl.load(v + (ovx + tn * svt), mask=ion, other=0.)
@@ -380,7 +386,11 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
         end = w2 == W - 1
         hk = tl.sum(tl.where(end, FA * hk[None, :] + FK, 0.), axis=0)
         hv = tl.sum(tl.where(end, FA * hv[None, :] + FV, 0.), axis=0)
-        zl, kx, vx = zn, kn, vn
+        if P == 2:
+            zl, kx, vx = z2, k2, v2
+            z2, k2, v2 = zn, kn, vn
+        else:
+            zl, kx, vx = zn, kn, vn
         t0 += TT
     if not VARLEN:
         sidx = (b * H + hh).to(tl.int64) * D + d
@@ -633,7 +643,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "num_stages": None, "kernel": "chunk", "R": 2, "W": 8}
+                 "num_stages": None, "kernel": "chunk", "R": 2, "W": 8, "P": 1}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # Backward defaults from bench/results/scan.json (run 1, H200): BT64 BD32 w4, chained at batch 1
 # and loop at batch 8 (chain_below = 4 x SMs channel blocks). The 2026-11-30 sweep timed no
@@ -757,7 +767,7 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
     BD, CT (int or 'auto'), num_warps, prefetch, num_stages) or 'seq' (one launch; BH, BD, R, W,
-    num_warps)).
+    P, num_warps)).
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -793,7 +803,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         if p["kernel"] == "seq":
             _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
                                      BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
-                                     OFF64=meta["OFF64"], num_warps=p["num_warps"])
+                                     OFF64=meta["OFF64"], P=p["P"], num_warps=p["num_warps"])
             return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
         if NC > 1:
             M = NCHB * p["BH"] * p["BD"]
