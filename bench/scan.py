@@ -51,15 +51,13 @@ H, D = 32, 128
 # forward configs timed beside the default plan (fused._fwd_plan): the 2026-11-30 sweep's winner
 # at B=1 T=4096 (2.8 % ahead of the default's tile there) and the default tile at a fixed CT
 FWD_VARIANTS = [
-    dict(BH=2, BT=2, num_warps=1, CT=64),
-    dict(BH=4, BT=2, num_warps=2, CT=512),
+    dict(kernel="chunk", BH=2, BT=2, num_warps=1, CT=64),
+    dict(kernel="chunk", BH=4, BT=2, num_warps=2, CT=512),
     # one launch, each program walks the whole sequence (inputs read once): needs many
     # channel blocks, i.e. batch x heads
     dict(kernel="seq", BH=1, R=2, W=8),
-    dict(kernel="seq", BH=1, R=2, W=8, P=2),
+    dict(kernel="seq", BH=1, BD=64, R=2, W=8),
     dict(kernel="seq", BH=1, R=1, W=16),
-    dict(kernel="seq", BH=1, R=1, W=16, P=2),
-
 ]
 # backward configs: the default (BT64 BD32 w4) under both schedules and run 1's runner-up
 BWD_VARIANTS = [
@@ -82,7 +80,7 @@ def vname(v):
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     if c.get("kernel") == "seq":
-        return f"seq-BH{c['BH']}-R{c['R']}-W{c['W']}-P{c.get('P', 1)}"
+        return f"seq-BH{c['BH']}-BD{c.get('BD', 128)}-R{c['R']}-W{c['W']}-P{c.get('P', 1)}"
     n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
     if not c.get("prefetch", True):
         n += "-nopf"
@@ -509,9 +507,9 @@ def stage_a_grid():
         for bt in (4, 2, 8):
             if (bh, w) in ((4, 1), (2, 2)) and bt != 4:
                 continue
-            grid.append(dict(BH=bh, BT=bt, num_warps=w, CT=64, prefetch=True))
-    grid.append(dict(BH=2, BT=4, num_warps=1, CT=64, prefetch=False))
-    grid.append(dict(BH=1, BT=4, num_warps=1, CT=64, prefetch=False))
+            grid.append(dict(kernel="chunk", BH=bh, BT=bt, num_warps=w, CT=64, prefetch=True))
+    grid.append(dict(kernel="chunk", BH=2, BT=4, num_warps=1, CT=64, prefetch=False))
+    grid.append(dict(kernel="chunk", BH=1, BT=4, num_warps=1, CT=64, prefetch=False))
     return grid
 
 

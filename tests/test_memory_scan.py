@@ -23,10 +23,10 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 # several forward chunks of several tiles (all three forward launches; CT=6 leaves a partial
 # last chunk), several channel blocks per head (BD < D), and the backward's loop and chained
 # (look-back) schedules. Masked heads: test_forward_tiles.
-SMALL_FWD = dict(BT=4, CT=8, BH=2, BD=8)
+SMALL_FWD = dict(kernel="chunk", BT=4, CT=8, BH=2, BD=8)
 PLANS = {"default": {},
          "chunks-loop": dict(fwd=SMALL_FWD, bwd=dict(BT=8, BD=8, schedule="loop")),
-         "chunks-chained": dict(fwd=dict(BT=2, CT=6, BH=1, BD=4),
+         "chunks-chained": dict(fwd=dict(kernel="chunk", BT=2, CT=6, BH=1, BD=4),
                                 bwd=dict(BT=8, BD=8, schedule="chained"))}
 PLAN_IDS = list(PLANS)
 FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
@@ -309,7 +309,13 @@ def test_default_forward_plan_follows_the_sweep():
     from kernels.memory_scan.fused import _fwd_plan
     for (B, T), ct in SWEEP_BEST_CT.items():
         p = _fwd_plan(B, T, 32, 128, torch.device("cpu"))  # CPU plans for 132 SMs
-        assert (p["BH"], p["BT"], p["num_warps"], p["CT"], p["prefetch"]) == (4, 2, 2, ct, True)
+        if B == 1:
+            assert p["kernel"] == "chunk"
+            assert (p["BH"], p["BT"], p["num_warps"], p["CT"], p["prefetch"]) == (4, 2, 2, ct, True)
+        else:  # 256 single-head channel blocks: the one-launch kernel won on the H200 (2026-12-01)
+            assert (p["kernel"], p["BH"], p["R"], p["W"], p["P"], p["num_warps"]) == ("seq", 1, 2, 8, 1, 4)
+        forced = _fwd_plan(B, T, 32, 128, torch.device("cpu"), dict(kernel="chunk"))
+        assert (forced["kernel"], forced["BH"], forced["CT"]) == ("chunk", 4, ct)
     # small shapes: tiles shrink to the heads and channels there are
     p = _fwd_plan(2, 37, 2, 8, torch.device("cpu"))
     assert (p["BH"], p["BD"], p["CT"], p["NC"], p["num_warps"]) == (2, 8, 64, 1, 1)
@@ -319,6 +325,8 @@ def test_default_forward_plan_follows_the_sweep():
 def test_unknown_options_are_refused():
     z = torch.zeros(1, 4, 2, 8)
     with pytest.raises(ValueError, match="forward options"):
+        memory_scan_fused(z, z, z, fwd=dict(lbw=2))
+    with pytest.raises(ValueError, match="forward kernel must be"):
         memory_scan_fused(z, z, z, fwd=dict(kernel="chunklb"))
     with pytest.raises(ValueError, match="backward options"):
         memory_scan_fused(z, z, z, bwd=dict(CT=8))

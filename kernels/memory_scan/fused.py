@@ -643,8 +643,14 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "num_stages": None, "kernel": "chunk", "R": 2, "W": 8, "P": 1}
+                 "num_stages": None, "kernel": "auto", "R": 2, "W": 8, "P": 1}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
+# "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
+# channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01): at batch 8
+# (1.94 blocks per SM) seq R2 W8 took 0.474 / 1.879 / 3.748 ms at T = 4096 / 16384 / 32768 (66-67 %
+# of copy) against 0.543 / 2.125 / 4.238 ms for the chunk plan (58-59 %); at batch 1 (0.24 per
+# SM) it is 3-5x slower than chunk. Batch sizes in between were not measured.
+_SEQ_BLOCKS_PER_SM = 1.5
 # Backward defaults from bench/results/scan.json (run 1, H200): BT64 BD32 w4, chained at batch 1
 # and loop at batch 8 (chain_below = 4 x SMs channel blocks). The 2026-11-30 sweep timed no
 # other backward (its fwd+bwd rows all ran this one).
@@ -686,6 +692,14 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     """The forward launch: the options given over _FWD_DEFAULTS, CT 'auto' resolved, and the
     derived sizes (NSUB tiles per chunk, NC chunks, NCHB channel blocks of BH heads x BD)."""
     cfg = _options(opts, _FWD_DEFAULTS, "forward")
+    if cfg["kernel"] not in ("auto", "chunk", "seq"):
+        raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
+    if cfg["kernel"] == "auto":  # "seq" once single-head channel blocks fill the GPU (see above)
+        blocks = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D)))
+        seq = blocks >= _SEQ_BLOCKS_PER_SM * _num_sms(device)
+        cfg["kernel"] = "seq" if seq else "chunk"
+        if seq and "BH" not in {k for k, x in (opts or {}).items() if x is not None}:
+            cfg["BH"] = 1
     BD = min(cfg["BD"], triton.next_power_of_2(D))
     BH = max(1, min(cfg["BH"], triton.next_power_of_2(H)))
     BT = cfg["BT"]
@@ -698,8 +712,6 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         CT = min(max(triton.next_power_of_2(max(want, 1)), _CT_MIN), _CT_MAX)
     CT = max(BT, (CT // BT) * BT)
     L = BH * BD
-    if cfg["kernel"] not in ("chunk", "seq"):
-        raise ValueError(f"forward kernel must be 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq":  # W segments of R steps per tile, 8 lanes per thread
         warps = max(1, min(16, cfg["W"] * L // 256))
     else:
