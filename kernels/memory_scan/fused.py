@@ -18,6 +18,14 @@ scan (prefetch). Three launches, no atomics:
 8 tensors of traffic instead of 5; measured 59-60 % of copy bandwidth at batch 8 (the
 one-launch decoupled look-back variant, "chunklb", lost at every measured shape and is gone).
 
+Forward ("seq", the default when batch x heads gives at least 1.5 single-head channel blocks
+per SM, e.g. batch 8 x 32 heads): one launch, one program per channel block walks the whole
+sequence, so inputs are read once (5 tensors of traffic). A tile is [R, W, L]: W segments of R
+steps; a segment's R steps sit in one thread (in-thread scan), the segments' aggregates are
+scanned across threads with the exclusive prefix carried along (_pair_combine), and every
+step's output comes from its segment's entering state. 66-68 % of copy bandwidth at batch 8 on
+the H200 (1.12-1.15x the chunk plan); far too few programs at batch 1, where chunk stays.
+
 Backward ("scan" kernel): a channel block is one (batch, head, BD channels) column of the input,
 time cut into tiles of BT steps; inside a tile the recurrence h_t = a_t h_{t-1} + b_t is solved
 by ``tl.associative_scan`` over the tile's rows (pairs (a, b) compose as affine maps). Two
