@@ -81,7 +81,7 @@ def vname(v):
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     if c.get("kernel") == "seq":
-        return f"seq-BH{c['BH']}-BD{c.get('BD', 128)}-R{c['R']}-W{c['W']}-P{c.get('P', 1)}"
+        return f"seq-BH{c['BH']}-BD{c.get('BD', 128)}-R{c['R']}-W{c['W']}"
     n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
     if not c.get("prefetch", True):
         n += "-nopf"

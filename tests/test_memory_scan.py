@@ -31,7 +31,7 @@ PLANS = {"default": {},
 PLAN_IDS = list(PLANS)
 FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, R=2, W=4)),
-             "seq-P2": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8, P=2))}
+             "seq-R1": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
@@ -313,7 +313,7 @@ def test_default_forward_plan_follows_the_sweep():
             assert p["kernel"] == "chunk"
             assert (p["BH"], p["BT"], p["num_warps"], p["CT"], p["prefetch"]) == (4, 2, 2, ct, True)
         else:  # 256 single-head channel blocks: the one-launch kernel won on the H200 (2026-12-01)
-            assert (p["kernel"], p["BH"], p["R"], p["W"], p["P"], p["num_warps"]) == ("seq", 1, 2, 8, 1, 4)
+            assert (p["kernel"], p["BH"], p["R"], p["W"], p["num_warps"]) == ("seq", 1, 2, 8, 4)
         forced = _fwd_plan(B, T, 32, 128, torch.device("cpu"), dict(kernel="chunk"))
         assert (forced["kernel"], forced["BH"], forced["CT"]) == ("chunk", 4, ct)
     # small shapes: tiles shrink to the heads and channels there are

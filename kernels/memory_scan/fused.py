@@ -304,19 +304,26 @@ def _pair_combine(fa1, fk1, fv1, ea1, ek1, ev1, fa2, fk2, fv2, ea2, ek2, ev2):
 
 
 @triton.jit
+def _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3):
+    """Raw [R, W, L] tiles of z, k, v at steps t ([R, W, 1]); nothing loaded past T."""
+    io = (t < T) & lm3
+    return (tl.load(z + (oz + t * szt), mask=io, other=0.), tl.load(k + (okx + t * skt), mask=io, other=0.),
+            tl.load(v + (ovx + t * svt), mask=io, other=0.))
+
+
+@triton.jit
 def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
                     T, H, D, NDB, NHG,
                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr,
-                    P: tl.constexpr = 1):
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
     """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
     tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
     (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
     each segment, one scan across the W segments of their aggregates (with the exclusive prefix
-    carried along, see _pair_combine), the outputs from each segment's entering state. The loads
-    of the tile P tiles ahead (P = 1 or 2) go out before this tile's math. Inputs are read once and outputs written once
+    carried along, see _pair_combine), the outputs from each segment's entering state. The next
+    tile's loads go out before this tile's math. Inputs are read once and outputs written once
     (5 tensors of traffic); it needs many channel blocks (batch x heads) to fill the GPU."""
     j = tl.program_id(0)
     L: tl.constexpr = BH * BD
@@ -339,23 +346,12 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
     TT: tl.constexpr = R * W
     hk = tl.zeros([L], tl.float32)
     hv = tl.zeros([L], tl.float32)
-    io = ((step < T) & lm3)
-    zl = tl.load(z + (oz + step * szt), mask=io, other=0.)
-    kx = tl.load(k + (okx + step * skt), mask=io, other=0.)
-    vx = tl.load(v + (ovx + step * svt), mask=io, other=0.)
-    if P == 2:  # a second tile in flight
-        io = ((step + TT < T) & lm3)
-        z2 = tl.load(z + (oz + (step + TT) * szt), mask=io, other=0.)
-        k2 = tl.load(k + (okx + (step + TT) * skt), mask=io, other=0.)
-        v2 = tl.load(v + (ovx + (step + TT) * svt), mask=io, other=0.)
+    zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
     t0 = T * 0
     while t0 < T:
         t = t0 + step
-        tn = t + P * TT
-        ion = (tn < T) & lm3  # the loads P tiles ahead go out before this tile's math
-        zn = tl.load(z + (oz + tn * szt), mask=ion, other=0.)
-        kn = tl.load(k + (okx + tn * skt), mask=ion, other=0.)
-        vn = tl.load(v + (ovx + tn * svt), mask=ion, other=0.)
+        # the next tile's loads go out before this tile's math
+        zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
         tm = t < T
         io = tm & lm3
         g, omg = _sig2(zl.to(tl.float32))
@@ -394,11 +390,7 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
         end = w2 == W - 1
         hk = tl.sum(tl.where(end, FA * hk[None, :] + FK, 0.), axis=0)
         hv = tl.sum(tl.where(end, FA * hv[None, :] + FV, 0.), axis=0)
-        if P == 2:
-            zl, kx, vx = z2, k2, v2
-            z2, k2, v2 = zn, kn, vn
-        else:
-            zl, kx, vx = zn, kn, vn
+        zl, kx, vx = zn, kn, vn
         t0 += TT
     if not VARLEN:
         sidx = (b * H + hh).to(tl.int64) * D + d
@@ -651,7 +643,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "num_stages": None, "kernel": "auto", "R": 2, "W": 8, "P": 1}
+                 "num_stages": None, "kernel": "auto", "R": 2, "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01): at batch 8
@@ -787,7 +779,7 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
     BD, CT (int or 'auto'), num_warps, prefetch, num_stages) or 'seq' (one launch; BH, BD, R, W,
-    P, num_warps)).
+    num_warps)).
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -811,28 +803,28 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         span = max((p["NHG"] * p["BH"] - 1) * x.stride(2) + (p["NDB"] * p["BD"] - 1) * x.stride(3)
                    for x in tensors)  # padded lanes included
         args = (z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx)
-        sizes = (T, H, D, p["NDB"], p["NHG"], p["NCHB"], p["NC"])
         strides = [s for x in tensors for s in _strides4(x)]
-        meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
-                    VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]),
-                    OFF64=span >= 2**31, num_warps=p["num_warps"])
-        if p["num_stages"]:
-            meta["num_stages"] = p["num_stages"]
         NC, NCHB = p["NC"], p["NCHB"]
-        ws = _dummy(dev, torch.float32)
         if p["kernel"] == "seq":
             _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
                                      BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
-                                     OFF64=meta["OFF64"], P=p["P"], num_warps=p["num_warps"])
-            return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
-        if NC > 1:
-            M = NCHB * p["BH"] * p["BD"]
-            ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
-            _fwd_chunk_scan_kernel[(NCHB, NC - 1)](*args, ws, *sizes, *strides, WRITE=False, **meta)
-            CH = 64
-            NCB = min(64, triton.next_power_of_2(NC - 1))
-            _fwd_carry_scan_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4)
-        _fwd_chunk_scan_kernel[(NCHB, NC)](*args, ws, *sizes, *strides, WRITE=True, **meta)
+                                     OFF64=span >= 2**31, num_warps=p["num_warps"])
+        else:
+            sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
+            meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
+                        VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]),
+                        OFF64=span >= 2**31, num_warps=p["num_warps"])
+            if p["num_stages"]:
+                meta["num_stages"] = p["num_stages"]
+            ws = _dummy(dev, torch.float32)
+            if NC > 1:
+                M = NCHB * p["BH"] * p["BD"]
+                ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
+                _fwd_chunk_scan_kernel[(NCHB, NC - 1)](*args, ws, *sizes, *strides, WRITE=False, **meta)
+                CH = 64
+                NCB = min(64, triton.next_power_of_2(NC - 1))
+                _fwd_carry_scan_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4)
+            _fwd_chunk_scan_kernel[(NCHB, NC)](*args, ws, *sizes, *strides, WRITE=True, **meta)
     return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
 
 
