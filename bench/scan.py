@@ -347,7 +347,10 @@ def main():
     if args.quick:
         shapes = [(1, 4096), (8, 4096)]
     if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        try:
+            shapes = [(int(b), int(t)) for b, t in (s.split("x") for s in args.shapes.split(","))]
+        except ValueError:
+            sys.exit(f"bench/scan.py: --shapes {args.shapes!r}: expected BxT[,BxT...], e.g. 8x4096,8x32768")
 
     def add(B, T, op, impl, ms, ntensors, variant=None):
         n = B * T * H * D
