@@ -78,6 +78,14 @@ def vname(v):
     return f"{v['schedule']}-BT{v['BT']}-BD{v['BD']}-w{v['num_warps']}"
 
 
+def _shapes(text):
+    """--shapes "8x4096,1x32768" -> [(8, 4096), (1, 32768)]."""
+    try:
+        return [(int(b), int(t)) for b, t in (x.split("x") for x in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxT[,BxT...], e.g. 8x4096,8x32768")
+
+
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     if c.get("kernel") == "seq":
@@ -276,7 +284,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(REPO / "bench/results/scan.json"))
     ap.add_argument("--quick", action="store_true", help="two shapes only")
-    ap.add_argument("--shapes", default=None, help="BxT list, e.g. 8x4096,8x32768")
+    ap.add_argument("--shapes", default=None, type=_shapes, help="BxT list, e.g. 8x4096,8x32768")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
@@ -347,10 +355,7 @@ def main():
     if args.quick:
         shapes = [(1, 4096), (8, 4096)]
     if args.shapes:
-        try:
-            shapes = [(int(b), int(t)) for b, t in (s.split("x") for s in args.shapes.split(","))]
-        except ValueError:
-            sys.exit(f"bench/scan.py: --shapes {args.shapes!r}: expected BxT[,BxT...], e.g. 8x4096,8x32768")
+        shapes = args.shapes
 
     def add(B, T, op, impl, ms, ntensors, variant=None):
         n = B * T * H * D
