@@ -89,11 +89,27 @@ def _shapes(text):
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     if c.get("kernel") == "seq":
-        return f"seq-BH{c['BH']}-BD{c.get('BD', 128)}-R{c['R']}-W{c['W']}"
-    n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
-    if not c.get("prefetch", True):
-        n += "-nopf"
+        n = f"seq-BH{c['BH']}-BD{c.get('BD', 128)}-R{c.get('R', 2)}-W{c.get('W', 8)}"
+    else:
+        n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
+        if c.get("BD", 128) != 128:
+            n += f"-BD{c['BD']}"
+        if not c.get("prefetch", True):
+            n += "-nopf"
+    if c.get("stages"):
+        n += f"-S{c['stages']}"
     return n
+
+
+def _variants(text):
+    """--fwd-variants: a JSON list of forward option dicts, inline or in a file."""
+    try:
+        vs = json.loads(Path(text).read_text() if text.endswith(".json") else text)
+        if not (isinstance(vs, list) and all(isinstance(v, dict) for v in vs)):
+            raise ValueError("not a list of objects")
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: expected a JSON list of forward option dicts ({e})")
+    return vs
 
 
 FLUSH = "write"  # --flush (bench/_timing.py); "write" is triton.testing.do_bench's zeroing
@@ -182,6 +198,18 @@ def chained_smoke():
     sys.exit(0 if e < 1e-2 else 1)
 
 
+def chained_smoke_ok(notes):
+    """The backward's chained schedule (spin-waits) in a subprocess with a time limit."""
+    try:
+        p = subprocess.run([sys.executable, __file__, "--chained-smoke"], capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        notes.append("chained smoke: TIMEOUT (hang) - chained backward skipped")
+        return False
+    notes.append("chained smoke: " + (p.stdout + p.stderr)[-400:])
+    return p.returncode == 0
+
+
 def run_checks(fwd_vs, bwd_vs):
     """Every timed config in bf16 (forward outputs for the forward configs, gradients for the
     backward ones; no initial state: the compiled kernels the timing reuses); the default plan
@@ -193,7 +221,7 @@ def run_checks(fwd_vs, bwd_vs):
                                                            with_h0=False)
         log(f"check fwd {name}: {e:.1e}")
         assert e < 1e-2, (name, e)
-        if c.get("kernel") == "seq":  # its own code path for initial states and packed sequences
+        if c.get("kernel") == "seq" or c.get("stages"):  # own code paths for h0 and packed sequences
             checks[f"fwd/{name}/float32+h0"] = e = check_variant(dict(fwd=c), torch.float32)
             assert e < 1e-5, (name, e)
             checks[f"fwd-varlen/{name}/float32+h0"] = e = check_variant(
@@ -286,6 +314,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="two shapes only")
     ap.add_argument("--shapes", default=None, type=_shapes, help="BxT list, e.g. 8x4096,8x32768")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--fwd-variants", type=_variants, default=None,
+                    help="JSON list (or .json file) of forward option dicts timed instead of FWD_VARIANTS")
+    ap.add_argument("--fwd-only", action="store_true",
+                    help="forward rows only: no backward, fwd+bwd, fla or associative-scan rows")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
     ap.add_argument("--no-assoc", action="store_true")
@@ -317,19 +349,12 @@ def main():
         out_path.write_text(json.dumps(res, indent=1))
 
     # 1. chained schedule in a subprocess first (a hang costs 120 s, not the run)
-    try:
-        p = subprocess.run([sys.executable, __file__, "--chained-smoke"], capture_output=True,
-                           text=True, timeout=120)
-        chained_ok = p.returncode == 0
-        res["notes"].append("chained smoke: " + (p.stdout + p.stderr)[-400:])
-    except subprocess.TimeoutExpired:
-        chained_ok = False
-        res["notes"].append("chained smoke: TIMEOUT (hang) - chained backward skipped")
+    chained_ok = True if args.fwd_only else chained_smoke_ok(res["notes"])
     log("chained smoke ok:", chained_ok)
     if not chained_ok:  # the default backward would pick the chained schedule at batch 1
         res["notes"].append("chained backward broken: fwd+bwd timed with the loop schedule")
-    fwd_vs = list(FWD_VARIANTS)
-    bwd_vs = [v for v in BWD_VARIANTS if chained_ok or v["schedule"] == "loop"]
+    fwd_vs = list(args.fwd_variants or FWD_VARIANTS)
+    bwd_vs = [] if args.fwd_only else [v for v in BWD_VARIANTS if chained_ok or v["schedule"] == "loop"]
     bwd_default = {} if chained_ok else dict(schedule="loop")
 
     # 2. correctness
@@ -341,11 +366,11 @@ def main():
     copy_gbs, copy_ms = copy_bandwidth()
     res["copy_GBps"] = copy_gbs
     log(f"copy bandwidth {copy_gbs:.0f} GB/s")
-    fla, fla_err = fla_fns()
+    fla, fla_err = (None, "--fwd-only") if args.fwd_only else fla_fns()
     if fla is None:
         res["notes"].append(f"fla-core not importable: {fla_err}")
     assoc_prepared = assoc_e2e = None
-    if not args.no_assoc:
+    if not (args.no_assoc or args.fwd_only):
         try:
             assoc_prepared, assoc_e2e = assoc_scan_fns()
         except Exception as e:  # noqa: BLE001
@@ -387,6 +412,13 @@ def main():
                 except Exception as e:  # noqa: BLE001
                     res["notes"].append(f"cudagraph timing failed: {str(e)[:200]}")
                     break
+        if args.fwd_only:
+            bf = min(fwd, key=fwd.get)
+            log(f"B={B} T={T}: best fwd {bf} {fwd[bf]:.4f} ms")
+            del z, k, v, dok, dov
+            torch.cuda.empty_cache()
+            save()
+            continue
         ok, ov, _, _, aux = scan_fwd(z, k, v)
         bwd = {}
         for var in bwd_vs:

@@ -31,7 +31,10 @@ PLANS = {"default": {},
 PLAN_IDS = list(PLANS)
 FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, R=2, W=4)),
-             "seq-R1": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8))}
+             "seq-R1": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8)),
+             # the loop-pipelined forms (tl.range with num_stages; the interpreter runs the loop plainly)
+             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3)),
+             "seq-staged": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=2, W=4, stages=3))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):

@@ -165,48 +165,70 @@ def _fwd_tile(zl, kx, vx, h0k, h0v, cu, seq_idx, t0, b, hh, H, T, D, d, lm, BT: 
 
 
 @triton.jit
+def _fwd_chunk_step(zl, kx, vx, ga, hk, hv, ts, r, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
+                    cu, seq_idx, b, hh, H, T, D, d, lm, BT: tl.constexpr, HAS_H0: tl.constexpr,
+                    VARLEN: tl.constexpr, WRITE: tl.constexpr):
+    """One [BT, L] tile at step ts of a chunk walk (see _fwd_chunk): returns (ga, hk, hv)."""
+    A, Bk, Bv, n, is_end, t, io = _fwd_tile(zl, kx, vx, h0k, h0v, cu, seq_idx, ts, b, hh, H,
+                                            T, D, d, lm, BT, HAS_H0, VARLEN)
+    if WRITE:
+        xk = A * hk[None, :] + Bk
+        xv = A * hv[None, :] + Bv
+        tl.store(ok + (ook[None, :] + t[:, None] * sokt), xk.to(ok.dtype.element_ty), mask=io)
+        tl.store(ov + (oov[None, :] + t[:, None] * sovt), xv.to(ov.dtype.element_ty), mask=io)
+        if VARLEN:  # sequences end anywhere (an fp32 store in another layout: kept off the
+            # plain path, where only the last chunk's carry is a final state)
+            sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
+            fmask = is_end[:, None] & lm[None, :]
+            tl.store(hTk + sidx, xk, mask=fmask)
+            tl.store(hTv + sidx, xv, mask=fmask)
+        hk = _row(xk, r, BT - 1)
+        hv = _row(xv, r, BT - 1)
+    else:
+        ta = _row(A, r, BT - 1)
+        hk = ta * hk + _row(Bk, r, BT - 1)
+        hv = ta * hv + _row(Bv, r, BT - 1)
+        ga = ta * ga
+    return ga, hk, hv
+
+
+@triton.jit
 def _fwd_chunk(z, k, v, ok, ov, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt, h0k, h0v,
                hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv, L: tl.constexpr,
                BT: tl.constexpr, NSUB: tl.constexpr, HAS_H0: tl.constexpr,
-               VARLEN: tl.constexpr, PREFETCH: tl.constexpr, WRITE: tl.constexpr):
+               VARLEN: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+               WRITE: tl.constexpr):
     """Walks chunk c tile by tile from the state (hk, hv) ([L] each); returns (ga, hk, hv).
     WRITE=False (launch 1, started from zero): the chunk's affine map, state after =
     ga * state before + (hk, hv). WRITE=True (launch 3, started from the carry): stores k~, v~
-    and the final states that fall inside the chunk (ga unused)."""
+    and the final states that fall inside the chunk (ga unused). STAGES > 0: Triton's loop
+    pipeliner prefetches tiles through shared memory (PREFETCH ignored); else PREFETCH issues
+    the next tile's loads into registers before this tile's scan."""
     r = tl.arange(0, BT)
     ga = tl.full([L], 1.0, tl.float32)
     t0 = c * (NSUB * BT)
-    if PREFETCH:
-        zl, kx, vx = _fwd_load(z, k, v, oz, okx, ovx, szt, skt, svt, t0, T, lm, True, BT)
-    for s in range(0, NSUB):
-        ts = t0 + s * BT
-        if PREFETCH:  # the next tile's loads go out before this tile's scan
-            zn, kn, vn = _fwd_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts + BT, T, lm,
-                                   s + 1 < NSUB, BT)
-        else:
+    if STAGES > 0:
+        for s in tl.range(0, NSUB, num_stages=STAGES):
+            ts = t0 + s * BT
             zl, kx, vx = _fwd_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts, T, lm, True, BT)
-        A, Bk, Bv, n, is_end, t, io = _fwd_tile(zl, kx, vx, h0k, h0v, cu, seq_idx, ts, b, hh, H,
-                                                T, D, d, lm, BT, HAS_H0, VARLEN)
-        if WRITE:
-            xk = A * hk[None, :] + Bk
-            xv = A * hv[None, :] + Bv
-            tl.store(ok + (ook[None, :] + t[:, None] * sokt), xk.to(ok.dtype.element_ty), mask=io)
-            tl.store(ov + (oov[None, :] + t[:, None] * sovt), xv.to(ov.dtype.element_ty), mask=io)
-            if VARLEN:  # sequences end anywhere (an fp32 store in another layout: kept off the
-                # plain path, where only the last chunk's carry is a final state)
-                sidx = (n[:, None] * H + hh[None, :]).to(tl.int64) * D + d[None, :]
-                fmask = is_end[:, None] & lm[None, :]
-                tl.store(hTk + sidx, xk, mask=fmask)
-                tl.store(hTv + sidx, xv, mask=fmask)
-            hk = _row(xk, r, BT - 1)
-            hv = _row(xv, r, BT - 1)
-        else:
-            ta = _row(A, r, BT - 1)
-            hk = ta * hk + _row(Bk, r, BT - 1)
-            hv = ta * hv + _row(Bv, r, BT - 1)
-            ga = ta * ga
+            ga, hk, hv = _fwd_chunk_step(zl, kx, vx, ga, hk, hv, ts, r, ok, ov, ook, oov, sokt, sovt,
+                                         h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H, T, D, d, lm, BT,
+                                         HAS_H0, VARLEN, WRITE)
+    else:
         if PREFETCH:
-            zl, kx, vx = zn, kn, vn
+            zl, kx, vx = _fwd_load(z, k, v, oz, okx, ovx, szt, skt, svt, t0, T, lm, True, BT)
+        for s in range(0, NSUB):
+            ts = t0 + s * BT
+            if PREFETCH:  # the next tile's loads go out before this tile's scan
+                zn, kn, vn = _fwd_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts + BT, T, lm,
+                                       s + 1 < NSUB, BT)
+            else:
+                zl, kx, vx = _fwd_load(z, k, v, oz, okx, ovx, szt, skt, svt, ts, T, lm, True, BT)
+            ga, hk, hv = _fwd_chunk_step(zl, kx, vx, ga, hk, hv, ts, r, ok, ov, ook, oov, sokt, sovt,
+                                         h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H, T, D, d, lm, BT,
+                                         HAS_H0, VARLEN, WRITE)
+            if PREFETCH:
+                zl, kx, vx = zn, kn, vn
     if WRITE:
         if not VARLEN:
             last = (c + 1) * (NSUB * BT) >= T  # rows past T are the identity: the carry is final
@@ -223,7 +245,8 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
                            sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                            BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                            NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
-                           PREFETCH: tl.constexpr, OFF64: tl.constexpr, WRITE: tl.constexpr):
+                           PREFETCH: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr,
+                           WRITE: tl.constexpr):
     """Launches 1 and 3, grid (channel blocks, chunks). WRITE=False (chunks 0..NC-2): the
     aggregates into ws[3, NC, NCHB, L]. WRITE=True (every chunk): chunk c from chunk c-1's
     inclusive state, which launch 2 left in ws's two state planes."""
@@ -252,7 +275,7 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
                             _fwd_offsets(hh, d, sokh, sokd, OFF64),
                             _fwd_offsets(hh, d, sovh, sovd, OFF64), szt, skt, svt, sokt, sovt,
                             h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, hk, hv,
-                            L, BT, NSUB, HAS_H0, VARLEN, PREFETCH, WRITE)
+                            L, BT, NSUB, HAS_H0, VARLEN, PREFETCH, STAGES, WRITE)
     if not WRITE:
         o = (c.to(tl.int64) * NCHB + j) * L + lane
         tl.store(ws + o, ga)
@@ -312,19 +335,69 @@ def _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3):
 
 
 @triton.jit
+def _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx,
+                  b, hh, d, T, H, D, lm3, r3, w2,
+                  R: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                  HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
+    """One [R, W, L] tile from its entering state (hk, hv): writes k~, v~; returns the state after it."""
+    tm = t < T
+    io = tm & lm3
+    g, omg = _sig2(zl.to(tl.float32))
+    n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
+    bk = omg * kx.to(tl.float32)
+    bv = omg * vx.to(tl.float32)
+    if HAS_H0:
+        sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
+        smask = is_start & lm3
+        bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
+        bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
+    a = tl.where(is_start, 0., g)
+    a = tl.where(tm, a, 1.)  # steps past the end: identity
+    bk = tl.where(tm, bk, 0.)
+    bv = tl.where(tm, bv, 0.)
+    A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
+    last = r3 == R - 1
+    sa = tl.sum(tl.where(last, A, 0.), axis=0)  # [W, L] segment maps
+    sk = tl.sum(tl.where(last, Bk, 0.), axis=0)
+    sv = tl.sum(tl.where(last, Bv, 0.), axis=0)
+    one = tl.full([W, L], 1.0, tl.float32)
+    nil = tl.zeros([W, L], tl.float32)
+    FA, FK, FV, EA, EK, EV = tl.associative_scan((sa, sk, sv, one, nil, nil), axis=0,
+                                                 combine_fn=_pair_combine)
+    ck = EA * hk[None, :] + EK  # [W, L] state entering each segment
+    cv = EA * hv[None, :] + EV
+    xk = A * ck[None, :, :] + Bk
+    xv = A * cv[None, :, :] + Bv
+    tl.store(ok + (ook + t * sokt), xk.to(ok.dtype.element_ty), mask=io)
+    tl.store(ov + (oov + t * sovt), xv.to(ov.dtype.element_ty), mask=io)
+    if VARLEN:
+        sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
+        fmask = is_end & lm3
+        tl.store(hTk + sidx, xk, mask=fmask)
+        tl.store(hTv + sidx, xv, mask=fmask)
+    end = w2 == W - 1
+    hk = tl.sum(tl.where(end, FA * hk[None, :] + FK, 0.), axis=0)
+    hv = tl.sum(tl.where(end, FA * hv[None, :] + FV, 0.), axis=0)
+    return hk, hv
+
+
+@triton.jit
 def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
                     T, H, D, NDB, NHG,
                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
+                    STAGES: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
+                    OFF64: tl.constexpr):
     """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
     tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
     (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
     each segment, one scan across the W segments of their aggregates (with the exclusive prefix
-    carried along, see _pair_combine), the outputs from each segment's entering state. The next
-    tile's loads go out before this tile's math. Inputs are read once and outputs written once
-    (5 tensors of traffic); it needs many channel blocks (batch x heads) to fill the GPU."""
+    carried along, see _pair_combine), the outputs from each segment's entering state. Inputs
+    are read once and outputs written once (5 tensors of traffic); it needs many channel blocks
+    (batch x heads) to fill the GPU. STAGES = 0: the next tile's loads go out (into registers)
+    before this tile's math; STAGES > 0: Triton's loop pipeliner keeps STAGES - 1 tiles in
+    flight through shared memory (asynchronous copies), at no register cost."""
     j = tl.program_id(0)
     L: tl.constexpr = BH * BD
     b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
@@ -346,52 +419,22 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
     TT: tl.constexpr = R * W
     hk = tl.zeros([L], tl.float32)
     hv = tl.zeros([L], tl.float32)
-    zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
-    t0 = T * 0
-    while t0 < T:
-        t = t0 + step
-        # the next tile's loads go out before this tile's math
-        zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
-        tm = t < T
-        io = tm & lm3
-        g, omg = _sig2(zl.to(tl.float32))
-        n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
-        bk = omg * kx.to(tl.float32)
-        bv = omg * vx.to(tl.float32)
-        if HAS_H0:
-            sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
-            smask = is_start & lm3
-            bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
-            bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
-        a = tl.where(is_start, 0., g)
-        a = tl.where(tm, a, 1.)  # steps past the end: identity
-        bk = tl.where(tm, bk, 0.)
-        bv = tl.where(tm, bv, 0.)
-        A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
-        last = r3 == R - 1
-        sa = tl.sum(tl.where(last, A, 0.), axis=0)  # [W, L] segment maps
-        sk = tl.sum(tl.where(last, Bk, 0.), axis=0)
-        sv = tl.sum(tl.where(last, Bv, 0.), axis=0)
-        one = tl.full([W, L], 1.0, tl.float32)
-        nil = tl.zeros([W, L], tl.float32)
-        FA, FK, FV, EA, EK, EV = tl.associative_scan((sa, sk, sv, one, nil, nil), axis=0,
-                                                     combine_fn=_pair_combine)
-        ck = EA * hk[None, :] + EK  # [W, L] state entering each segment
-        cv = EA * hv[None, :] + EV
-        xk = A * ck[None, :, :] + Bk
-        xv = A * cv[None, :, :] + Bv
-        tl.store(ok + (ook + t * sokt), xk.to(ok.dtype.element_ty), mask=io)
-        tl.store(ov + (oov + t * sovt), xv.to(ov.dtype.element_ty), mask=io)
-        if VARLEN:
-            sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
-            fmask = is_end & lm3
-            tl.store(hTk + sidx, xk, mask=fmask)
-            tl.store(hTv + sidx, xv, mask=fmask)
-        end = w2 == W - 1
-        hk = tl.sum(tl.where(end, FA * hk[None, :] + FK, 0.), axis=0)
-        hv = tl.sum(tl.where(end, FA * hv[None, :] + FV, 0.), axis=0)
-        zl, kx, vx = zn, kn, vn
-        t0 += TT
+    if STAGES > 0:
+        for t0 in tl.range(0, T, TT, num_stages=STAGES):
+            t = t0 + step
+            zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3)
+            hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
+                                   cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
+    else:
+        zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
+        t0 = T * 0
+        while t0 < T:
+            t = t0 + step
+            zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
+            hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
+                                   cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
+            zl, kx, vx = zn, kn, vn
+            t0 += TT
     if not VARLEN:
         sidx = (b * H + hh).to(tl.int64) * D + d
         tl.store(hTk + sidx, hk, mask=lm)
@@ -643,7 +686,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "num_stages": None, "kernel": "auto", "R": 2, "W": 8}
+                 "stages": 0, "kernel": "auto", "R": 2, "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01): at batch 8
@@ -778,8 +821,8 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
-    BD, CT (int or 'auto'), num_warps, prefetch, num_stages) or 'seq' (one launch; BH, BD, R, W,
-    num_warps)).
+    BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, R, W,
+    num_warps, stages)); stages > 0 pipelines the tile loads through shared memory.
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -806,16 +849,17 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         strides = [s for x in tensors for s in _strides4(x)]
         NC, NCHB = p["NC"], p["NCHB"]
         if p["kernel"] == "seq":
+            # triton 3.6's interpreter cannot run tl.range over a runtime bound (T): it walks
+            # the same tiles with the register prefetch there
+            seq_stages = 0 if _interpreting() else p["stages"]
             _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
-                                     BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
+                                     BD=p["BD"], BH=p["BH"], STAGES=seq_stages, HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
                                      OFF64=span >= 2**31, num_warps=p["num_warps"])
         else:
             sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
             meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
-                        VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]),
+                        VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]), STAGES=p["stages"],
                         OFF64=span >= 2**31, num_warps=p["num_warps"])
-            if p["num_stages"]:
-                meta["num_stages"] = p["num_stages"]
             ws = _dummy(dev, torch.float32)
             if NC > 1:
                 M = NCHB * p["BH"] * p["BD"]
