@@ -54,6 +54,9 @@ FWD_VARIANTS = [
     dict(kernel="chunk", BH=2, BT=2, num_warps=1, CT=64),
     dict(kernel="chunk", BH=4, BT=2, num_warps=2, CT=512),
     dict(kernel="chunk", BH=4, BT=2, num_warps=2),  # the chunk plan (CT rule) where seq is the default
+    # tile loads pipelined through shared memory: ahead at 1 x 4096 as a CUDA graph (2026-12-01)
+    dict(kernel="chunk", BH=4, BT=2, num_warps=2, stages=3),
+    dict(kernel="chunk", BH=4, BT=4, num_warps=2, stages=3),
     # one launch, each program walks the whole sequence (inputs read once): needs many
     # channel blocks, i.e. batch x heads
     dict(kernel="seq", BH=1, R=2, W=8),

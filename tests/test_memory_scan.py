@@ -32,9 +32,8 @@ PLAN_IDS = list(PLANS)
 FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, R=2, W=4)),
              "seq-R1": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8)),
-             # the loop-pipelined forms (tl.range with num_stages; the interpreter runs the loop plainly)
-             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3)),
-             "seq-staged": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=2, W=4, stages=3))}
+             # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
+             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
@@ -331,5 +330,7 @@ def test_unknown_options_are_refused():
         memory_scan_fused(z, z, z, fwd=dict(lbw=2))
     with pytest.raises(ValueError, match="forward kernel must be"):
         memory_scan_fused(z, z, z, fwd=dict(kernel="chunklb"))
+    with pytest.raises(ValueError, match="stages=3 is for kernel='chunk' only"):
+        memory_scan_fused(z, z, z, fwd=dict(kernel="seq", stages=3))
     with pytest.raises(ValueError, match="backward options"):
         memory_scan_fused(z, z, z, bwd=dict(CT=8))

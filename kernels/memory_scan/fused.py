@@ -387,17 +387,15 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    STAGES: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
-                    OFF64: tl.constexpr):
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
     """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
     tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
     (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
     each segment, one scan across the W segments of their aggregates (with the exclusive prefix
     carried along, see _pair_combine), the outputs from each segment's entering state. Inputs
     are read once and outputs written once (5 tensors of traffic); it needs many channel blocks
-    (batch x heads) to fill the GPU. STAGES = 0: the next tile's loads go out (into registers)
-    before this tile's math; STAGES > 0: Triton's loop pipeliner keeps STAGES - 1 tiles in
-    flight through shared memory (asynchronous copies), at no register cost."""
+    (batch x heads) to fill the GPU. The next tile's loads go out before this tile's math (Triton's
+    loop pipelining through shared memory lost here: bench/NOTES-scan.md, 2026-12-01)."""
     j = tl.program_id(0)
     L: tl.constexpr = BH * BD
     b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
@@ -419,22 +417,16 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
     TT: tl.constexpr = R * W
     hk = tl.zeros([L], tl.float32)
     hv = tl.zeros([L], tl.float32)
-    if STAGES > 0:
-        for t0 in tl.range(0, T, TT, num_stages=STAGES):
-            t = t0 + step
-            zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3)
-            hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
-                                   cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
-    else:
-        zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
-        t0 = T * 0
-        while t0 < T:
-            t = t0 + step
-            zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
-            hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
-                                   cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
-            zl, kx, vx = zn, kn, vn
-            t0 += TT
+    zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
+    t0 = T * 0
+    while t0 < T:
+        t = t0 + step
+        # the next tile's loads go out before this tile's math
+        zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
+        hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
+                               cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
+        zl, kx, vx = zn, kn, vn
+        t0 += TT
     if not VARLEN:
         sidx = (b * H + hh).to(tl.int64) * D + d
         tl.store(hTk + sidx, hk, mask=lm)
@@ -737,6 +729,8 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     cfg = _options(opts, _FWD_DEFAULTS, "forward")
     if cfg["kernel"] not in ("auto", "chunk", "seq"):
         raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
+    if cfg["kernel"] == "seq" and cfg["stages"]:
+        raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
     if cfg["kernel"] == "auto":  # "seq" once single-head channel blocks fill the GPU (see above)
         blocks = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D)))
         seq = blocks >= _SEQ_BLOCKS_PER_SM * _num_sms(device)
@@ -822,7 +816,7 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
     BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, R, W,
-    num_warps, stages)); stages > 0 pipelines the tile loads through shared memory.
+    num_warps)); chunk's stages > 0 pipelines its tile loads through shared memory.
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -849,11 +843,8 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         strides = [s for x in tensors for s in _strides4(x)]
         NC, NCHB = p["NC"], p["NCHB"]
         if p["kernel"] == "seq":
-            # triton 3.6's interpreter cannot run tl.range over a runtime bound (T): it walks
-            # the same tiles with the register prefetch there
-            seq_stages = 0 if _interpreting() else p["stages"]
             _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
-                                     BD=p["BD"], BH=p["BH"], STAGES=seq_stages, HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
+                                     BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
                                      OFF64=span >= 2**31, num_warps=p["num_warps"])
         else:
             sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
