@@ -53,9 +53,9 @@ H, D = 32, 128
 FWD_VARIANTS = [
     dict(kernel="chunk", BH=2, BT=2, num_warps=1, CT=64),
     dict(kernel="chunk", BH=4, BT=2, num_warps=2, CT=512),
-    dict(kernel="chunk", BH=4, BT=2, num_warps=2),  # the chunk plan (CT rule) where seq is the default
-    # tile loads pipelined through shared memory: ahead at 1 x 4096 as a CUDA graph (2026-12-01)
-    dict(kernel="chunk", BH=4, BT=2, num_warps=2, stages=3),
+    # the chunk plan's two tiles (CT rule): plain (where seq or the pipelined tile is the default)
+    # and BT 4 with loads pipelined through shared memory (the default with few programs per SM)
+    dict(kernel="chunk", BH=4, BT=2, num_warps=2),
     dict(kernel="chunk", BH=4, BT=4, num_warps=2, stages=3),
     # one launch, each program walks the whole sequence (inputs read once): needs many
     # channel blocks, i.e. batch x heads

@@ -686,6 +686,11 @@ _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # of copy) against 0.543 / 2.125 / 4.238 ms for the chunk plan (58-59 %); at batch 1 (0.24 per
 # SM) it is 3-5x slower than chunk. Batch sizes in between were not measured.
 _SEQ_BLOCKS_PER_SM = 1.5
+# With fewer chunk programs than this per SM (1 x 4096 at 32 heads x 128: 3.9), the default chunk
+# plan takes BT 4 with its loads pipelined 3 stages deep. H200 CUDA graphs (NOTES-scan.md,
+# 2026-12-01): 1 x 4096 0.0884 / 0.0888 / 0.0879 ms in three runs against 0.100 for BT 2
+# unpipelined; at 7.8 programs per SM (2 x 4096) it lost (0.192 vs 0.153 ms).
+_FEW_PROGRAMS_PER_SM, _FEW_PROGRAMS_TILE = 4, (4, 3)
 # Backward defaults from bench/results/scan.json (run 1, H200): BT64 BD32 w4, chained at batch 1
 # and loop at batch 8 (chain_below = 4 x SMs channel blocks). The 2026-11-30 sweep timed no
 # other backward (its fwd+bwd rows all ran this one).
@@ -727,6 +732,7 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     """The forward launch: the options given over _FWD_DEFAULTS, CT 'auto' resolved, and the
     derived sizes (NSUB tiles per chunk, NC chunks, NCHB channel blocks of BH heads x BD)."""
     cfg = _options(opts, _FWD_DEFAULTS, "forward")
+    given = {k for k, x in (opts or {}).items() if x is not None}
     if cfg["kernel"] not in ("auto", "chunk", "seq"):
         raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq" and cfg["stages"]:
@@ -735,7 +741,7 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         blocks = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D)))
         seq = blocks >= _SEQ_BLOCKS_PER_SM * _num_sms(device)
         cfg["kernel"] = "seq" if seq else "chunk"
-        if seq and "BH" not in {k for k, x in (opts or {}).items() if x is not None}:
+        if seq and "BH" not in given:
             cfg["BH"] = 1
     BD = min(cfg["BD"], triton.next_power_of_2(D))
     BH = max(1, min(cfg["BH"], triton.next_power_of_2(H)))
@@ -747,6 +753,9 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     if CT == "auto":
         want = triton.cdiv(T * NCHB, _PROGRAMS_PER_SM * _num_sms(device))
         CT = min(max(triton.next_power_of_2(max(want, 1)), _CT_MIN), _CT_MAX)
+    if (cfg["kernel"] == "chunk" and not given & {"kernel", "BT", "stages"}
+            and NCHB * triton.cdiv(T, CT) < _FEW_PROGRAMS_PER_SM * _num_sms(device)):
+        BT, cfg["stages"] = _FEW_PROGRAMS_TILE  # more loads in flight per program (see above)
     CT = max(BT, (CT // BT) * BT)
     L = BH * BD
     if cfg["kernel"] == "seq":  # W segments of R steps per tile, 8 lanes per thread
