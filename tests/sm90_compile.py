@@ -3,7 +3,8 @@ tests/test_kernels_sm90.py in a subprocess: TRITON_INTERPRET must be off before 
 
 The interpreter runs our kernels on CPU but skips the compiler's front end, and it never applies
 Triton's argument specialisation: an int argument equal to 1 becomes a constexpr, so e.g.
-``NC.to(tl.int64)`` compiles for NC = 8 and fails for NC = 1. Here every public op runs on CPU
+``NC.to(tl.int64)`` compiles for NC = 8 and fails for NC = 1. Pointers and ints divisible by
+16 carry the launcher's divisibility hint too, so the PTX has the vector loads the GPU gets. Here every public op runs on CPU
 tensors with JITFunction.run replaced by a recorder; each recorded launch (specialised the way
 Triton's launcher would) is then compiled for an H100/H200. Shapes are chosen to hit the value 1
 (batch 1, one head, one chunk, one page). Prints one line per failure; exit status 1 if any.
@@ -27,24 +28,28 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
        torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+DIV16 = [["tt.divisibility", 16]]
 launches: dict = {}
 
 
 def _record(self, *args, grid, warmup, **kwargs):
     names = [n for n in self.arg_names if n not in kwargs]
-    sig, consts, ones = {}, {}, []
+    sig, consts, attrs, ones = {}, {}, {}, []
     for i, name in enumerate(self.arg_names):
         a = kwargs[name] if name in kwargs else args[names.index(name)]
         if name in kwargs or a is None or isinstance(a, bool):
             sig[name], consts[(i,)] = "constexpr", a
         elif isinstance(a, torch.Tensor):
             sig[name] = PTR[a.dtype]
+            attrs[(i,)] = DIV16  # a CUDA allocation is 16-byte aligned
         elif isinstance(a, int):
             if a == 1 and i not in self.do_not_specialize and name not in self.do_not_specialize:
                 sig[name], consts[(i,)] = "constexpr", 1  # what Triton's launcher does with a 1
                 ones.append(name)
             else:
                 sig[name] = "i64" if abs(a) >= 2**31 else "i32"
+                if a % 16 == 0 and i not in self.do_not_specialize and name not in self.do_not_specialize:
+                    attrs[(i,)] = DIV16  # and with a multiple of 16 (vector loads follow from it)
         elif isinstance(a, float):
             sig[name] = "fp32"
         else:
@@ -52,8 +57,9 @@ def _record(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if kwargs.get(k) is not None}
     for k in LAUNCH_OPTIONS:
         sig.pop(k, None)
-    key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(options.items())))
-    launches.setdefault(key, (self, sig, consts, options, ones))
+    key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(attrs)),
+           tuple(sorted(options.items())))
+    launches.setdefault(key, (self, sig, consts, attrs, options, ones))
     return None  # outputs stay uninitialised; only the launches matter
 
 
@@ -117,9 +123,9 @@ def main() -> int:
         except Exception:  # uninitialised outputs may upset a wrapper after its launch: keep going
             pass
     failures = 0
-    for (name, *_), (fn, sig, consts, options, ones) in launches.items():
+    for (name, *_), (fn, sig, consts, attrs, options, ones) in launches.items():
         try:
-            triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=options)
+            triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=options)
         except Exception as e:  # noqa: BLE001 - report every kernel, not just the first
             failures += 1
             last = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
