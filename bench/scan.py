@@ -14,6 +14,12 @@ cu_seqlens, every output element written) runs before any timing; the backward's
 schedule (spin-waits) is first tried in a subprocess with a time limit, so a hang cannot eat the
 whole run.
 
+    python bench/scan.py --fwd-only --shapes 1x4096,8x4096 \
+        --fwd-variants '[{"kernel": "chunk", "BT": 4, "stages": 3}, {"kernel": "seq", "BH": 1}]'
+
+times the given forward configs (checked on the GPU first) beside the default plan, forward rows
+only (no backward, fla or associative scan).
+
     python bench/scan.py --sweep --out $OUT/scan_sweep.json [--budget-s 170]
 
 times forward configs of the "chunk" kernels (tile sizes x num_warps x prefetch x chunk length,
@@ -40,7 +46,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.memory_scan.fused import memory_scan_fused, scan_bwd, scan_fwd  # noqa: E402
+from kernels.memory_scan.fused import _FWD_DEFAULTS, memory_scan_fused, scan_bwd, scan_fwd  # noqa: E402
 from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -91,10 +97,11 @@ def _shapes(text):
 
 def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
+    g = {**_FWD_DEFAULTS, "num_warps": "auto", **c}  # options not given: the plan's defaults
     if c.get("kernel") == "seq":
-        n = f"seq-BH{c['BH']}-BD{c.get('BD', 128)}-R{c.get('R', 2)}-W{c.get('W', 8)}"
+        n = f"seq-BH{g['BH']}-BD{g['BD']}-R{g['R']}-W{g['W']}"
     else:
-        n = f"chunk-BH{c['BH']}-BT{c['BT']}-w{c['num_warps']}-CT{c.get('CT', 'auto')}"
+        n = f"{g['kernel']}-BH{g['BH']}-BT{g['BT']}-w{g['num_warps']}-CT{g['CT']}"
         if c.get("BD", 128) != 128:
             n += f"-BD{c['BD']}"
         if not c.get("prefetch", True):
