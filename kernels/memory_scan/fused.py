@@ -737,7 +737,8 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq" and cfg["stages"]:
         raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
-    if cfg["kernel"] == "auto":  # "seq" once single-head channel blocks fill the GPU (see above)
+    auto = cfg["kernel"] == "auto"
+    if auto:  # "seq" once single-head channel blocks fill the GPU (see above)
         blocks = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D)))
         seq = blocks >= _SEQ_BLOCKS_PER_SM * _num_sms(device)
         cfg["kernel"] = "seq" if seq else "chunk"
@@ -753,7 +754,7 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     if CT == "auto":
         want = triton.cdiv(T * NCHB, _PROGRAMS_PER_SM * _num_sms(device))
         CT = min(max(triton.next_power_of_2(max(want, 1)), _CT_MIN), _CT_MAX)
-    if (cfg["kernel"] == "chunk" and not given & {"kernel", "BT", "stages"}
+    if (auto and cfg["kernel"] == "chunk" and not given & {"BT", "stages"}
             and NCHB * triton.cdiv(T, CT) < _FEW_PROGRAMS_PER_SM * _num_sms(device)):
         BT, cfg["stages"] = _FEW_PROGRAMS_TILE  # more loads in flight per program (see above)
     CT = max(BT, (CT // BT) * BT)
