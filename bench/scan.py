@@ -3,8 +3,9 @@
     python bench/scan.py [--out bench/results/scan.json] [--quick] [--commit SHA]
 
 bf16, heads 32, dim 128, batch 1 and 8, seq 4096..32768, forward and forward+backward: the
-default plan (forward: "chunk" kernels with the CT rule of fused._fwd_plan; backward: "scan"
-kernel) and a few pinned alternatives. In the same run: a device-to-device copy (the bandwidth
+default plan (forward: fused._fwd_plan's choice, the one-launch "seq" kernel when batch x heads
+fills the GPU, else the "chunk" kernels; backward: "scan" kernel) and a few pinned alternatives
+(FWD_VARIANTS, BWD_VARIANTS). In the same run: a device-to-device copy (the bandwidth
 ceiling), torch ``associative_scan`` under ``torch.compile`` in fp32 (RAT+'s approach, k and v
 concatenated), fla-core's ``chunk_hgrn`` (when importable) and our torch twin. Bytes counted
 for the scan: gate logits, k and v read, k~ and v~ written (5 tensors); forward+backward adds the backward's 7 reads
