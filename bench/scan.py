@@ -109,6 +109,8 @@ def fname(c):
             n += "-nopf"
     if c.get("stages"):
         n += f"-S{c['stages']}"
+    if c.get("hints"):
+        n += "-hints"
     return n
 
 
