@@ -109,8 +109,6 @@ def fname(c):
             n += "-nopf"
     if c.get("stages"):
         n += f"-S{c['stages']}"
-    if c.get("hints"):
-        n += "-hints"
     return n
 
 

@@ -327,21 +327,18 @@ def _pair_combine(fa1, fk1, fv1, ea1, ek1, ev1, fa2, fk2, fv2, ea2, ek2, ev2):
 
 
 @triton.jit
-def _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3, HINTS: tl.constexpr):
-    """Raw [R, W, L] tiles of z, k, v at steps t ([R, W, 1]); nothing loaded past T. HINTS: the
-    lines are marked first to evict (each is read once)."""
+def _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3):
+    """Raw [R, W, L] tiles of z, k, v at steps t ([R, W, 1]); nothing loaded past T."""
     io = (t < T) & lm3
-    ev: tl.constexpr = "evict_first" if HINTS else ""
-    return (tl.load(z + (oz + t * szt), mask=io, other=0., eviction_policy=ev),
-            tl.load(k + (okx + t * skt), mask=io, other=0., eviction_policy=ev),
-            tl.load(v + (ovx + t * svt), mask=io, other=0., eviction_policy=ev))
+    return (tl.load(z + (oz + t * szt), mask=io, other=0.), tl.load(k + (okx + t * skt), mask=io, other=0.),
+            tl.load(v + (ovx + t * svt), mask=io, other=0.))
 
 
 @triton.jit
 def _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx,
                   b, hh, d, T, H, D, lm3, r3, w2,
                   R: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
-                  HAS_H0: tl.constexpr, VARLEN: tl.constexpr, HINTS: tl.constexpr):
+                  HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
     """One [R, W, L] tile from its entering state (hk, hv): writes k~, v~; returns the state after it."""
     tm = t < T
     io = tm & lm3
@@ -371,9 +368,8 @@ def _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v,
     cv = EA * hv[None, :] + EV
     xk = A * ck[None, :, :] + Bk
     xv = A * cv[None, :, :] + Bv
-    cm: tl.constexpr = ".cs" if HINTS else ""  # streaming stores: written once, not read here
-    tl.store(ok + (ook + t * sokt), xk.to(ok.dtype.element_ty), mask=io, cache_modifier=cm)
-    tl.store(ov + (oov + t * sovt), xv.to(ov.dtype.element_ty), mask=io, cache_modifier=cm)
+    tl.store(ok + (ook + t * sokt), xk.to(ok.dtype.element_ty), mask=io)
+    tl.store(ov + (oov + t * sovt), xv.to(ov.dtype.element_ty), mask=io)
     if VARLEN:
         sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
         fmask = is_end & lm3
@@ -391,8 +387,7 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                     R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    HINTS: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
-                    OFF64: tl.constexpr):
+                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
     """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
     tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
     (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
@@ -422,14 +417,14 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
     TT: tl.constexpr = R * W
     hk = tl.zeros([L], tl.float32)
     hv = tl.zeros([L], tl.float32)
-    zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3, HINTS)
+    zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
     t0 = T * 0
     while t0 < T:
         t = t0 + step
         # the next tile's loads go out before this tile's math
-        zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3, HINTS)
+        zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
         hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
-                               cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN, HINTS)
+                               cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
         zl, kx, vx = zn, kn, vn
         t0 += TT
     if not VARLEN:
@@ -683,7 +678,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "stages": 0, "kernel": "auto", "R": 2, "W": 8, "hints": False}
+                 "stages": 0, "kernel": "auto", "R": 2, "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01): at batch 8
@@ -859,7 +854,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         NC, NCHB = p["NC"], p["NCHB"]
         if p["kernel"] == "seq":
             _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
-                                     BD=p["BD"], BH=p["BH"], HINTS=bool(p["hints"]), HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
+                                     BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
                                      OFF64=span >= 2**31, num_warps=p["num_warps"])
         else:
             sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
