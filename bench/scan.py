@@ -103,12 +103,12 @@ def fname(c):
         n = f"seq-BH{g['BH']}-BD{g['BD']}-R{g['R']}-W{g['W']}"
     else:
         n = f"{g['kernel']}-BH{g['BH']}-BT{g['BT']}-w{g['num_warps']}-CT{g['CT']}"
-        if c.get("BD", 128) != 128:
-            n += f"-BD{c['BD']}"
-        if not c.get("prefetch", True):
+        if g["BD"] != 128:
+            n += f"-BD{g['BD']}"
+        if not g["prefetch"]:
             n += "-nopf"
-    if c.get("stages"):
-        n += f"-S{c['stages']}"
+    if g["stages"]:
+        n += f"-S{g['stages']}"
     return n
 
 

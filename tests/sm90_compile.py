@@ -4,10 +4,11 @@ tests/test_kernels_sm90.py in a subprocess: TRITON_INTERPRET must be off before 
 The interpreter runs our kernels on CPU but skips the compiler's front end, and it never applies
 Triton's argument specialisation: an int argument equal to 1 becomes a constexpr, so e.g.
 ``NC.to(tl.int64)`` compiles for NC = 8 and fails for NC = 1. Pointers and ints divisible by
-16 carry the launcher's divisibility hint too, so the PTX has the vector loads the GPU gets. Here every public op runs on CPU
-tensors with JITFunction.run replaced by a recorder; each recorded launch (specialised the way
-Triton's launcher would) is then compiled for an H100/H200. Shapes are chosen to hit the value 1
-(batch 1, one head, one chunk, one page). Prints one line per failure; exit status 1 if any.
+16 carry the launcher's divisibility hint too, so the PTX has the vector loads the GPU gets.
+Here every public op runs on CPU tensors with JITFunction.run replaced by a recorder; each
+recorded launch (specialised the way Triton's launcher would) is then compiled for an H100/H200.
+Shapes are chosen to hit the value 1 (batch 1, one head, one chunk, one page). Prints one line
+per failure; exit status 1 if any.
 """
 from __future__ import annotations
 
@@ -37,18 +38,19 @@ def _record(self, *args, grid, warmup, **kwargs):
     sig, consts, attrs, ones = {}, {}, {}, []
     for i, name in enumerate(self.arg_names):
         a = kwargs[name] if name in kwargs else args[names.index(name)]
+        specialise = i not in self.do_not_specialize and name not in self.do_not_specialize
         if name in kwargs or a is None or isinstance(a, bool):
             sig[name], consts[(i,)] = "constexpr", a
         elif isinstance(a, torch.Tensor):
             sig[name] = PTR[a.dtype]
             attrs[(i,)] = DIV16  # a CUDA allocation is 16-byte aligned
         elif isinstance(a, int):
-            if a == 1 and i not in self.do_not_specialize and name not in self.do_not_specialize:
+            if a == 1 and specialise:
                 sig[name], consts[(i,)] = "constexpr", 1  # what Triton's launcher does with a 1
                 ones.append(name)
             else:
                 sig[name] = "i64" if abs(a) >= 2**31 else "i32"
-                if a % 16 == 0 and i not in self.do_not_specialize and name not in self.do_not_specialize:
+                if a % 16 == 0 and specialise:
                     attrs[(i,)] = DIV16  # and with a multiple of 16 (vector loads follow from it)
         elif isinstance(a, float):
             sig[name] = "fp32"

@@ -21,8 +21,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert p.returncode == 2 and "missing.json" in p.stderr.strip().splitlines()[-1]
 
 
-def test_config_names_fill_in_the_plan_defaults():
-    sys.path.insert(0, str(REPO / "bench"))
+def test_config_names_fill_in_the_plan_defaults(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     import scan
     assert scan.fname({"kernel": "chunk", "BT": 4, "stages": 3}) == "chunk-BH4-BT4-wauto-CTauto-S3"
     assert scan.fname({"kernel": "seq", "BH": 1}) == "seq-BH1-BD128-R2-W8"
