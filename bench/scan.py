@@ -47,7 +47,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.memory_scan.fused import _FWD_DEFAULTS, memory_scan_fused, scan_bwd, scan_fwd  # noqa: E402
+from kernels.memory_scan.fused import (_FWD_DEFAULTS, _fwd_plan, memory_scan_fused, scan_bwd,  # noqa: E402
+                                       scan_fwd)
 from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -118,6 +119,8 @@ def _variants(text):
         vs = json.loads(Path(text).read_text() if text.endswith(".json") else text)
         if not (isinstance(vs, list) and all(isinstance(v, dict) for v in vs)):
             raise ValueError("not a list of objects")
+        for v in vs:  # unknown options or bad combinations fail here, before any GPU work
+            _fwd_plan(1, 16, H, D, torch.device("cpu"), v)
     except (OSError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"{text[:80]!r}: expected a JSON list of forward option dicts ({e})")
     return vs

@@ -17,6 +17,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert p.returncode == 2 and "expected BxT" in p.stderr.strip().splitlines()[-1]
     p = _run("--fwd-variants", '[{"kernel": "seq"')
     assert p.returncode == 2 and "expected a JSON list of forward option dicts" in p.stderr.strip().splitlines()[-1]
+    p = _run("--fwd-variants", '[{"kernel": "seq", "stages": 3}]')
+    assert p.returncode == 2 and "stages=3 is for kernel='chunk' only" in p.stderr.strip().splitlines()[-1]
+    p = _run("--fwd-variants", '[{"lbw": 2}]')
+    assert p.returncode == 2 and "unknown forward options ['lbw']" in p.stderr.strip().splitlines()[-1]
     p = _run("--fwd-variants", str(tmp_path / "missing.json"))
     assert p.returncode == 2 and "missing.json" in p.stderr.strip().splitlines()[-1]
 
