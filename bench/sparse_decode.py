@@ -122,7 +122,7 @@ def correctness(dev, dtype):
     return res
 
 
-def run_decode(dev, dtype, B, T, budgets, graphs, groups=()):
+def run_decode(dev, dtype, B, T, budgets, graphs):
     g = torch.Generator(device=dev).manual_seed(1)
     k = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
     v = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
@@ -165,25 +165,12 @@ def run_decode(dev, dtype, B, T, budgets, graphs, groups=()):
             idx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0]
             return sp.block_sparse_decode(q, k, v, idx, MOBA_BLOCK)
 
-        def quest_grouped(n_groups, priority):
-            from kernels.sparse import triton_ops as to
-            return lambda: to.quest_decode(q, kmin, kmax, k, v, n_pages, PAGE, groups=n_groups,
-                                           priority=priority)
-
         sel = quest_select()
         midx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0].contiguous()
         entries = [("quest_total", quest), ("quest_select_only", quest_select),
                    ("quest_scores_only", quest_scores_only), ("moba_total", moba),
                    ("quest_attn_only", lambda: sp.block_sparse_decode(q, k, v, sel, PAGE)),
                    ("moba_attn_only", lambda: sp.block_sparse_decode(q, k, v, midx, MOBA_BLOCK))]
-        want = quest()
-        for ng in groups:  # head groups pipelined over CUDA streams (kernels/sparse quest_decode)
-            for prio in (-1, 0):
-                fn = quest_grouped(ng, prio)
-                err = _rel(fn(), want)  # other split counts per group: bf16 rounding only
-                if err > 5e-3:
-                    raise SystemExit(f"quest_decode groups={ng} priority={prio}: rel err {err:.2e} vs quest")
-                entries.append((f"quest_groups{ng}_prio{prio}", fn))
         for name, fn in entries:
             t = _bench(fn)
             row = dict(B=B, T=T, method=name, budget=bud, ms=t, speedup_vs_sdpa=t_dense / t)
@@ -517,9 +504,6 @@ def main():
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--budgets", default="1/8,1/16,1/32")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--quest-groups", default="",
-                    help="comma list: also time quest_decode with that many head groups on CUDA "
-                         "streams (stream priority -1 and 0), e.g. 2,4,8")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Quest-decode components (score configs, top-k variants, decode "
                          "launch configs) separately, and end to end")
@@ -565,8 +549,7 @@ def main():
     result["decode"] = []
     for T in [int(x) for x in args.contexts.split(",")]:
         for B in batches:
-            rows = run_decode(dev, dtype, B, T, budgets, not args.no_graphs,
-                              [int(x) for x in args.quest_groups.split(",") if x])
+            rows = run_decode(dev, dtype, B, T, budgets, not args.no_graphs)
             result["decode"].extend(rows)
             save()
             for r in rows:

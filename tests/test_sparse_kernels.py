@@ -129,28 +129,6 @@ def test_quest_select(backend, G):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("G", [1, 2])
-def test_quest_decode(backend, G):
-    """quest_decode equals quest_select + block_sparse_decode for every head grouping (on CUDA
-    the groups run on side streams), also with the selection from other keys than the attended
-    ones (the memory's K~ selecting, plain K attended) and the query's page forced."""
-    B, Hkv, T, D, page = 2, 4, 83, 16, 4  # 21 pages, the last one partial
-    k, v, km = _rand(B, Hkv, T, D, seed=50), _rand(B, Hkv, T, D, seed=51), _rand(B, Hkv, T, D, seed=52)
-    q = _rand(B, Hkv * G, D, seed=53)
-    sl = torch.tensor([83, 40], device=DEV)
-    for keys, n_sel, force in ((k, 5, True), (km, 7, False), (km, 21, True)):
-        kmin, kmax = naive.page_minmax_torch(keys, page, sl)
-        idx = naive.quest_select_torch(q, kmin, kmax, n_sel, sl, page, force)
-        want = naive.block_sparse_decode_torch(q, k, v, idx, page, sl)
-        for groups in (1, 2, 4):
-            got = sp.quest_decode(q, kmin, kmax, k, v, n_sel, page, seq_len=sl, force_last=force,
-                                  groups=groups, backend=backend)
-            assert got.shape == q.shape and _rel(got, want) < 1e-5, (n_sel, groups)
-    with pytest.raises(ValueError, match="groups=3 must divide the 4 KV heads"):
-        sp.quest_decode(q, kmin, kmax, k, v, 5, page, seq_len=sl, groups=3, backend=backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_means(backend, dtype):
     B, H, T, D, bs = 2, 2, 29, 16, 8

@@ -14,7 +14,7 @@ from . import naive
 from .._dispatch import use_triton as _use_triton
 from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
 
-__all__ = ["page_minmax", "page_minmax_update", "quest_scores", "quest_select", "quest_decode", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
+__all__ = ["page_minmax", "page_minmax_update", "quest_scores", "quest_select", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
            "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
            "block_sparse_mask", "dilated_mask", "select_topk"]
 
@@ -62,24 +62,6 @@ def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=Fals
     if _use_triton(backend, q, kmin, kmax):
         return _ops().quest_select(q, kmin, kmax, k, seq_len, page_size, force_last)
     return naive.quest_select_torch(q, kmin, kmax, k, seq_len, page_size, force_last)
-
-
-def quest_decode(q, kmin, kmax, k, v, n_sel, page_size, seq_len=None, scale=None,
-                 force_last=False, groups=1, backend: str = "auto"):
-    """Quest decode in one op: ``block_sparse_decode(q, k, v, quest_select(q, kmin, kmax, n_sel,
-    ...), page_size, ...)`` -> [B, Hq, D] (per-query-head pages; kmin/kmax may come from other
-    keys than k, e.g. the memory's K~ for selection and plain K for attention).
-
-    ``groups`` (CUDA): pipeline that many head groups (each whole KV groups) over CUDA streams so
-    that one group's top-k and attention overlap the next group's scores; the result is the same.
-    """
-    if groups < 1 or kmin.shape[1] % groups:
-        raise ValueError(f"quest_decode: groups={groups} must divide the {kmin.shape[1]} KV heads")
-    if _use_triton(backend, q, kmin, kmax, k, v):
-        return _ops().quest_decode(q, kmin, kmax, k, v, n_sel, page_size, seq_len, scale,
-                                   force_last=force_last, groups=groups)
-    return naive.quest_decode_torch(q, kmin, kmax, k, v, n_sel, page_size, seq_len, scale,
-                                    force_last)
 
 
 def block_means(k, block_size, seq_len=None, backend: str = "auto"):

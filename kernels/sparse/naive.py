@@ -94,13 +94,6 @@ def quest_select_torch(q, kmin, kmax, k, seq_len=None, page_size=None, force_las
     return select_topk_torch(s, k)
 
 
-def quest_decode_torch(q, kmin, kmax, k, v, n_sel, page_size, seq_len=None, scale=None,
-                       force_last=False):
-    """quest_select_torch then block_sparse_decode_torch (per-query-head pages)."""
-    idx = quest_select_torch(q, kmin, kmax, n_sel, seq_len, page_size, force_last)
-    return block_sparse_decode_torch(q, k, v, idx, page_size, seq_len, scale)
-
-
 def block_means_torch(k, block_size, seq_len=None):
     B, H, T, D = k.shape
     NB = math.ceil(T / block_size)

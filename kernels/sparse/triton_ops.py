@@ -598,10 +598,9 @@ def _resident_programs(kernel, args, meta, device):
     return _RESIDENT[key]
 
 
-def _merge(q, m, l, acc, S, out=None):
+def _merge(q, m, l, acc, S):
     B, Hq, D = q.shape
-    if out is None:
-        out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
     _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
     return out
 
@@ -615,53 +614,6 @@ def block_sparse_decode(q, k, v, block_idx, block_size, seq_len=None, scale=None
     n_max = block_idx.shape[2] * block_size
     return _merge(q, *_decode_parts(q, k, v, n_max, seq_len, scale, idx=block_idx, bs=block_size,
                                     num_splits=num_splits, cfg=cfg))
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_streams(device, n, priority):
-    key = (device.index, n, priority)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = [torch.cuda.Stream(device, priority=priority) for _ in range(n)]
-    return _SIDE_STREAMS[key]
-
-
-def quest_decode(q, kmin, kmax, k, v, n_sel, page_size, seq_len=None, scale=None, *,
-                 force_last=False, groups=1, priority=-1, cfg=None):
-    """Quest decode end to end: page scores, top-k, block-sparse decode, merge -> [B, Hq, D].
-
-    ``groups`` > 1 cuts the query heads into that many groups (whole KV groups each) pipelined
-    over CUDA streams: the scores of all groups run in order on the current stream, and each
-    group's top-k, attention and merge run on a side stream (``priority``: CUDA stream priority,
-    lower is more urgent) as soon as its scores are done. With few rows (batch 1) the top-k is a
-    handful of latency-bound blocks; this lets it run beside the next group's scores instead of
-    alone. Same result as ``groups=1`` (on CPU the groups run one after another)."""
-    B, Hq, D = q.shape
-    Hkv = kmin.shape[1]
-    G = _group(Hq, Hkv)
-    if groups < 1 or Hkv % groups:
-        raise ValueError(f"quest_decode: groups={groups} must divide the {Hkv} KV heads")
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    hk = Hkv // groups
-    cur = torch.cuda.current_stream(q.device) if q.is_cuda and groups > 1 else None
-    side = _side_streams(q.device, groups, priority) if cur is not None else [None] * groups
-    for gi, st in enumerate(side):
-        ks, qs = slice(gi * hk, (gi + 1) * hk), slice(gi * hk * G, (gi + 1) * hk * G)
-        s = quest_scores(q[:, qs], kmin[:, ks], kmax[:, ks], seq_len, page_size,
-                         force_last=force_last)
-        if st is not None:
-            st.wait_stream(cur)
-            s.record_stream(st)
-        with torch.cuda.stream(st):  # None: no-op
-            idx = select_topk(s, n_sel)
-            qg = q[:, qs]
-            _merge(qg, *_decode_parts(qg, k[:, ks], v[:, ks], n_sel * page_size, seq_len, scale,
-                                      idx=idx, bs=page_size, cfg=cfg), out=out[:, qs])
-    for st in side:
-        if st is not None:
-            cur.wait_stream(st)
-    return out
 
 
 def dilated_decode(q, k, v, chunk, window, prefix, seq_len=None, scale=None, *,
