@@ -158,6 +158,22 @@ def _recompute_meta(spec, layer, n):
     return (ks.block_means(layer.ks[:, :, :T], spec.moba_block, seq_len=n),)
 
 
+def test_kv_stored_once(engine, monkeypatch):
+    """After the prompt, the HF cache holds no K/V storage: the engine's buffers are the only copy
+    (a slice view left in the cache would double the KV memory until each layer's next step)."""
+    import eval.engine.engine as eng
+
+    made = []
+    make = eng._make_cache
+    monkeypatch.setattr(eng, "_make_cache", lambda model: made.append(make(model)) or made[-1])
+    engine.generate(prompts(), spec("quest", "1/2", source=src(engine)), 1)
+    layers = made[0].layers
+    assert len(layers) == TINY["num_hidden_layers"]
+    for layer in layers:
+        assert layer.keys.shape[2] == 0 and layer.keys.untyped_storage().nbytes() == 0
+        assert layer.values.shape[2] == 0 and layer.values.untyped_storage().nbytes() == 0
+
+
 def test_incremental_metadata_equals_recompute(attn_engine, monkeypatch):
     """The decode loop's incremental page min/max and block means equal a recompute over the
     whole cache at every step and layer, and generation matches a run that recomputes."""

@@ -113,8 +113,11 @@ class _Run:
     # -------------------------------------------------------------------------- buffers
 
     def _empty_hf_layer(self, i):
+        # fresh empty tensors: a [:, :, :0] view would keep the whole prompt's K/V alive until the
+        # layer's next update (twice the KV memory after prefill: out of memory at 7B x 128K)
         layer = self.cache.layers[i]
-        layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+        layer.keys = layer.keys.new_empty((*layer.keys.shape[:2], 0, layer.keys.shape[-1]))
+        layer.values = layer.values.new_empty((*layer.values.shape[:2], 0, layer.values.shape[-1]))
 
 
 # ------------------------------------------------------------------------------------ attention
