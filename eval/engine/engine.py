@@ -71,6 +71,7 @@ class _Layer:
     ks: torch.Tensor  # [B, Hkv, L, D] selection keys (may be kc itself)
     meta: tuple = ()  # quest: (kmin, kmax); moba: (kmeans,)
     n: torch.Tensor | None = None  # per-row valid length of this layer's buffers (SnapKV shrinks it)
+    n_max: int = 0  # max(n), kept on the host: reading it from n would sync with the GPU every layer
 
 
 @dataclass
@@ -164,7 +165,7 @@ def _update_meta(spec, layer: _Layer, n):
 
 def _build_meta(spec, layer: _Layer, layer_idx: int):
     n = layer.n
-    T = int(n.max())
+    T = layer.n_max
     if spec.method == "quest" and layer_idx >= spec.quest_dense_layers:
         kmin, kmax = ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n)
         P = layer.ks.shape[2] // spec.page_size
@@ -191,6 +192,7 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
     kc = layer.kc.new_zeros((B, H, L, D))
     vc = layer.vc.new_zeros((B, H, L, D))
     new_n = n.clone()
+    kept = []
     W = spec.snap_window
     for b in range(B):
         nb = int(n[b])
@@ -200,6 +202,7 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
             kb, vb = kb.repeat_interleave(G, 0), vb.repeat_interleave(G, 0)  # query head h reads h // G
         if nb <= cap:
             kc[b], vc[b] = kb, vb
+            kept.append(nb)
             continue
         q_win = query[b : b + 1, :, nb - W : nb]
         keep = snapkv_keep(q_win, layer.ks[b : b + 1, :, :nb], cap, spec.snap_kernel, spec.snap_pool, scale,
@@ -208,11 +211,12 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
         kc[b, :, : keep.shape[1]] = kb.gather(1, g)
         vc[b, :, : keep.shape[1]] = vb.gather(1, g)
         new_n[b] = keep.shape[1]
-    layer.kc, layer.vc, layer.ks, layer.n = kc, vc, kc, new_n
+        kept.append(keep.shape[1])
+    layer.kc, layer.vc, layer.ks, layer.n, layer.n_max = kc, vc, kc, new_n, max(kept)
 
 
-def _nsel(spec, n, block):
-    return spec.blocks_at(int(n.max()), block)
+def _nsel(spec, n_max: int, block):
+    return spec.blocks_at(n_max, block)
 
 
 def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -239,13 +243,13 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         else:
             ksel = ks_new.new_zeros(shape)
             ksel[:, :, :Tq] = ks_new
-        layer = run.layers[i] = _Layer(kc, vc, ksel, n=run.lengths.clone())
+        layer = run.layers[i] = _Layer(kc, vc, ksel, n=run.lengths.clone(), n_max=Tq)  # prompts padded to Tq
         qk, qv = kc[:, :, :Tq], vc[:, :, :Tq]
         if spec.method == "moba":
-            topk = _nsel(spec, layer.n, spec.moba_block)
+            topk = _nsel(spec, layer.n_max, spec.moba_block)
             out = ks.moba_prefill(query, qk, qv, spec.moba_block, topk, scale=scale)
         elif spec.method == "dilated":
-            out = _dilated_prefill(query, qk, qv, scale, spec.dilated_chunk(int(layer.n.max())),
+            out = _dilated_prefill(query, qk, qv, scale, spec.dilated_chunk(layer.n_max),
                                    spec.dilated_window, spec.dilated_prefix)
         else:
             out = _sdpa(query, qk, qv, scale)
@@ -259,6 +263,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError("after the prompt, decode one token at a time")
     layer = run.layers[i]
     layer.n = layer.n + 1
+    layer.n_max += 1
     n, rows = layer.n, torch.arange(B, device=query.device)
     if layer.kc.shape[1] != kc_new.shape[1]:  # SnapKV per query head: the kept cache has Hq heads
         G = layer.kc.shape[1] // kc_new.shape[1]
@@ -267,7 +272,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer.vc[rows, :, n - 1] = vc_new[:, :, 0]
     if layer.ks is not layer.kc:
         layer.ks[rows, :, n - 1] = ks_new[:, :, 0]
-    T = int(n.max())
+    T = layer.n_max
     q = query[:, :, 0]
     k, v = layer.kc[:, :, :T], layer.vc[:, :, :T]
     m = spec.method
@@ -281,19 +286,19 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         _update_meta(spec, layer, n)
         P = -(-T // spec.page_size)
         kmin, kmax = (x[:, :, :P] for x in layer.meta)
-        idx = quest_select(q, kmin, kmax, n, spec.page_size, _nsel(spec, n, spec.page_size),
+        idx = quest_select(q, kmin, kmax, n, spec.page_size, _nsel(spec, T, spec.page_size),
                            spec.quest_force_current, spec.per_query_head, spec.quest_min_pages)
         out = ks.block_sparse_decode(q, k, v, idx, spec.page_size, seq_len=n, scale=scale)
     elif m == "moba":
         _update_meta(spec, layer, n)
         NB = -(-T // spec.moba_block)
-        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, _nsel(spec, n, spec.moba_block),
+        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, _nsel(spec, T, spec.moba_block),
                           spec.per_query_head)
         out = ks.block_sparse_decode(q, k, v, idx, spec.moba_block, seq_len=n, scale=scale)
     elif m == "random":
         H = Hq if spec.per_query_head else k.shape[1]
         NB = -(-T // spec.random_block)
-        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, _nsel(spec, n, spec.random_block),
+        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, _nsel(spec, T, spec.random_block),
                             spec.random_force_current)
         out = ks.block_sparse_decode(q, k, v, idx, spec.random_block, seq_len=n, scale=scale)
     else:  # pragma: no cover - MethodSpec validates the name
@@ -410,7 +415,7 @@ class Engine:
         decoder = self.model.get_decoder()
         out_tokens = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        done = [False] * B
         eos = torch.tensor(self.eos, device=dev, dtype=torch.long)
         _ACTIVE = run
         try:
@@ -420,14 +425,15 @@ class Engine:
             cur = lens.clone()
             for step in range(max_new_tokens):
                 nxt = logits.argmax(-1)
+                tokens, ended = nxt.tolist(), torch.isin(nxt, eos).tolist()  # the step's one sync
                 for b in range(B):
                     if not done[b]:
                         if return_logits:
                             out_logits[b].append(logits[b].cpu())
-                        if not bool(torch.isin(nxt[b], eos)):
-                            out_tokens[b].append(int(nxt[b]))
-                done |= torch.isin(nxt, eos)
-                if bool(done.all()) or step == max_new_tokens - 1:
+                        if not ended[b]:
+                            out_tokens[b].append(tokens[b])
+                done = [d or e for d, e in zip(done, ended)]
+                if all(done) or step == max_new_tokens - 1:
                     break
                 run.positions = cur[:, None]
                 run.rope = None
