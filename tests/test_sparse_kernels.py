@@ -200,6 +200,25 @@ def test_moba_gate_topk(backend, G):
     assert torch.equal(idx.cpu(), _ref_gate(q, km, bs, topk, pos))
 
 
+@pytest.mark.skipif(not CAN_TRITON, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("topk", [1, 2, 5, 9])
+def test_moba_gate_topk_chunks(monkeypatch, topk):
+    """The Triton path's gate scores in chunks of query positions (forced small here) give the
+    twin's lists, for every topk up to more than the past blocks, positions past the last block
+    (own block beyond the means: not selected) and tied scores (identical block means)."""
+    from kernels.sparse import triton_ops as to
+
+    B, Hkv, G, D, bs = 2, 2, 2, 16, 4
+    km = naive.block_means_torch(_rand(B, Hkv, 29, D, seed=60), bs)  # 8 blocks
+    km[:, :, 5] = km[:, :, 2]  # a tie: the lower block first
+    q = _rand(B, Hkv * G, 13, D, seed=61)
+    pos = torch.tensor([0, 2, 4, 7, 9, 13, 16, 20, 24, 27, 28, 31, 40], device=DEV)
+    want = naive.moba_gate_topk_torch(q, km, bs, topk, pos)
+    for chunk in (B * Hkv * G * 8 * 3, 1 << 26):  # 3 positions per chunk, then all at once
+        monkeypatch.setattr(to, "_GATE_CHUNK_ELEMS", chunk)
+        assert torch.equal(to.moba_gate_topk(q, km, bs, topk, pos).cpu(), want.cpu()), chunk
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gates_pick_planted_block(backend):
     """Quest and MoBA both pick a block whose keys align with the query."""

@@ -5,10 +5,9 @@
 * ``_meta_update_kernel``: decoding's incremental metadata, one program per (row, head): folds
   the new key into the min/max or running fp32 mean of the page/block holding its position.
 * ``_quest_kernel``: one program per (query head, tile of pages): the channel-wise upper bound.
-* ``_gate_topk_kernel``: MoBA selection for one query row: mask non-past blocks, pick the
-  top (topk-1) by repeated arg-max (ties to the lower block), add the own block, write the chosen
-  blocks in ascending order (prefix sum of the chosen mask), -1 elsewhere. The gate scores
-  themselves are one fp32 matmul (cuBLAS).
+* MoBA selection (``moba_gate_topk``): the gate scores are fp32 matmuls (cuBLAS) over chunks of
+  query positions; the past blocks' top (topk-1) is ``_select_topk_kernel`` below; the own block
+  is placed after them.
 * ``_select_topk_kernel``: Quest's top-k by a threshold search over the int32 image of the
   scores, from the row's [min, max], stopping once exactly k are at or above the threshold;
   ties to the lower index, ascending output, -1 padding.
@@ -277,38 +276,36 @@ def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=Fals
 # MoBA gate: scores by matmul, selection in Triton
 
 
-@triton.jit
-def _gate_topk_kernel(s_ptr, own_ptr, o_ptr, NB, TOPK, Tq, Hq,
-                      BN: tl.constexpr):
-    row = tl.program_id(0)  # over B * Hq * Tq
-    b = row // (Hq * Tq)
-    t = row % Tq
-    own = tl.load(own_ptr + b * Tq + t)
-    n = tl.arange(0, BN)
-    s = tl.load(s_ptr + row.to(tl.int64) * NB + n, mask=n < NB, other=float("-inf"))
-    s = tl.where(n < own, s, float("-inf"))
-    sel = n == own
-    for _ in range(TOPK - 1):
-        m = tl.max(s, axis=0)
-        first = tl.min(tl.where((s == m) & (s > float("-inf")), n, BN), axis=0)
-        hit = n == first  # nothing when only -inf is left (first == BN)
-        sel = sel | hit
-        s = tl.where(hit, float("-inf"), s)
-    sel = sel & (n < NB)
-    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(o_ptr + row.to(tl.int64) * TOPK + rank, n.to(tl.int32), mask=sel & (rank < TOPK))
+_GATE_CHUNK_ELEMS = 1 << 26  # fp32 gate scores held at once: 256 MB (not [B, H, T, NB] at 128K)
 
 
 def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
+    """Gate scores by one fp32 matmul (cuBLAS) per chunk of query positions; the past blocks'
+    top (topk-1) by select_topk's threshold search (ties to the lower block, ascending, -1 padded);
+    the own block goes in right after them, which keeps the list ascending."""
     B, Hq, Tq, D = q.shape
     Hkv, NB = kmeans.shape[1], kmeans.shape[2]
     G = _group(Hq, Hkv)
     pos = _q_pos(q_pos, B, Tq, q.device)
-    own = (pos // block_size).to(torch.int32).contiguous()
-    qg = q.float().view(B, Hkv, G * Tq, D)
-    s = torch.matmul(qg, kmeans.float().transpose(-1, -2)).view(B, Hq, Tq, NB).contiguous()
+    own = pos // block_size  # [B, Tq]
     out = torch.full((B, Hq, Tq, topk), -1, device=q.device, dtype=torch.int32)
-    _gate_topk_kernel[(B * Hq * Tq,)](s, own, out, NB, topk, Tq, Hq, BN=_p2(NB))
+    km = kmeans.float().transpose(-1, -2)  # [B, Hkv, D, NB]
+    nb = torch.arange(NB, device=q.device)
+    chunk = max(1, min(Tq, _GATE_CHUNK_ELEMS // max(1, B * Hq * NB)))
+    for t0 in range(0, Tq, chunk):
+        t1 = min(Tq, t0 + chunk)
+        tc, oc = t1 - t0, own[:, t0:t1]
+        qg = q[:, :, t0:t1].float().reshape(B, Hkv, G * tc, D)
+        s = torch.matmul(qg, km).view(B, Hq, tc, NB)
+        s.masked_fill_(~(nb[None, None, :] < oc[:, :, None])[:, None], float("-inf"))
+        o = out[:, :, t0:t1]
+        if topk > 1:
+            o[..., : topk - 1] = select_topk(s, topk - 1)
+        # own block at slot min(topk - 1, number of past blocks): after the past ones, before the -1s
+        slot = torch.clamp(torch.minimum(oc, torch.full_like(oc, NB)), max=topk - 1)
+        slot = slot[:, None, :, None].expand(B, Hq, tc, 1)
+        val = torch.where(oc < NB, oc, -1).to(torch.int32)[:, None, :, None].expand(B, Hq, tc, 1)
+        o.scatter_(-1, slot, val)
     return out
 
 
