@@ -6,10 +6,10 @@ downloaded on the GPU machine; accuracy is not the point, cost is). The prompt i
 sample (eval.ruler, the shipped tiny BPE tokenizer) of each --lengths; the engine is eval.engine's,
 as niah.py runs it. Per length and method (budget --budget, the memory's K~/V~ as K/V source):
 
-* prefill_s: `Engine.generate(prompt, spec, 1)` (the prompt's forward, the selector's metadata,
-  one token), after one untimed call on the prompt's first 8192 tokens (Triton compiles);
-* decode_ms_per_token: (generate with 1 + N new tokens - prefill) / N;
-* peak_gib: the largest GPU memory allocated during both.
+* prefill_s: the prompt's forward, the selector's metadata and the first token, and
+* decode_ms_per_token: the forwards after it, from `Engine.generate(..., stats=...)` (a device
+  sync at each boundary), after one untimed call on the prompt's first 8192 tokens (Triton compiles);
+* peak_gib: the largest GPU memory allocated during the timed call.
 
     python bench/niah_scale.py --lengths 32768,131072 --out bench/results/niah_scale.json
 """
@@ -58,6 +58,20 @@ def prompt_ids(task: str, length: int, tokenizer, work: Path) -> list[int]:
     return tokenizer(s["input"] + s["answer_prefix"], add_special_tokens=True)["input_ids"]
 
 
+def profile(engine, ids, spec, device, steps: int = 8) -> dict:
+    """torch.profiler over a generation of 1 + steps tokens minus one of 1 token: where a decode
+    step's time goes (host ops and device kernels), as the profiler's top tables."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        engine.generate([ids], spec, 1 + steps)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    ka = prof.key_averages()
+    return dict(steps=steps, by_device=ka.table(sort_by=sort, row_limit=20, max_name_column_width=60),
+                by_host=ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(CONFIG), help="HF config.json of the model shape")
@@ -66,6 +80,8 @@ def main() -> None:
     ap.add_argument("--budget", default="1/16")
     ap.add_argument("--task", default="niah_multikey_3")
     ap.add_argument("--new-tokens", type=int, default=64, help="decoded tokens timed after the first")
+    ap.add_argument("--profile", default="", help="methods to profile (8 decode steps, torch.profiler) "
+                                                  "at the first length: the top ops go into the JSON")
     ap.add_argument("--out", default="bench/results/niah_scale.json")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -101,7 +117,8 @@ def main() -> None:
             torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory() as work:
-        for length in [int(x) for x in args.lengths.split(",")]:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        for length in lengths:
             ids = prompt_ids(args.task, length, tok, Path(work))
             log(f"length {length}: prompt of {len(ids)} tokens")
             for method in args.methods.split(","):
@@ -114,19 +131,15 @@ def main() -> None:
                     if device == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
-                    sync()
-                    t = time.time()
-                    engine.generate([ids], spec, 1)
-                    sync()
-                    row["prefill_s"] = round(time.time() - t, 3)
-                    t = time.time()
-                    outs = engine.generate([ids], spec, 1 + args.new_tokens)
-                    sync()
-                    total = time.time() - t
+                    stats = {}
+                    outs = engine.generate([ids], spec, 1 + args.new_tokens, stats=stats)
+                    row["prefill_s"] = round(stats["prefill_s"], 3)
                     row["generated"] = len(outs[0]["tokens"])
-                    row["decode_ms_per_token"] = round(1e3 * (total - row["prefill_s"]) / max(1, row["generated"] - 1), 2)
+                    row["decode_ms_per_token"] = round(1e3 * stats["decode_s"] / max(1, stats["decode_steps"]), 2)
                     if device == "cuda":
                         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    if method in args.profile.split(",") and length == lengths[0]:
+                        row["profile"] = profile(engine, ids, spec, device)
                 except torch.cuda.OutOfMemoryError as e:
                     row["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
                 except SpecError as e:

@@ -158,6 +158,14 @@ def _recompute_meta(spec, layer, n):
     return (ks.block_means(layer.ks[:, :, :T], spec.moba_block, seq_len=n),)
 
 
+def test_generate_stats(attn_engine):
+    """generate(stats=...) times the prompt and the decoding steps after it."""
+    stats = {}
+    out = attn_engine.generate(prompts(), spec("quest", "1/2"), NEW, stats=stats)
+    assert stats["decode_steps"] == NEW - 1 and all(len(o["tokens"]) == NEW for o in out)
+    assert stats["prefill_s"] > 0 and stats["decode_s"] > 0
+
+
 def test_kv_stored_once(engine, monkeypatch):
     """After the prompt, the HF cache holds no K/V storage: the engine's buffers are the only copy
     (a slice view left in the cache would double the KV memory until each layer's next step)."""

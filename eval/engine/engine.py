@@ -309,6 +309,26 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
 # ------------------------------------------------------------------------------------ engine
 
 
+class _Clock:
+    """Wall seconds between laps, the device synced at each (for ``generate(stats=...)``)."""
+
+    def __init__(self, device):
+        import time
+
+        self._time, self._device = time.perf_counter, device
+        self._sync()
+        self._t = self._time()
+
+    def _sync(self):
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def lap(self) -> float:
+        self._sync()
+        t, self._t = self._t, self._time()
+        return self._t - t
+
+
 def _register():
     from transformers import AttentionInterface
 
@@ -387,9 +407,11 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], spec: MethodSpec, max_new_tokens: int = 128,
-                 return_logits: bool = False) -> list[dict]:
+                 return_logits: bool = False, stats: dict | None = None) -> list[dict]:
         """Greedy continuations of token-id prompts. Returns per prompt {'tokens': [...]} (EOS
-        excluded) and, with return_logits, 'logits' [steps, vocab] fp32 of the decoded steps."""
+        excluded) and, with return_logits, 'logits' [steps, vocab] fp32 of the decoded steps.
+        ``stats`` (a dict) receives prefill_s (the prompt's forward and first token), decode_s and
+        decode_steps (the forwards after it), timed with a device sync at each boundary."""
         global _ACTIVE
         self.check_source(spec.source)
         if spec.source.uses_plain and self.memory:
@@ -418,11 +440,15 @@ class Engine:
         done = [False] * B
         eos = torch.tensor(self.eos, device=dev, dtype=torch.long)
         _ACTIVE = run
+        clock = _Clock(dev) if stats is not None else None
         try:
             h = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True).last_hidden_state
             logits = self._logits(h[torch.arange(B, device=dev), lens - 1])
+            if clock:
+                stats["prefill_s"] = clock.lap()
             cur = lens.clone()
+            steps = 0
             for step in range(max_new_tokens):
                 nxt = logits.argmax(-1)
                 tokens, ended = nxt.tolist(), torch.isin(nxt, eos).tolist()  # the step's one sync
@@ -442,6 +468,9 @@ class Engine:
                 h = decoder(input_ids=nxt[:, None], position_ids=run.positions, past_key_values=cache,
                             use_cache=True).last_hidden_state
                 logits = self._logits(h[:, -1])
+                steps += 1
+            if clock:
+                stats.update(decode_s=clock.lap(), decode_steps=steps)
         finally:
             _ACTIVE = None
         res = []
