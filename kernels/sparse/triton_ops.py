@@ -6,8 +6,8 @@
   the new key into the min/max or running fp32 mean of the page/block holding its position.
 * ``_quest_kernel``: one program per (query head, tile of pages): the channel-wise upper bound.
 * MoBA selection (``moba_gate_topk``): the gate scores are fp32 matmuls (cuBLAS) over chunks of
-  query positions; the past blocks' top (topk-1) is ``_select_topk_kernel`` below; the own block
-  is placed after them.
+  query positions; ``_select_topk_kernel`` below, told each row's own block, picks the past
+  blocks' top (topk-1) and puts the own block after them.
 * ``_select_topk_kernel``: Quest's top-k by a threshold search over the int32 image of the
   scores, from the row's [min, max], stopping once exactly k are at or above the threshold;
   ties to the lower index, ascending output, -1 padding.
@@ -280,32 +280,29 @@ _GATE_CHUNK_ELEMS = 1 << 26  # fp32 gate scores held at once: 256 MB (not [B, H,
 
 
 def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
-    """Gate scores by one fp32 matmul (cuBLAS) per chunk of query positions; the past blocks'
-    top (topk-1) by select_topk's threshold search (ties to the lower block, ascending, -1 padded);
-    the own block goes in right after them, which keeps the list ascending."""
+    """Gate scores by one fp32 matmul (cuBLAS) per chunk of query positions, then per row
+    _select_topk_kernel with the own block: the past blocks' top (topk-1) by its threshold search
+    (ties to the lower block, ascending) and the own block right after them, -1 padded."""
     B, Hq, Tq, D = q.shape
     Hkv, NB = kmeans.shape[1], kmeans.shape[2]
     G = _group(Hq, Hkv)
-    pos = _q_pos(q_pos, B, Tq, q.device)
-    own = pos // block_size  # [B, Tq]
-    out = torch.full((B, Hq, Tq, topk), -1, device=q.device, dtype=torch.int32)
+    BN = _p2(NB)
+    if BN > 32768:
+        from .naive import moba_gate_topk_torch
+        return moba_gate_topk_torch(q, kmeans, block_size, topk, q_pos)
+    own = (_q_pos(q_pos, B, Tq, q.device) // block_size).contiguous()  # [B, Tq] int64
     km = kmeans.float().transpose(-1, -2)  # [B, Hkv, D, NB]
-    nb = torch.arange(NB, device=q.device)
     chunk = max(1, min(Tq, _GATE_CHUNK_ELEMS // max(1, B * Hq * NB)))
+    out = None if chunk == Tq else torch.empty((B, Hq, Tq, topk), device=q.device, dtype=torch.int32)
     for t0 in range(0, Tq, chunk):
-        t1 = min(Tq, t0 + chunk)
-        tc, oc = t1 - t0, own[:, t0:t1]
-        qg = q[:, :, t0:t1].float().reshape(B, Hkv, G * tc, D)
-        s = torch.matmul(qg, km).view(B, Hq, tc, NB)
-        s.masked_fill_(~(nb[None, None, :] < oc[:, :, None])[:, None], float("-inf"))
-        o = out[:, :, t0:t1]
-        if topk > 1:
-            o[..., : topk - 1] = select_topk(s, topk - 1)
-        # own block at slot min(topk - 1, number of past blocks): after the past ones, before the -1s
-        slot = torch.clamp(torch.minimum(oc, torch.full_like(oc, NB)), max=topk - 1)
-        slot = slot[:, None, :, None].expand(B, Hq, tc, 1)
-        val = torch.where(oc < NB, oc, -1).to(torch.int32)[:, None, :, None].expand(B, Hq, tc, 1)
-        o.scatter_(-1, slot, val)
+        tc = min(Tq, t0 + chunk) - t0
+        s = torch.matmul(q[:, :, t0:t0 + tc].float().reshape(B, Hkv, G * tc, D), km)  # [B, Hq, tc, NB]
+        o = torch.empty((B, Hq, tc, topk), device=q.device, dtype=torch.int32)
+        _select_topk_kernel[(B * Hq * tc,)](s, o, own[:, t0:], NB, topk - 1, Hq, tc, Tq, BN=BN,
+                                            HAS_OWN=True, num_warps=8 if BN >= 2048 else 4)
+        if out is None:
+            return o
+        out[:, :, t0:t0 + tc] = o
     return out
 
 
@@ -328,19 +325,29 @@ def _key_value(key):
 
 
 @triton.jit
-def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
+def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.constexpr,
+                        HAS_OWN: tl.constexpr = False):
     """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
     largest key of the scores' order-preserving int32 image) is bisected for inside the row's
     finite [min, max], one count (one block reduction) per pass, at the midpoint in value (in key
     when that does not split the bracket: -0/+0, or a range past float32), and the search stops
     as soon as the keys at or above the threshold are exactly the k needed (continuous scores:
-    about a dozen passes)."""
+    about a dozen passes).
+
+    HAS_OWN (MoBA's gate; rows [B, HQ, TC], own blocks [B, OWN_T] int64): only entries below the
+    row's own block compete, and the own block (-1 if it is N or more) takes the slot after the
+    chosen ones, so rows hold K + 1 slots."""
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
     x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
-    o_ptr += row.to(tl.int64) * K
     valid = nm & (x > float("-inf"))
+    if HAS_OWN:
+        o_ptr += row.to(tl.int64) * (K + 1)
+        own = tl.load(own_ptr + (row // (HQ * TC)).to(tl.int64) * OWN_T + row % TC)
+        valid = valid & (n < own)
+    else:
+        o_ptr += row.to(tl.int64) * K
     key = tl.where(valid, _value_key(x), -2147483647 - 1)
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     need = tl.minimum(K, n_valid)
@@ -365,9 +372,14 @@ def _select_topk_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr):
     sel = sel & (need > 0)
     rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
-    for p0 in range(0, K, BN):  # the -1 padding (slots need..K-1)
+    if HAS_OWN:  # the own block at slot need, then -1 (one store per slot: no two threads race)
+        tl.store(o_ptr + need, tl.where(own < N, own, -1).to(tl.int32))
+        pad_lo, slots = need + 1, K + 1
+    else:
+        pad_lo, slots = need, K
+    for p0 in range(0, slots, BN):  # the -1 padding
         pad = p0 + n
-        tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
+        tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= pad_lo) & (pad < slots))
 
 
 # 8 warps: the fastest of 4 / 8 / 16 in the H200 sweeps (bench/NOTES-sparse.md): 19.5 us for 32
@@ -383,7 +395,7 @@ def select_topk(scores, k, *, num_warps=None):
         from .naive import select_topk_torch
         return select_topk_torch(scores, k)
     out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
-    _select_topk_kernel[(s.shape[0],)](s, out, N, k, BN=BN,
+    _select_topk_kernel[(s.shape[0],)](s, out, out, N, k, 1, 1, 0, BN=BN,
                                        num_warps=num_warps or (8 if BN >= 2048 else 4))
     return out.view(*shape[:-1], k)
 
