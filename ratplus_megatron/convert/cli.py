@@ -23,8 +23,8 @@ in the iteration directory or the root directory, else the `config.model` sectio
 Memory: both directions hold the model once, in its dtype, plus one tensor at a time (safetensors are
 read with plain file reads, not memory-mapped, and written by streaming each tensor after a planned
 header). Measured on a 0.68B-parameter bf16 model: peak RSS = 0.7 GB (torch + megatron) + model
-+ 0.4 GB (hf-to-mcore) / + 0.8 GB (mcore-to-hf: dist_checkpointing reads the largest tensors twice),
-which puts OLMo2-7B (+ memory gate) at about 18 GB.
++ 0.4 GB (hf-to-mcore) / + 0.8 GB (mcore-to-hf: dist_checkpointing reads the largest tensors twice).
+Measured at OLMo2-7B + memory gate (bench/convert_7b.py): 21.7 GB peak in both directions, 70-80 s each.
 
 The megatron side fuses HF's q/k/v (and the memory's og_proj/g_proj) into `linear_qkv`, rows per
 query group [q, (og), k, v, (g)] (ratplus_megatron.qkv_layout). Checkpoints from before the gate moved
@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "stores every tensor\nwith its global shape and reshards on load, so the trainer "
                               "loads it at any TP/PP:\n--tp/--pp only check that those sizes divide the model "
                               "(heads, kv heads, FFN, vocab, layers).\nMemory: the model once in --dtype plus one "
-                              "tensor (OLMo2-7B + gate in bf16: about 18 GB peak).")
+                              "tensor (OLMo2-7B + gate in bf16: 21.7 GB peak, measured).")
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)")
     a.add_argument("--out-dir", required=True, help="where to write the megatron checkpoint")
     a.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate against (default 1)")
