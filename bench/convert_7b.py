@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import REPO, child_env, environment  # noqa: E402
+from _runs import REPO, child_env, environment, write_json  # noqa: E402
 
 CONFIG = REPO / "tests" / "data" / "olmo2-7b-config.json"
 
@@ -173,13 +173,9 @@ def main() -> None:
     src, mcore, export = work / "hf_src", work / "mcore", work / "hf_export"
     result = dict(environment(), source_config=str(config), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   work_free_gb=round(free_gb, 1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(args.out, result)
 
     log(f"random source model from {config} (transformers, bf16, on {device})")
     result["source"] = make_source(src, config, args.seed, device)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import REPO, environment  # noqa: E402
+from _runs import REPO, environment, write_json  # noqa: E402
 
 CONFIG = REPO / "tests" / "data" / "olmo2-7b-config.json"
 TOKENIZER = REPO / "data_prep" / "assets" / "tiny-bpe"
@@ -96,13 +96,9 @@ def main() -> None:
                   if Path(args.config).resolve().is_relative_to(REPO) else args.config,
                   task=args.task, budget=args.budget, new_tokens=args.new_tokens,
                   date=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(args.out, result)
 
     t0 = time.time()
     model = build_model(Path(args.config), device)
