@@ -293,16 +293,13 @@ def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
     own = (_q_pos(q_pos, B, Tq, q.device) // block_size).contiguous()  # [B, Tq] int64
     km = kmeans.float().transpose(-1, -2)  # [B, Hkv, D, NB]
     chunk = max(1, min(Tq, _GATE_CHUNK_ELEMS // max(1, B * Hq * NB)))
-    out = None if chunk == Tq else torch.empty((B, Hq, Tq, topk), device=q.device, dtype=torch.int32)
+    out = torch.empty((B, Hq, Tq, topk), device=q.device, dtype=torch.int32)
     for t0 in range(0, Tq, chunk):
         tc = min(Tq, t0 + chunk) - t0
         s = torch.matmul(q[:, :, t0:t0 + tc].float().reshape(B, Hkv, G * tc, D), km)  # [B, Hq, tc, NB]
-        o = torch.empty((B, Hq, tc, topk), device=q.device, dtype=torch.int32)
-        _select_topk_kernel[(B * Hq * tc,)](s, o, own[:, t0:], NB, topk - 1, Hq, tc, Tq, BN=BN,
-                                            HAS_OWN=True, num_warps=8 if BN >= 2048 else 4)
-        if out is None:
-            return o
-        out[:, :, t0:t0 + tc] = o
+        # the kernel writes each chunk's rows into `out` itself (no per-chunk buffer and copy)
+        _select_topk_kernel[(B * Hq * tc,)](s, out[:, :, t0:], own[:, t0:], NB, topk - 1, Hq, tc, Tq,
+                                            BN=BN, HAS_OWN=True, num_warps=8 if BN >= 2048 else 4)
     return out
 
 
@@ -334,16 +331,17 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.const
     as soon as the keys at or above the threshold are exactly the k needed (continuous scores:
     about a dozen passes).
 
-    HAS_OWN (MoBA's gate; rows [B, HQ, TC], own blocks [B, OWN_T] int64): only entries below the
+    HAS_OWN (MoBA's gate; rows [B, HQ, TC] = a chunk of TC query positions, own blocks [B, OWN_T]
+    int64, output [B, HQ, OWN_T, K + 1] from the chunk's first position): only entries below the
     row's own block compete, and the own block (-1 if it is N or more) takes the slot after the
-    chosen ones, so rows hold K + 1 slots."""
+    chosen ones."""
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
     x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
     valid = nm & (x > float("-inf"))
     if HAS_OWN:
-        o_ptr += row.to(tl.int64) * (K + 1)
+        o_ptr += ((row // TC).to(tl.int64) * OWN_T + row % TC) * (K + 1)
         own = tl.load(own_ptr + (row // (HQ * TC)).to(tl.int64) * OWN_T + row % TC)
         valid = valid & (n < own)
     else:
