@@ -59,8 +59,9 @@ def prompt_ids(task: str, length: int, tokenizer, work: Path) -> list[int]:
 
 
 def profile(engine, ids, spec, device, steps: int = 8) -> dict:
-    """torch.profiler over a generation of 1 + steps tokens minus one of 1 token: where a decode
-    step's time goes (host ops and device kernels), as the profiler's top tables."""
+    """torch.profiler over one generation of 1 + steps tokens, the prompt's forward included
+    (profile a short --lengths to see the decode steps): host ops and device kernels, as the
+    profiler's top tables."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])

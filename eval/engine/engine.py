@@ -29,6 +29,7 @@ embedding at the same positions) and v = v_proj(h). For stock models the cache i
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -192,7 +193,6 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
     kc = layer.kc.new_zeros((B, H, L, D))
     vc = layer.vc.new_zeros((B, H, L, D))
     new_n = n.clone()
-    kept = []
     W = spec.snap_window
     for b in range(B):
         nb = int(n[b])
@@ -202,7 +202,6 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
             kb, vb = kb.repeat_interleave(G, 0), vb.repeat_interleave(G, 0)  # query head h reads h // G
         if nb <= cap:
             kc[b], vc[b] = kb, vb
-            kept.append(nb)
             continue
         q_win = query[b : b + 1, :, nb - W : nb]
         keep = snapkv_keep(q_win, layer.ks[b : b + 1, :, :nb], cap, spec.snap_kernel, spec.snap_pool, scale,
@@ -211,8 +210,8 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
         kc[b, :, : keep.shape[1]] = kb.gather(1, g)
         vc[b, :, : keep.shape[1]] = vb.gather(1, g)
         new_n[b] = keep.shape[1]
-        kept.append(keep.shape[1])
-    layer.kc, layer.vc, layer.ks, layer.n, layer.n_max = kc, vc, kc, new_n, max(kept)
+    layer.kc, layer.vc, layer.ks, layer.n = kc, vc, kc, new_n
+    layer.n_max = int(new_n.max())  # once per layer at the prompt, not per decoded token
 
 
 def _nsel(spec, n_max: int, block):
@@ -313,8 +312,6 @@ class _Clock:
     """Wall seconds between laps, the device synced at each (for ``generate(stats=...)``)."""
 
     def __init__(self, device):
-        import time
-
         self._time, self._device = time.perf_counter, device
         self._sync()
         self._t = self._time()
