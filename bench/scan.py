@@ -67,9 +67,9 @@ FWD_VARIANTS = [
     dict(kernel="chunk", BH=4, BT=4, num_warps=2, stages=3),
     # one launch, each program walks the whole sequence (inputs read once): needs many
     # channel blocks, i.e. batch x heads
-    dict(kernel="seq", BH=1, R=2, W=8),
-    dict(kernel="seq", BH=1, BD=64, R=2, W=8),
-    dict(kernel="seq", BH=1, R=1, W=16),
+    dict(kernel="seq", BH=1, W=8),
+    dict(kernel="seq", BH=2, W=8),
+    dict(kernel="seq", BH=1, W=16),
 ]
 # backward configs: the default (BT64 BD32 w4) under both schedules and run 1's runner-up
 BWD_VARIANTS = [
@@ -101,7 +101,7 @@ def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     g = {**_FWD_DEFAULTS, "num_warps": "auto", **c}  # options not given: the plan's defaults
     if c.get("kernel") == "seq":
-        n = f"seq-BH{g['BH']}-BD{g['BD']}-R{g['R']}-W{g['W']}"
+        n = f"seq-BH{g['BH']}-BD{g['BD']}-W{g['W']}"
     else:
         n = f"{g['kernel']}-BH{g['BH']}-BT{g['BT']}-w{g['num_warps']}-CT{g['CT']}"
         if g["BD"] != 128:

@@ -29,7 +29,7 @@ def test_config_names_fill_in_the_plan_defaults(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import scan
     assert scan.fname({"kernel": "chunk", "BT": 4, "stages": 3}) == "chunk-BH4-BT4-wauto-CTauto-S3"
-    assert scan.fname({"kernel": "seq", "BH": 1}) == "seq-BH1-BD128-R2-W8"
+    assert scan.fname({"kernel": "seq", "BH": 1}) == "seq-BH1-BD128-W8"
     assert scan.fname(dict(kernel="chunk", BH=2, BT=2, num_warps=1, CT=64, BD=64, prefetch=False)) == \
         "chunk-BH2-BT2-w1-CT64-BD64-nopf"
     assert scan._variants('[{"kernel": "seq", "BH": 1}]') == [{"kernel": "seq", "BH": 1}]

@@ -30,8 +30,9 @@ PLANS = {"default": {},
                                 bwd=dict(BT=8, BD=8, schedule="chained"))}
 PLAN_IDS = list(PLANS)
 FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
-             "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, R=2, W=4)),
-             "seq-R1": dict(fwd=dict(kernel="seq", BH=1, BD=8, R=1, W=8)),
+             # one launch: 2 sub-blocks of 8 lanes x 4 segments, and one block x 8 segments
+             "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=4, num_warps=2)),
+             "seq-W8": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=8)),
              # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
              "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
@@ -176,20 +177,32 @@ def test_fused_gradients(plan, dtype):
         assert _rel(a, b) < tol
 
 
-@needs_kernels
-@pytest.mark.parametrize("plan", PLAN_IDS)
-def test_fused_cu_seqlens_resets_and_gradients(plan):
-    # an empty and a length-1 sequence; with the small plans' tiles (BT 4 / 2, CT 8 / 6) bounds
-    # fall inside tiles, on tile and chunk edges, and sequences span several chunks
-    cu = [0, 3, 3, 8, 9, 24, 41, 50]
+# packed sequences incl. an empty and a length-1 one; with the small plans' tiles (BT 4 / 2,
+# CT 8 / 6) bounds fall inside tiles, on tile and chunk edges, and sequences span several chunks
+PACKED_CU = [0, 3, 3, 8, 9, 24, 41, 50]
+
+
+def _check_packed_forward(opts):
+    """Forward with PACKED_CU (fp32, initial states) against the float64 loop; returns what the
+    gradient test reuses: (cu_t, (z, k, v, h0), fused output)."""
+    cu = PACKED_CU
     N, T, H, D = len(cu) - 1, cu[-1], 2, 8
     z, k, v, h0 = _inputs(1, T, H, D, n_states=N, seed=7)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     ref = memory_scan_loop(z, k, v, h0, cu_seqlens=cu_t, output_final_state=True)
     out = memory_scan_fused(*(t.float().to(DEV) for t in (z, k, v)),
                             tuple(s.float().to(DEV) for s in h0), cu_seqlens=cu_t.to(DEV),
-                            output_final_state=True, **PLANS[plan])
+                            output_final_state=True, **opts)
     _check_fwd(out, ref, torch.float32)
+    return cu_t, (z, k, v, h0), out
+
+
+@needs_kernels
+@pytest.mark.parametrize("plan", PLAN_IDS)
+def test_fused_cu_seqlens_resets_and_gradients(plan):
+    cu = PACKED_CU
+    cu_t, (z, k, v, h0), out = _check_packed_forward(PLANS[plan])
+    N, T, H, D = len(cu) - 1, cu[-1], 2, 8
     # each packed sequence equals its own unpacked scan
     for n, (s, e) in enumerate(zip(cu, cu[1:])):
         if e > s:
@@ -201,6 +214,23 @@ def test_fused_cu_seqlens_resets_and_gradients(plan):
     got_g = _grads_fused(z, k, v, h0, w, torch.float32, cu=cu_t.to(DEV), **PLANS[plan])
     for a, b in zip(got_g, ref_g):
         assert _rel(a, b) < 2e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("plan", FWD_PLANS)
+def test_forward_plans_cu_seqlens_and_seq_first_views(plan):
+    # every forward plan (incl. the one-launch seq kernel): resets and final states of
+    # packed sequences (empty and length-1 ones too), and megatron's seq-first views
+    _check_packed_forward(FWD_PLANS[plan])
+    T, H, D = PACKED_CU[-1], 2, 8
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, 2, H, 3 * D, generator=gen)
+    zs = torch.randn(T, 2, H, D, generator=gen)
+    views = (zs.transpose(0, 1), qkv[..., D:2 * D].transpose(0, 1), qkv[..., 2 * D:].transpose(0, 1))
+    ref = memory_scan_loop(*(t.double() for t in views))
+    out = memory_scan_fused(*(t.to(DEV) for t in views), **FWD_PLANS[plan])
+    _check_fwd(out, ref, torch.float32)
+    assert out[0].transpose(0, 1).is_contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +347,7 @@ def test_default_forward_plan_follows_the_sweep():
             bt, stages = (4, 3) if T == 4096 else (2, 0)
             assert (p["BH"], p["BT"], p["stages"], p["num_warps"], p["CT"], p["prefetch"]) == (4, bt, stages, 2, ct, True)
         else:  # 256 single-head channel blocks: the one-launch kernel won on the H200 (2026-12-01)
-            assert (p["kernel"], p["BH"], p["R"], p["W"], p["num_warps"]) == ("seq", 1, 2, 8, 4)
+            assert (p["kernel"], p["BH"], p["W"], p["S"], p["num_warps"]) == ("seq", 1, 8, 4, 4)
         forced = _fwd_plan(B, T, 32, 128, torch.device("cpu"), dict(kernel="chunk"))
         assert (forced["kernel"], forced["BH"], forced["CT"]) == ("chunk", 4, ct)
     # small shapes: tiles shrink to the heads and channels there are

@@ -20,11 +20,12 @@ one-launch decoupled look-back variant, "chunklb", lost at every measured shape 
 
 Forward ("seq", the default when batch x heads gives at least 1.5 single-head channel blocks
 per SM, e.g. batch 8 x 32 heads): one launch, one program per channel block walks the whole
-sequence, so inputs are read once (5 tensors of traffic). A tile is [R, W, L]: W segments of R
-steps; a segment's R steps sit in one thread (in-thread scan), the segments' aggregates are
-scanned across threads with the exclusive prefix carried along (_pair_combine), and every
-step's output comes from its segment's entering state. 66-68 % of copy bandwidth at batch 8 on
-the H200 (1.12-1.15x the chunk plan); far too few programs at batch 1, where chunk stays.
+sequence, so inputs are read once (5 tensors of traffic). A tile is W segments of 2 steps; a
+segment's two steps compose in registers, the segments' maps are scanned inside one warp with
+the exclusive prefix carried along (_pair_combine), and every step's output comes from its
+segment's entering state. 69-73 % of copy bandwidth at batch 8 on the H200 (1.07-1.10x the
+earlier cross-warp layout, 1.2-1.3x the chunk plan); too few programs at batch 1-4, where chunk
+stays.
 
 Backward ("scan" kernel): a channel block is one (batch, head, BD channels) column of the input,
 time cut into tiles of BT steps; inside a tile the recurrence h_t = a_t h_{t-1} + b_t is solved
@@ -105,16 +106,23 @@ def _sig2(zl):
 
 
 @triton.jit
-def _fwd_lanes(j, H, D, NDB, NHG, BH: tl.constexpr, BD: tl.constexpr):
-    """Channel block j -> (batch, per-lane head, per-lane channel, lane mask, lane index)."""
+def _fwd_lane_coords(j, lane, H, D, NDB, NHG, BH: tl.constexpr, BD: tl.constexpr):
+    """Channel block j and lane indices (any shape) -> (batch, per-lane head, per-lane channel,
+    lane mask)."""
     db = j % NDB
     rest = j // NDB
     hg = rest % NHG
     b = rest // NHG
-    lane = tl.arange(0, BH * BD)
     hh = hg * BH + lane // BD
     d = db * BD + lane % BD
-    lm = (hh < H) & (d < D)
+    return b, hh, d, (hh < H) & (d < D)
+
+
+@triton.jit
+def _fwd_lanes(j, H, D, NDB, NHG, BH: tl.constexpr, BD: tl.constexpr):
+    """Channel block j -> (batch, per-lane head, per-lane channel, lane mask, lane index)."""
+    lane = tl.arange(0, BH * BD)
+    b, hh, d, lm = _fwd_lane_coords(j, lane, H, D, NDB, NHG, BH, BD)
     return b, hh, d, lm, lane
 
 
@@ -314,6 +322,12 @@ def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
 
 # --------------------------------------------------------------------------------------------
 # forward: the "seq" kernel (one launch, each program walks the whole sequence of its lanes)
+# A tile is W segments x 2 steps over the program's L lanes, held as [W, S, C]: S sub-blocks of
+# C = 256 / W lanes, so that one sub-block's W segments x C / 8 threads fill exactly one warp and
+# the scan over the segments never leaves it (no shared memory, no barriers); a tile row still
+# reads the program's L contiguous lanes. (Axis order matters: Triton ranks the two
+# non-contiguous axes by index, and W must come first to get the threads.) A segment's two
+# steps compose in registers.
 
 
 @triton.jit
@@ -327,110 +341,139 @@ def _pair_combine(fa1, fk1, fv1, ea1, ek1, ev1, fa2, fk2, fv2, ea2, ek2, ev2):
 
 
 @triton.jit
-def _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3):
-    """Raw [R, W, L] tiles of z, k, v at steps t ([R, W, 1]); nothing loaded past T."""
+def _fwd_seq_load_row(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3):
+    """Row t ([W, 1, 1] steps) of z, k, v as [W, S, C] tiles; nothing loaded past T."""
     io = (t < T) & lm3
     return (tl.load(z + (oz + t * szt), mask=io, other=0.), tl.load(k + (okx + t * skt), mask=io, other=0.),
             tl.load(v + (ovx + t * svt), mask=io, other=0.))
 
 
 @triton.jit
-def _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx,
-                  b, hh, d, T, H, D, lm3, r3, w2,
-                  R: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
-                  HAS_H0: tl.constexpr, VARLEN: tl.constexpr):
-    """One [R, W, L] tile from its entering state (hk, hv): writes k~, v~; returns the state after it."""
-    tm = t < T
-    io = tm & lm3
+def _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3):
+    """Rows t and t + 1 of z, k, v (a tile's two steps per segment)."""
+    z0, k0, v0 = _fwd_seq_load_row(z, k, v, oz, okx, ovx, szt, skt, svt, t, T, lm3)
+    z1, k1, v1 = _fwd_seq_load_row(z, k, v, oz, okx, ovx, szt, skt, svt, t + 1, T, lm3)
+    return z0, k0, v0, z1, k1, v1
+
+
+@triton.jit
+def _fwd_seq_row(zl, kx, vx, t, h0k, h0v, cu, seq_idx, b, hh, d, T, H, D, lm3,
+                 HAS_H0: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr):
+    """One row's map h -> a h + (bk | bv); MASKED: resets, h0 and steps past T."""
     g, omg = _sig2(zl.to(tl.float32))
-    n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
     bk = omg * kx.to(tl.float32)
     bv = omg * vx.to(tl.float32)
-    if HAS_H0:
-        sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
-        smask = is_start & lm3
-        bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
-        bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
-    a = tl.where(is_start, 0., g)
-    a = tl.where(tm, a, 1.)  # steps past the end: identity
-    bk = tl.where(tm, bk, 0.)
-    bv = tl.where(tm, bv, 0.)
-    A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
-    last = r3 == R - 1
-    sa = tl.sum(tl.where(last, A, 0.), axis=0)  # [W, L] segment maps
-    sk = tl.sum(tl.where(last, Bk, 0.), axis=0)
-    sv = tl.sum(tl.where(last, Bv, 0.), axis=0)
-    one = tl.full([W, L], 1.0, tl.float32)
-    nil = tl.zeros([W, L], tl.float32)
-    FA, FK, FV, EA, EK, EV = tl.associative_scan((sa, sk, sv, one, nil, nil), axis=0,
-                                                 combine_fn=_pair_combine)
-    ck = EA * hk[None, :] + EK  # [W, L] state entering each segment
-    cv = EA * hv[None, :] + EV
-    xk = A * ck[None, :, :] + Bk
-    xv = A * cv[None, :, :] + Bv
+    n = t * 0  # unmasked tiles: n and is_end are only read under VARLEN, whose tiles are masked
+    is_end = t < 0
+    if MASKED:
+        tm = t < T
+        n, is_start, is_end = _row_info(cu, seq_idx, t, tm, b, T, VARLEN)
+        if HAS_H0:
+            sidx = (n * H + hh).to(tl.int64) * D + d
+            smask = is_start & lm3
+            bk += g * tl.load(h0k + sidx, mask=smask, other=0.)
+            bv += g * tl.load(h0v + sidx, mask=smask, other=0.)
+        g = tl.where(is_start, 0., g)
+        g = tl.where(tm, g, 1.)  # steps past the end: identity
+        bk = tl.where(tm, bk, 0.)
+        bv = tl.where(tm, bv, 0.)
+    return g, bk, bv, n, is_end
+
+
+@triton.jit
+def _fwd_seq_store(ok, ov, ook, oov, sokt, sovt, hTk, hTv, xk, xv, t, n, is_end, hh, d, T, H, D, lm3,
+                   VARLEN: tl.constexpr):
+    io = (t < T) & lm3
     tl.store(ok + (ook + t * sokt), xk.to(ok.dtype.element_ty), mask=io)
     tl.store(ov + (oov + t * sovt), xv.to(ov.dtype.element_ty), mask=io)
     if VARLEN:
-        sidx = (n * H + hh[None, None, :]).to(tl.int64) * D + d[None, None, :]
-        fmask = is_end & lm3
-        tl.store(hTk + sidx, xk, mask=fmask)
-        tl.store(hTv + sidx, xv, mask=fmask)
-    end = w2 == W - 1
-    hk = tl.sum(tl.where(end, FA * hk[None, :] + FK, 0.), axis=0)
-    hv = tl.sum(tl.where(end, FA * hv[None, :] + FV, 0.), axis=0)
+        sidx = (n * H + hh).to(tl.int64) * D + d
+        tl.store(hTk + sidx, xk, mask=is_end & lm3)
+        tl.store(hTv + sidx, xv, mask=is_end & lm3)
+
+
+@triton.jit
+def _fwd_seq_tile(z0, k0, v0, z1, k1, v1, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
+                  cu, seq_idx, b, hh, d, T, H, D, lm3, w3, S: tl.constexpr, W: tl.constexpr,
+                  C: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr):
+    """A tile of W segments x 2 steps from its entering state ([1, S, C]): writes k~, v~,
+    returns the state after it. A segment's two rows compose in registers."""
+    a0, bk0, bv0, n0, e0 = _fwd_seq_row(z0, k0, v0, t, h0k, h0v, cu, seq_idx, b, hh, d, T, H, D, lm3,
+                                        HAS_H0, VARLEN, MASKED)
+    a1, bk1, bv1, n1, e1 = _fwd_seq_row(z1, k1, v1, t + 1, h0k, h0v, cu, seq_idx, b, hh, d, T, H, D,
+                                        lm3, HAS_H0, VARLEN, MASKED)
+    one = tl.full([W, S, C], 1.0, tl.float32)
+    nil = tl.zeros([W, S, C], tl.float32)
+    FA, FK, FV, EA, EK, EV = tl.associative_scan((a0 * a1, a1 * bk0 + bk1, a1 * bv0 + bv1, one, nil, nil),
+                                                 axis=0, combine_fn=_pair_combine)
+    xk = a0 * (EA * hk + EK) + bk0
+    xv = a0 * (EA * hv + EV) + bv0
+    _fwd_seq_store(ok, ov, ook, oov, sokt, sovt, hTk, hTv, xk, xv, t, n0, e0, hh, d, T, H, D, lm3, VARLEN)
+    xk = a1 * xk + bk1
+    xv = a1 * xv + bv1
+    _fwd_seq_store(ok, ov, ook, oov, sokt, sovt, hTk, hTv, xk, xv, t + 1, n1, e1, hh, d, T, H, D, lm3, VARLEN)
+    end = w3 == W - 1
+    hk = tl.sum(tl.where(end, FA * hk + FK, 0.), axis=0, keep_dims=True)
+    hv = tl.sum(tl.where(end, FA * hv + FV, 0.), axis=0, keep_dims=True)
     return hk, hv
 
 
 @triton.jit
 def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
-                    T, H, D, NDB, NHG,
-                    szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
-                    sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
-                    R: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
-    """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in
-    tiles of W segments x R steps, shaped [R, W, L]: a segment's R steps sit in one thread
-    (8 lanes per thread, the segments across threads / warps). Per tile: the in-thread scan of
-    each segment, one scan across the W segments of their aggregates (with the exclusive prefix
-    carried along, see _pair_combine), the outputs from each segment's entering state. Inputs
-    are read once and outputs written once (5 tensors of traffic); it needs many channel blocks
-    (batch x heads) to fill the GPU. The next tile's loads go out before this tile's math (Triton's
-    loop pipelining through shared memory lost here: bench/NOTES-scan.md, 2026-12-01)."""
+                     T, H, D, NDB, NHG,
+                     szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
+                     sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
+                     W: tl.constexpr, S: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
+    """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in tiles
+    of W segments x 2 steps (the [W, S, C] layout: see the section comment). Per tile: each
+    segment's two-step map, one warp-local scan across the W segments of their maps (with the
+    exclusive prefix carried along, see _pair_combine), every step's output from its segment's
+    entering state. Inputs are read once and outputs written once (5 tensors of traffic); it
+    needs many channel blocks (batch x heads) to fill the GPU. The next tile's loads go out
+    before this tile's math; interior tiles skip the reset / h0 / past-T masks."""
     j = tl.program_id(0)
     L: tl.constexpr = BH * BD
-    b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
+    C: tl.constexpr = L // S
+    lane = tl.arange(0, S)[None, :, None] * C + tl.arange(0, C)[None, None, :]  # [1, S, C]
+    b, hh, d, lm3 = _fwd_lane_coords(j, lane, H, D, NDB, NHG, BH, BD)
     b64 = b.to(tl.int64)
-    oz = _fwd_offsets(hh, d, szh, szd, OFF64)[None, None, :]
-    okx = _fwd_offsets(hh, d, skh, skd, OFF64)[None, None, :]
-    ovx = _fwd_offsets(hh, d, svh, svd, OFF64)[None, None, :]
-    ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)[None, None, :]
-    oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)[None, None, :]
+    oz = _fwd_offsets(hh, d, szh, szd, OFF64)
+    okx = _fwd_offsets(hh, d, skh, skd, OFF64)
+    ovx = _fwd_offsets(hh, d, svh, svd, OFF64)
+    ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)
+    oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)
     z = z + b64 * szb
     k = k + b64 * skb
     v = v + b64 * svb
     ok = ok + b64 * sokb
     ov = ov + b64 * sovb
-    lm3 = lm[None, None, :]
-    r3 = tl.arange(0, R)[:, None, None]
-    w2 = tl.arange(0, W)[:, None]
-    step = (tl.arange(0, W)[None, :, None] * R + r3).to(tl.int64)  # [R, W, 1]: warp-major time
-    TT: tl.constexpr = R * W
-    hk = tl.zeros([L], tl.float32)
-    hv = tl.zeros([L], tl.float32)
-    zl, kx, vx = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
+    w3 = tl.arange(0, W)[:, None, None]
+    step = (w3 * 2).to(tl.int64)  # [W, 1, 1]: each segment's first step
+    TT: tl.constexpr = 2 * W
+    hk = tl.zeros([1, S, C], tl.float32)
+    hv = tl.zeros([1, S, C], tl.float32)
+    z0, k0, v0, z1, k1, v1 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
     t0 = T * 0
     while t0 < T:
         t = t0 + step
-        # the next tile's loads go out before this tile's math
-        zn, kn, vn = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
-        hk, hv = _fwd_seq_tile(zl, kx, vx, hk, hv, t, ok, ov, ook, oov, sokt, sovt, h0k, h0v, hTk, hTv,
-                               cu, seq_idx, b, hh, d, T, H, D, lm3, r3, w2, R, W, L, HAS_H0, VARLEN)
-        zl, kx, vx = zn, kn, vn
+        n0, n1, n2, n3, n4, n5 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
+        # interior tiles (no resets, no initial state, no steps past T) skip the masks; with
+        # cu_seqlens every tile may hold a reset
+        if VARLEN or (t0 == 0) | (t0 + TT > T):
+            hk, hv = _fwd_seq_tile(z0, k0, v0, z1, k1, v1, hk, hv, t, ok, ov, ook, oov, sokt, sovt,
+                                   h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, d, T, H, D, lm3, w3, S, W, C,
+                                   HAS_H0, VARLEN, True)
+        else:
+            hk, hv = _fwd_seq_tile(z0, k0, v0, z1, k1, v1, hk, hv, t, ok, ov, ook, oov, sokt, sovt,
+                                   h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, d, T, H, D, lm3, w3, S, W, C,
+                                   HAS_H0, VARLEN, False)
+        z0, k0, v0, z1, k1, v1 = n0, n1, n2, n3, n4, n5
         t0 += TT
     if not VARLEN:
         sidx = (b * H + hh).to(tl.int64) * D + d
-        tl.store(hTk + sidx, hk, mask=lm)
-        tl.store(hTv + sidx, hv, mask=lm)
+        tl.store(hTk + sidx, hk, mask=lm3)
+        tl.store(hTv + sidx, hv, mask=lm3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,13 +721,13 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "stages": 0, "kernel": "auto", "R": 2, "W": 8}
+                 "stages": 0, "kernel": "auto", "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
-# channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01): at batch 8
-# (1.94 blocks per SM) seq R2 W8 took 0.474 / 1.879 / 3.748 ms at T = 4096 / 16384 / 32768 (66-67 %
-# of copy) against 0.543 / 2.125 / 4.238 ms for the chunk plan (58-59 %); at batch 1 (0.24 per
-# SM) it is 3-5x slower than chunk. Batch sizes in between were not measured.
+# channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01, session 22):
+# at batch 8 (1.94 blocks per SM) seq took 0.433 / 0.864 / 1.73 / 3.56-3.64 ms at T = 4096 / 8192 /
+# 16384 / 32768 (69-73 % of copy) against 0.474 / 0.946 / 1.87 / 3.72 ms for the chunk plan; at
+# batch 4 (0.97 per SM) 0.290 against 0.282 ms (CUDA graphs), at batch 2 0.269 against 0.153.
 _SEQ_BLOCKS_PER_SM = 1.5
 # With fewer chunk programs than this per SM (1 x 4096 at 32 heads x 128: 3.9), the default chunk
 # plan takes BT 4 with its loads pipelined 3 stages deep. H200 CUDA graphs (NOTES-scan.md,
@@ -759,11 +802,9 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         BT, cfg["stages"] = _FEW_PROGRAMS_TILE  # more loads in flight per program (see above)
     CT = max(BT, (CT // BT) * BT)
     L = BH * BD
-    if cfg["kernel"] == "seq":  # W segments of R steps per tile, 8 lanes per thread
-        warps = max(1, min(16, cfg["W"] * L // 256))
-    else:
-        warps = max(1, min(4, L // 256))
-    return dict(cfg, BT=BT, BD=BD, BH=BH, CT=CT, NSUB=CT // BT, NC=max(1, triton.cdiv(T, CT)),
+    S = max(1, L * cfg["W"] // 256)  # seq: sub-blocks of 256 / W lanes, one warp each
+    warps = S if cfg["kernel"] == "seq" else max(1, min(4, L // 256))
+    return dict(cfg, S=S, BT=BT, BD=BD, BH=BH, CT=CT, NSUB=CT // BT, NC=max(1, triton.cdiv(T, CT)),
                 NDB=NDB, NHG=NHG, NCHB=NCHB, num_warps=cfg["num_warps"] or warps)
 
 
@@ -825,7 +866,7 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
-    BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, R, W,
+    BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, W,
     num_warps)); chunk's stages > 0 pipelines its tile loads through shared memory.
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
@@ -853,9 +894,9 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         strides = [s for x in tensors for s in _strides4(x)]
         NC, NCHB = p["NC"], p["NCHB"]
         if p["kernel"] == "seq":
-            _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, R=p["R"], W=p["W"],
-                                     BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
-                                     OFF64=span >= 2**31, num_warps=p["num_warps"])
+            _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, W=p["W"], S=p["S"],
+                                      BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
+                                      OFF64=span >= 2**31, num_warps=p["num_warps"])
         else:
             sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
             meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
