@@ -214,10 +214,6 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
     layer.n_max = int(new_n.max())  # once per layer at the prompt, not per decoded token
 
 
-def _nsel(spec, n_max: int, block):
-    return spec.blocks_at(n_max, block)
-
-
 def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function. query [B, Hq, Tq, D]; key/value: the new tokens' cached
     k/v [B, Hkv, Tq, D] (the HF cache is emptied after each call). Returns ([B, Tq, Hq, D], None)."""
@@ -245,7 +241,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         layer = run.layers[i] = _Layer(kc, vc, ksel, n=run.lengths.clone(), n_max=Tq)  # prompts padded to Tq
         qk, qv = kc[:, :, :Tq], vc[:, :, :Tq]
         if spec.method == "moba":
-            topk = _nsel(spec, layer.n_max, spec.moba_block)
+            topk = spec.blocks_at(layer.n_max, spec.moba_block)
             out = ks.moba_prefill(query, qk, qv, spec.moba_block, topk, scale=scale)
         elif spec.method == "dilated":
             out = _dilated_prefill(query, qk, qv, scale, spec.dilated_chunk(layer.n_max),
@@ -285,19 +281,19 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         _update_meta(spec, layer, n)
         P = -(-T // spec.page_size)
         kmin, kmax = (x[:, :, :P] for x in layer.meta)
-        idx = quest_select(q, kmin, kmax, n, spec.page_size, _nsel(spec, T, spec.page_size),
+        idx = quest_select(q, kmin, kmax, n, spec.page_size, spec.blocks_at(T, spec.page_size),
                            spec.quest_force_current, spec.per_query_head, spec.quest_min_pages)
         out = ks.block_sparse_decode(q, k, v, idx, spec.page_size, seq_len=n, scale=scale)
     elif m == "moba":
         _update_meta(spec, layer, n)
         NB = -(-T // spec.moba_block)
-        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, _nsel(spec, T, spec.moba_block),
+        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, spec.blocks_at(T, spec.moba_block),
                           spec.per_query_head)
         out = ks.block_sparse_decode(q, k, v, idx, spec.moba_block, seq_len=n, scale=scale)
     elif m == "random":
         H = Hq if spec.per_query_head else k.shape[1]
         NB = -(-T // spec.random_block)
-        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, _nsel(spec, T, spec.random_block),
+        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, spec.blocks_at(T, spec.random_block),
                             spec.random_force_current)
         out = ks.block_sparse_decode(q, k, v, idx, spec.random_block, seq_len=n, scale=scale)
     else:  # pragma: no cover - MethodSpec validates the name
