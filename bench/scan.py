@@ -101,7 +101,7 @@ def fname(c):
     """A forward config's name (CT 'auto': the default rule)."""
     g = {**_FWD_DEFAULTS, "num_warps": "auto", **c}  # options not given: the plan's defaults
     if c.get("kernel") == "seq":
-        n = f"seq-BH{g['BH']}-BD{g['BD']}-W{g['W']}" + (f"-A{g['ahead']}" if g["ahead"] != 1 else "")
+        n = f"seq-BH{g['BH']}-BD{g['BD']}-W{g['W']}"
     else:
         n = f"{g['kernel']}-BH{g['BH']}-BT{g['BT']}-w{g['num_warps']}-CT{g['CT']}"
         if g["BD"] != 128:

@@ -33,9 +33,6 @@ FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              # one launch: 2 sub-blocks of 8 lanes x 4 segments, and one block x 8 segments
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=4, num_warps=2)),
              "seq-W8": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=8)),
-             # two and three tiles' loads in flight (past T on short sequences)
-             "seq-ahead2": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=4, ahead=2)),
-             "seq-ahead3": dict(fwd=dict(kernel="seq", BH=2, BD=4, W=2, ahead=3)),
              # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
              "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
@@ -367,9 +364,5 @@ def test_unknown_options_are_refused():
         memory_scan_fused(z, z, z, fwd=dict(kernel="chunklb"))
     with pytest.raises(ValueError, match="stages=3 is for kernel='chunk' only"):
         memory_scan_fused(z, z, z, fwd=dict(kernel="seq", stages=3))
-    with pytest.raises(ValueError, match="ahead=2 is for kernel='seq' only"):
-        memory_scan_fused(z, z, z, fwd=dict(kernel="chunk", ahead=2))
-    with pytest.raises(ValueError, match="ahead must be 1, 2 or 3"):
-        memory_scan_fused(z, z, z, fwd=dict(kernel="seq", ahead=4))
     with pytest.raises(ValueError, match="backward options"):
         memory_scan_fused(z, z, z, bwd=dict(CT=8))

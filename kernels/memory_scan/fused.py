@@ -424,16 +424,14 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
                      szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                      sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                      W: tl.constexpr, S: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                     AHEAD: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
-                     OFF64: tl.constexpr):
+                     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, OFF64: tl.constexpr):
     """One program per channel block (BH heads x BD channels = L lanes) walks all T steps in tiles
     of W segments x 2 steps (the [W, S, C] layout: see the section comment). Per tile: each
     segment's two-step map, one warp-local scan across the W segments of their maps (with the
     exclusive prefix carried along, see _pair_combine), every step's output from its segment's
     entering state. Inputs are read once and outputs written once (5 tensors of traffic); it
-    needs many channel blocks (batch x heads) to fill the GPU. The loads of the next AHEAD tiles
-    are in flight during this tile's math (small channel blocks at batch 1 have little else to
-    hide the latency with); interior tiles skip the reset / h0 / past-T masks."""
+    needs many channel blocks (batch x heads) to fill the GPU. The next tile's loads go out
+    before this tile's math; interior tiles skip the reset / h0 / past-T masks."""
     j = tl.program_id(0)
     L: tl.constexpr = BH * BD
     C: tl.constexpr = L // S
@@ -456,17 +454,10 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
     hk = tl.zeros([1, S, C], tl.float32)
     hv = tl.zeros([1, S, C], tl.float32)
     z0, k0, v0, z1, k1, v1 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step, T, lm3)
-    # tiles 1 and 2 for AHEAD 2 / 3 (else unused copies, which the compiler drops)
-    p0, p1, p2, p3, p4, p5 = z0, k0, v0, z1, k1, v1
-    q0, q1, q2, q3, q4, q5 = z0, k0, v0, z1, k1, v1
-    if AHEAD >= 2:
-        p0, p1, p2, p3, p4, p5 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step + TT, T, lm3)
-    if AHEAD >= 3:
-        q0, q1, q2, q3, q4, q5 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, step + 2 * TT, T, lm3)
     t0 = T * 0
     while t0 < T:
         t = t0 + step
-        n0, n1, n2, n3, n4, n5 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + AHEAD * TT, T, lm3)
+        n0, n1, n2, n3, n4, n5 = _fwd_seq_load(z, k, v, oz, okx, ovx, szt, skt, svt, t + TT, T, lm3)
         # interior tiles (no resets, no initial state, no steps past T) skip the masks; with
         # cu_seqlens every tile may hold a reset
         if VARLEN or (t0 == 0) | (t0 + TT > T):
@@ -477,15 +468,7 @@ def _fwd_seq_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx,
             hk, hv = _fwd_seq_tile(z0, k0, v0, z1, k1, v1, hk, hv, t, ok, ov, ook, oov, sokt, sovt,
                                    h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, d, T, H, D, lm3, w3, S, W, C,
                                    HAS_H0, VARLEN, False)
-        if AHEAD == 1:
-            z0, k0, v0, z1, k1, v1 = n0, n1, n2, n3, n4, n5
-        elif AHEAD == 2:
-            z0, k0, v0, z1, k1, v1 = p0, p1, p2, p3, p4, p5
-            p0, p1, p2, p3, p4, p5 = n0, n1, n2, n3, n4, n5
-        else:
-            z0, k0, v0, z1, k1, v1 = p0, p1, p2, p3, p4, p5
-            p0, p1, p2, p3, p4, p5 = q0, q1, q2, q3, q4, q5
-            q0, q1, q2, q3, q4, q5 = n0, n1, n2, n3, n4, n5
+        z0, k0, v0, z1, k1, v1 = n0, n1, n2, n3, n4, n5
         t0 += TT
     if not VARLEN:
         sidx = (b * H + hh).to(tl.int64) * D + d
@@ -738,7 +721,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "stages": 0, "kernel": "auto", "W": 8, "ahead": 1}
+                 "stages": 0, "kernel": "auto", "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01, session 22):
@@ -797,8 +780,6 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq" and cfg["stages"]:
         raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
-    if cfg["ahead"] not in (1, 2, 3):
-        raise ValueError(f"forward option ahead must be 1, 2 or 3 (seq tiles in flight), got {cfg['ahead']!r}")
     auto = cfg["kernel"] == "auto"
     if auto:  # "seq" once single-head channel blocks fill the GPU (see above)
         blocks = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D)))
@@ -806,8 +787,6 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
         cfg["kernel"] = "seq" if seq else "chunk"
         if seq and "BH" not in given:
             cfg["BH"] = 1
-    if cfg["kernel"] == "chunk" and cfg["ahead"] != 1:
-        raise ValueError(f"forward option ahead={cfg['ahead']} is for kernel='seq' only")
     BD = min(cfg["BD"], triton.next_power_of_2(D))
     BH = max(1, min(cfg["BH"], triton.next_power_of_2(H)))
     BT = cfg["BT"]
@@ -887,9 +866,8 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
-    BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, W, ahead,
-    num_warps)); chunk's stages > 0 pipelines its tile loads through shared memory, seq's ahead
-    keeps 1-3 tiles' loads in flight.
+    BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, W,
+    num_warps)); chunk's stages > 0 pipelines its tile loads through shared memory.
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -917,8 +895,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
         NC, NCHB = p["NC"], p["NCHB"]
         if p["kernel"] == "seq":
             _fwd_seq_kernel[(NCHB,)](*args, T, H, D, p["NDB"], p["NHG"], *strides, W=p["W"], S=p["S"],
-                                      BD=p["BD"], BH=p["BH"], AHEAD=p["ahead"], HAS_H0=has_h0,
-                                      VARLEN=cu_seqlens is not None,
+                                      BD=p["BD"], BH=p["BH"], HAS_H0=has_h0, VARLEN=cu_seqlens is not None,
                                       OFF64=span >= 2**31, num_warps=p["num_warps"])
         else:
             sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
