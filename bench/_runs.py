@@ -162,10 +162,13 @@ def link_checkpoint(src_save: Path, iteration: int, dst_save: Path) -> Path:
     return dst_save
 
 
-def write_json(path: str | Path, obj) -> None:
+def write_json(path: str | Path, obj, quiet: bool = False) -> None:
+    """Write obj as JSON through a temp file and a rename (a killed run leaves the old file or
+    the new one, never half of one). quiet: no "wrote" line (for saves after every step)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-    print(f"wrote {path}", flush=True)
+    if not quiet:
+        print(f"wrote {path}", flush=True)

@@ -40,6 +40,8 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
 sys.path.insert(0, REPO)  # eval.ruler.haystacks (the essays) when run as python bench/gate_init.py
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from _runs import write_json  # noqa: E402
 TOKENIZER = "data_prep/assets/tiny-bpe"
 BASE_CONFIG = "configs/tiny_attention_cpu.yaml"
 
@@ -273,10 +275,7 @@ def main(argv=None):
         "runs": results,
         "seconds": round(time.time() - t_start, 1),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(record, f, indent=1)
-    log(f"wrote {a.out}")
+    write_json(a.out, record)
 
     # ---- table and plot
     print(f"\npretrained attention-only model: {a.pretrain_iters} iterations, val loss "

@@ -13,7 +13,6 @@ casts, elementwise...) from torch.profiler over a few steps: where the step time
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import commit  # noqa: E402
+from _runs import commit, write_json  # noqa: E402
 
 
 def _time(fn, warmup: int, iters: int) -> list[float]:
@@ -180,11 +179,7 @@ def main() -> None:
         "memory_overhead_pct": 100 * (on["step_ms_median"] / off["step_ms_median"] - 1),
         "scan_fwd_bwd_ms_one_layer": scan_ms,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json(args.out, result)
     print(f"{'memory':>7} {'step ms':>9} {'fwd ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'peak GiB':>9}")
     for r in rows:
         print(f"{str(r['memory']):>7} {r['step_ms_median']:9.1f} {r['forward_ms_median']:8.1f} "

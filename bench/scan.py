@@ -52,7 +52,7 @@ from kernels.memory_scan.fused import (_FWD_DEFAULTS, _fwd_plan, memory_scan_fus
 from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from _runs import commit as run_commit  # noqa: E402
+from _runs import commit as run_commit, write_json  # noqa: E402
 from _timing import FLUSHES, time_ms  # noqa: E402
 
 H, D = 32, 128
@@ -360,7 +360,7 @@ def main():
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        out_path.write_text(json.dumps(res, indent=1))
+        write_json(out_path, res, quiet=True)
 
     # 1. chained schedule in a subprocess first (a hang costs 120 s, not the run)
     chained_ok = True if args.fwd_only else chained_smoke_ok(res["notes"])
@@ -640,7 +640,7 @@ def sweep_main(args):
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        out_path.write_text(json.dumps(res, indent=1))
+        write_json(out_path, res, quiet=True)
 
     def left():
         return budget - (time.time() - T0)

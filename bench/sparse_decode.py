@@ -53,7 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.sparse as sp  # noqa: E402
-from _runs import commit  # noqa: E402  (COMMIT first: the GPU machine runs an archive of HEAD)
+from _runs import commit, write_json  # noqa: E402  (COMMIT first: the GPU machine runs an archive of HEAD)
 from _timing import FLUSHES, time_ms  # noqa: E402
 
 H, D = 32, 128
@@ -482,7 +482,7 @@ def sweep_main(args):
                   shapes=shapes, budgets=budgets, flush=FLUSH)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result["sweep"] = run_sweep(dev, dtype, shapes, budgets, args.sweep_budget_s, smoke=smoke)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print("\nsummary (end to end Quest, ms and x dense SDPA):")
     for s in result["sweep"]["shapes"]:
         for bud, e in s["end_to_end"].items():
@@ -540,7 +540,7 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result, quiet=True)
 
     t0 = time.time()
     result["correctness"] = correctness(dev, dtype)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import write_json  # noqa: E402
 
 
 def main():
@@ -47,10 +49,8 @@ def main():
         "config": args.config, "wall_s": wall, "metrics": metrics,
         "checkpoints": sorted(p.name for p in Path(args.save).glob("iter_*")),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"returncode {proc.returncode}, {len(train)} logged steps, wall {wall:.0f} s -> {out}")
+    write_json(args.out, result)
+    print(f"returncode {proc.returncode}, {len(train)} logged steps, wall {wall:.0f} s")
     sys.exit(proc.returncode)
 
 

@@ -130,7 +130,7 @@ def markdown(runs: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], path) -> None:
+def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,8 +166,10 @@ def plot(runs: list[dict], path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("Accuracy vs budget: attention (plain K/V) vs memory (K~/V~)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra=None) -> dict:
@@ -184,7 +186,9 @@ def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra
     tmp = dest / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, dest / "summary.json")
-    (dest / "summary.md").write_text(markdown(runs, metric) if runs else "no predictions\n", encoding="utf-8")
+    tmp = dest / ".summary.md.tmp"
+    tmp.write_text(markdown(runs, metric) if runs else "no predictions\n", encoding="utf-8")
+    os.replace(tmp, dest / "summary.md")
     if runs:
         try:
             plot(runs, dest / "accuracy_vs_budget.png")
