@@ -3,7 +3,7 @@
     python eval/niah.py --model HF_DIR_OR_ID --tasks all --lengths 4096 \
         --methods dense,quest,moba,snapkv,dilated,random --budgets 1/8,1/16,1/32 \
         --samples 100 --out OUT [--kv-source mem --kv-source plain] [--batch-size 4] \
-        [--dtype bf16] [--device cuda] [--seed 42] [--sft-data]
+        [--dtype bf16] [--device cuda] [--seed 42] [--sft-data] [--shard I/N]
 
 1. generates the RULER samples with the model's own tokenizer (``eval.ruler``) into
    ``OUT/data/<length>/<task>.jsonl`` (and, with --sft-data, the train split into OUT/train/);
@@ -12,6 +12,12 @@
    ``OUT/pred/<length>/<method>_<budget>_<source>/<task>.jsonl`` (a rerun skips finished samples);
 3. scores them (RULER's string_match_all by default) and writes ``OUT/summary.json``,
    ``OUT/summary.md`` and ``OUT/accuracy_vs_budget.png`` (``eval/report.py``).
+
+``--shard I/N`` (e.g. the tasks of a Slurm job array, ``slurm/niah.sh``): this process decodes the
+samples whose index is I mod N, into ``<task>.shard-I-of-N.jsonl`` beside the unsharded files. Every
+shard writes the same data files (seeded, atomic). A rerun with any sharding skips the samples
+that any file of the run already holds. The shard that finds every prediction in place when it
+ends writes the reports (or run ``python eval/report.py OUT``).
 
 ``dense`` runs once per K/V source (budget 'full'). Method options (Quest page size, MoBA block,
 SnapKV window / pooling, dilated window / prefix, ...) are listed by --help; their meaning and the
@@ -71,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-new-tokens", type=int, default=TOKENS_TO_GENERATE)
     p.add_argument("--metric", default="string_match_all", choices=sorted(METRICS))
+    p.add_argument("--shard", default="0/1", help="I/N: decode the samples whose index is I mod N (a job "
+                                                  "array's task I of N); the last shard to end writes the reports")
     g = p.add_argument_group("method options")
     g.add_argument("--page-size", type=int, default=16, help="Quest page size")
     g.add_argument("--quest-dense-layers", type=int, default=2, help="first N layers dense (Quest and random)")
@@ -110,6 +118,16 @@ def make_specs(args, methods, budgets, sources) -> list[MethodSpec]:
     return specs
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SpecError(f"bad --shard {text!r}: want I/N, e.g. 0/8") from None
+    if n < 1 or not 0 <= i < n:
+        raise SpecError(f"bad --shard {text!r}: want 0 <= I < N")
+    return i, n
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
@@ -131,18 +149,24 @@ def load_tokenizer(name: str):
     return tok
 
 
-def pred_path(out, length, spec: MethodSpec, task: str) -> Path:
-    return Path(out) / "pred" / str(length) / spec.label / f"{task}.jsonl"
+def run_dir(out, length, spec: MethodSpec) -> Path:
+    return Path(out) / "pred" / str(length) / spec.label
 
 
-def finished_indices(path: Path) -> set[int]:
-    from eval.report import read_jsonl
+def pred_path(out, length, spec: MethodSpec, task: str, shard: tuple[int, int] = (0, 1)) -> Path:
+    from eval.report import shard_suffix
 
-    return {r["index"] for r in read_jsonl(path) if "index" in r and "pred" in r}
+    return run_dir(out, length, spec) / f"{task}{shard_suffix(*shard)}.jsonl"
 
 
-def run_task(engine, tokenizer, spec, samples, path: Path, batch_size, max_new, bar) -> None:
-    done = finished_indices(path)
+def finished_indices(out, length, spec: MethodSpec, task: str) -> set[int]:
+    """Samples of a task with a prediction in any of the run's files (sharded or not)."""
+    from eval.report import run_predictions
+
+    return set(run_predictions(run_dir(out, length, spec)).get(task, {}))
+
+
+def run_task(engine, tokenizer, spec, samples, path: Path, done: set[int], batch_size, max_new, bar) -> None:
     todo = [s for s in samples if s["index"] not in done]
     bar.update(len(samples) - len(todo))
     if not todo:
@@ -179,6 +203,7 @@ def main(argv=None) -> int:
             raise SpecError(f"bad --samples {args.samples}: must be at least 1")
         if args.batch_size < 1:
             raise SpecError(f"bad --batch-size {args.batch_size}: must be at least 1")
+        shard = parse_shard(args.shard)
         # budgets against the longest prompt each length allows (before loading anything big)
         probe = make_specs(args, methods, budgets, sources or [KVSource("plain", "plain")])
         for length in lengths:
@@ -227,18 +252,28 @@ def main(argv=None) -> int:
 
                         data[(length, t.name)] = read_jsonl(path)
 
-    total = len(lengths) * len(tasks) * len(specs) * args.samples
+    mine = {key: [s for s in rows if s["index"] % shard[1] == shard[0]] for key, rows in data.items()}
+    total = len(specs) * sum(len(rows) for rows in mine.values())
+    desc = "niah" if shard[1] == 1 else f"niah shard {shard[0]}/{shard[1]}"
     try:
-        with tqdm(total=total, desc="niah", unit="sample", dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True) as bar:
             for length in lengths:
                 for spec in specs:
                     for t in tasks:
                         bar.set_postfix_str(f"{length} {spec.label} {t.name}")
-                        run_task(engine, tokenizer, spec, data[(length, t.name)],
-                                 pred_path(out, length, spec, t.name), args.batch_size, args.max_new_tokens, bar)
+                        run_task(engine, tokenizer, spec, mine[(length, t.name)],
+                                 pred_path(out, length, spec, t.name, shard), finished_indices(out, length, spec, t.name),
+                                 args.batch_size, args.max_new_tokens, bar)
     except SpecError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    # other shards may still be decoding: the reports come from the one that finds nothing missing
+    missing = sum(len({s["index"] for s in data[(length, t.name)]} - finished_indices(out, length, spec, t.name))
+                  for length in lengths for spec in specs for t in tasks)
+    if missing:
+        print(f"shard {shard[0]}/{shard[1]} done; {missing} predictions of other shards are not there yet: the "
+              f"last shard to end writes the reports (or: python eval/report.py {out})")
+        return 0
     summary = write_reports([out], dest=out, metric=args.metric,
                             extra={"model": args.model, "memory_model": engine.memory, "dtype": args.dtype,
                                    "seed": args.seed})

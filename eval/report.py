@@ -2,7 +2,8 @@
 
     python eval/report.py OUT [OUT2 ...] [--labels attention,memory] [--out DIR] [--metric M]
 
-reads ``OUT/pred/<length>/<method>_<budget>_<source>/<task>.jsonl`` of one or several runs (e.g.
+reads ``OUT/pred/<length>/<method>_<budget>_<source>/<task>.jsonl`` (and the shard files
+``<task>.shard-I-of-N.jsonl`` of ``eval/niah.py --shard``) of one or several runs (e.g.
 an attention model and a memory model) and writes ``DIR/summary.json``, ``DIR/summary.md`` (rows
 method x budget x K/V source [x model], columns the tasks and their average) and
 ``DIR/accuracy_vs_budget.png`` (average accuracy against budget; colour = method, line style =
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -21,10 +21,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `eval` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.files import write_atomic  # noqa: E402
 from eval.ruler.scoring import METRICS, score  # noqa: E402
 from eval.ruler.tasks import TASKS  # noqa: E402
 
 METHOD_ORDER = ("dense", "dilated", "quest", "moba", "snapkv", "random")
+SHARD_INFIX = ".shard-"  # <task>.shard-I-of-N.jsonl: shard I of N of a task's predictions
+
+
+def shard_suffix(shard: int, shards: int) -> str:
+    return "" if shards == 1 else f"{SHARD_INFIX}{shard}-of-{shards}"
 
 
 def read_jsonl(path) -> list[dict]:
@@ -56,6 +62,19 @@ def budget_value(label: str, length: int) -> float:
     return float(label)
 
 
+def run_predictions(run_dir: Path) -> dict[str, dict[int, dict]]:
+    """task -> sample index -> prediction, over one run folder's files: ``<task>.jsonl`` and the
+    shard files of the same task (a sample found twice counts once)."""
+    by_task: dict[str, dict[int, dict]] = {}
+    for f in sorted(Path(run_dir).glob("*.jsonl")):
+        task = f.name[: -len(".jsonl")].split(SHARD_INFIX)[0]
+        recs = by_task.setdefault(task, {})
+        for r in read_jsonl(f):
+            if "index" in r and "pred" in r:
+                recs.setdefault(r["index"], r)
+    return {t: recs for t, recs in by_task.items() if recs}
+
+
 def collect(out, label: str | None = None, metric: str = "string_match_all") -> list[dict]:
     """One row per (length, method, budget, source, task) of one run directory."""
     rows = []
@@ -71,14 +90,11 @@ def collect(out, label: str | None = None, metric: str = "string_match_all") -> 
             if not run_dir.is_dir() or len(parts) != 3:
                 continue
             method, budget, source = parts
-            for f in sorted(run_dir.glob("*.jsonl")):
-                recs = {r["index"]: r for r in read_jsonl(f) if "index" in r}
-                if not recs:
-                    continue
-                recs = [recs[i] for i in sorted(recs)]
+            for task, by_index in run_predictions(run_dir).items():
+                recs = [by_index[i] for i in sorted(by_index)]
                 rows.append({
                     "model": label, "length": length, "method": method, "budget": budget,
-                    "budget_value": budget_value(budget, length), "source": source, "task": f.stem,
+                    "budget_value": budget_value(budget, length), "source": source, "task": task,
                     "n": len(recs),
                     "score": score([r["pred"] for r in recs], [r["outputs"] for r in recs], metric),
                 })
@@ -166,10 +182,8 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("Accuracy vs budget: attention (plain K/V) vs memory (K~/V~)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra=None) -> dict:
@@ -183,12 +197,8 @@ def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra
         rows += collect(o, lab if len(outs) > 1 else None, metric)
     runs = group_runs(rows)
     summary = {"metric": metric, **(extra or {}), "runs": runs}
-    tmp = dest / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, dest / "summary.json")
-    tmp = dest / ".summary.md.tmp"
-    tmp.write_text(markdown(runs, metric) if runs else "no predictions\n", encoding="utf-8")
-    os.replace(tmp, dest / "summary.md")
+    write_atomic(dest / "summary.json", lambda f: f.write(json.dumps(summary, indent=1) + "\n"))
+    write_atomic(dest / "summary.md", lambda f: f.write(markdown(runs, metric) if runs else "no predictions\n"))
     if runs:
         try:
             plot(runs, dest / "accuracy_vs_budget.png")

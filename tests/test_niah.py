@@ -3,6 +3,7 @@
 Tiny configs built in code, the tiny BPE tokenizer of data_prep/assets; nothing is downloaded.
 """
 import json
+import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -400,8 +401,45 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert calls == [1] and len(f.read_text().splitlines()) == 2
 
 
+def test_cli_shards_add_up_to_the_unsharded_run(tiny_model_dir, tmp_path, capsys):
+    """Two shards (as two tasks of a job array): each decodes its own samples into its own files,
+    the first to end writes no report, the last one writes the same summary as one unsharded run;
+    a rerun with other sharding decodes nothing."""
+    base = ["--model", tiny_model_dir, "--tasks", "niah_single_1,niah_multivalue", "--lengths", "512",
+            "--methods", "dense,quest", "--budgets", "1/4", "--samples", 3, "--batch-size", 1,
+            "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", 4]
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    assert _cli(base + ["--out", one]) == 0
+    assert _cli(base + ["--out", sharded, "--shard", "1/2"]) == 0
+    assert "not there yet" in capsys.readouterr().out and not (sharded / "summary.json").exists()
+    run = sharded / "pred" / "512" / "quest_1-4_plain"
+    assert [json.loads(x)["index"] for x in (run / "niah_multivalue.shard-1-of-2.jsonl").read_text().splitlines()] == [1]
+    assert _cli(base + ["--out", sharded, "--shard", "0/2"]) == 0
+    assert [json.loads(x)["index"] for x in (run / "niah_multivalue.shard-0-of-2.jsonl").read_text().splitlines()] == [0, 2]
+    assert not (run / "niah_multivalue.jsonl").exists()
+    a, b = (json.loads((d / "summary.json").read_text())["runs"] for d in (one, sharded))
+    assert a == b and all(r["n"] == {"niah_single_1": 3, "niah_multivalue": 3} for r in b)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (sharded / "summary.json", sharded / "data" / "512" / "niah_multivalue.jsonl"):  # not mkstemp's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert not list(sharded.rglob("*.tmp"))
+    import eval.engine.engine as eng
+
+    calls = []
+    orig = eng.Engine.generate
+    eng.Engine.generate = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    try:
+        assert _cli(base + ["--out", sharded]) == 0 and _cli(base + ["--out", sharded, "--shard", "2/3"]) == 0
+    finally:
+        eng.Engine.generate = orig
+    assert not calls
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--tasks", "niah_bogus"], "unknown task"),
+    (["--shard", "2/2"], "bad --shard"),
+    (["--shard", "1"], "bad --shard"),
     (["--methods", "dense,bogus"], "unknown method"),
     (["--budgets", "3/2"], "above 1"),
     (["--budgets", "1/64"], "below one block"),

@@ -7,6 +7,7 @@ when missing; root). No Slurm and no way to install it is a failure, not a skip:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -195,3 +196,87 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tiny_data, tmp_
     assert (save / f"iter_{stopped:07d}").is_dir()
     run_id = (save / "wandb_id.txt").read_text().strip()
     assert all(r.name.endswith(run_id) for r in runs), (run_id, runs)  # one W&B run, continued
+
+
+NIAH_SCRIPT = REPO / "slurm" / "niah.sh"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model(tmp_path_factory):
+    """A tiny attention OLMo2 with the shipped tokenizer, saved as an HF model dir."""
+    from test_niah import TINY_BPE, make_model
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path_factory.mktemp("tiny-olmo2")
+    tok = AutoTokenizer.from_pretrained(TINY_BPE)
+    model = make_model("attention")
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def _niah_env(slurm_env, model_dir: Path, niah_args: str) -> dict:
+    # through the submitting environment: --export would split NIAH_ARGS on its commas
+    return dict(slurm_env, MODEL=str(model_dir), OUT="niah", OMP_NUM_THREADS="1", NIAH_ARGS=niah_args,
+                VENV=str(Path(sys.executable).parent.parent))
+
+
+def test_niah_job_array_two_shards(slurm_env, tiny_hf_model, tmp_path):
+    """`sbatch --array=0-1 slurm/niah.sh`, unchanged, on a tiny HF model on CPU: each array task
+    decodes its shard into its own files, and the reports hold every sample of both."""
+    out = tmp_path / "niah"
+    env = _niah_env(slurm_env, tiny_hf_model, "--tasks niah_single_1,niah_multikey_1 --lengths 512 --methods dense,quest "
+                                              "--budgets 1/4 --samples 3 --device cpu --dtype fp32 --max-new-tokens 4")
+    r = subprocess.run(["sbatch", "--parsable", "--wait", "--array=0-1", "--job-name=niah-array-test", str(NIAH_SCRIPT)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    job = r.stdout.strip().split(";")[0]
+    logs = [tmp_path / f"niah-array-test-{job}_{i}.out" for i in (0, 1)]
+    assert r.returncode == 0, f"sbatch --wait exit {r.returncode}: {r.stderr}\n" + "\n".join(_tail(x) for x in logs)
+    for i, log in enumerate(logs):
+        text = log.read_text(errors="replace")
+        assert f"shard {i}/2 on" in text and f"shard {i}/2 ended with exit code 0" in text, _tail(log)
+    run = out / "pred" / "512" / "quest_1-4_plain"
+    assert sorted(p.name for p in run.iterdir()) == [f"{t}.shard-{i}-of-2.jsonl" for t in ("niah_multikey_1", "niah_single_1")
+                                                     for i in (0, 1)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(x["method"], x["n"]) for x in summary["runs"]] == [
+        ("dense", {"niah_single_1": 3, "niah_multikey_1": 3}), ("quest", {"niah_single_1": 3, "niah_multikey_1": 3})]
+    assert (out / "summary.md").exists() and (out / "accuracy_vs_budget.png").exists()
+
+
+def test_niah_time_limit_signal_requeues_and_completes(slurm_env, tiny_hf_model, tmp_path):
+    """USR1 to the batch shell of a NIAH task (what --signal=B:USR1@120 sends) while it decodes: the
+    task stops, requeues itself, and the rerun adds only the missing predictions, then the reports."""
+    samples = 48
+    env = _niah_env(slurm_env, tiny_hf_model, f"--tasks niah_single_1 --lengths 1024 --methods dense,quest --budgets 1/4 "
+                                              f"--samples {samples} --device cpu --dtype fp32 --max-new-tokens 32")
+    r = subprocess.run(["sbatch", "--parsable", "--job-name=niah-requeue-test", str(NIAH_SCRIPT)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    log = tmp_path / f"niah-requeue-test-{job}_4294967294.out"  # %a of a job that is not an array
+    text = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
+    preds = [tmp_path / "niah" / "pred" / "1024" / run / "niah_single_1.jsonl"
+             for run in ("dense_full_plain", "quest_1-4_plain")]
+    lines = lambda: sum(len(p.read_text().splitlines()) for p in preds if p.exists())  # noqa: E731
+    try:
+        _wait_for(lambda: lines() > 0 or "ended with exit code" in text(), JOB_TIMEOUT, "the first prediction", log)
+        assert "ended with exit code" not in text(), f"the run ended before the signal:\n{_tail(log)}"
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
+        _wait_for(lambda: "requeued;" in text() or "requeue failed" in text(), 180, "the requeue", log)
+        assert "requeued;" in text(), _tail(log)
+        before = lines()
+        _wait_for(lambda: _job_state(job, slurm_env).get("JobState") in
+                  ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+                  JOB_TIMEOUT, "the requeued job to finish", log, poll=1.0)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    state = _job_state(job, slurm_env)
+    assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", f"{state}\n{_tail(log)}"
+    assert "restart 1: shard 0/1" in text() and "shard 0/1 ended with exit code 0" in text(), _tail(log)
+    assert 0 < before < 2 * samples, before
+    for p in preds:  # the rerun appended only what was missing: every sample once
+        assert sorted(json.loads(x)["index"] for x in p.read_text().splitlines()) == list(range(samples)), p
+    summary = json.loads((tmp_path / "niah" / "summary.json").read_text())
+    assert [x["n"] for x in summary["runs"]] == [{"niah_single_1": samples}] * 2

@@ -25,12 +25,12 @@ import math
 import os
 import random
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..files import write_atomic
 from .haystacks import EssayHaystack, default_essay_haystack, word_lists
 from .tasks import (
     ANSWER_PREFIX,
@@ -360,23 +360,11 @@ def _complete(path: Path, n: int) -> bool:
 
 def write_jsonl_atomic(path: str | os.PathLike, rows) -> Path:
     """Write rows as jsonl to a temp file next to ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    def write(f):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return write_atomic(path, write)
 
 
 def write_task_file(
