@@ -159,11 +159,12 @@ def pred_path(out, length, spec: MethodSpec, task: str, shard: tuple[int, int] =
     return run_dir(out, length, spec) / f"{task}{shard_suffix(*shard)}.jsonl"
 
 
-def finished_indices(out, length, spec: MethodSpec, task: str) -> set[int]:
-    """Samples of a task with a prediction in any of the run's files (sharded or not)."""
+def finished_indices(out, length, spec: MethodSpec) -> dict[str, set[int]]:
+    """task -> the samples with a prediction in any of the run's files (sharded or not); one read
+    of the run's folder."""
     from eval.report import run_predictions
 
-    return set(run_predictions(run_dir(out, length, spec)).get(task, {}))
+    return {task: set(recs) for task, recs in run_predictions(run_dir(out, length, spec)).items()}
 
 
 def run_task(engine, tokenizer, spec, samples, path: Path, done: set[int], batch_size, max_new, bar) -> None:
@@ -259,17 +260,21 @@ def main(argv=None) -> int:
         with tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True) as bar:
             for length in lengths:
                 for spec in specs:
+                    done = finished_indices(out, length, spec)  # a task's run adds to its own files only
                     for t in tasks:
                         bar.set_postfix_str(f"{length} {spec.label} {t.name}")
                         run_task(engine, tokenizer, spec, mine[(length, t.name)],
-                                 pred_path(out, length, spec, t.name, shard), finished_indices(out, length, spec, t.name),
+                                 pred_path(out, length, spec, t.name, shard), done.get(t.name, set()),
                                  args.batch_size, args.max_new_tokens, bar)
     except SpecError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
     # other shards may still be decoding: the reports come from the one that finds nothing missing
-    missing = sum(len({s["index"] for s in data[(length, t.name)]} - finished_indices(out, length, spec, t.name))
-                  for length in lengths for spec in specs for t in tasks)
+    missing = 0
+    for length in lengths:
+        for spec in specs:
+            done = finished_indices(out, length, spec)
+            missing += sum(len({s["index"] for s in data[(length, t.name)]} - done.get(t.name, set())) for t in tasks)
     if missing:
         print(f"shard {shard[0]}/{shard[1]} done; {missing} predictions of other shards are not there yet: the "
               f"last shard to end writes the reports (or: python eval/report.py {out})")
