@@ -151,6 +151,24 @@ def _wait_for(pred, timeout: float, what: str, log: Path, poll: float = 0.5):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; log:\n{_tail(log)}\n{_slurm_logs()}")
 
 
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _usr1_then_requeue(job: str, env, text, log: Path) -> None:
+    """USR1 to the batch shell (what --signal=B:USR1@... sends before the time limit); the script
+    must say that it requeued the job."""
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    _wait_for(lambda: "requeued;" in text() or "requeue failed" in text(), 180, "the requeue", log)
+    assert "requeued;" in text(), _tail(log)
+
+
+def _wait_job_end(job: str, env, log: Path) -> None:
+    # a requeued job becomes eligible again once its old credential expires (cred_expire=20 s in
+    # scripts/local_slurm.sh; Slurm's default is 120 s)
+    _wait_for(lambda: _job_state(job, env).get("JobState") in _ENDED, JOB_TIMEOUT, "the requeued job to finish",
+              log, poll=1.0)
+
+
 def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tiny_data, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit): the tasks
     save a checkpoint and exit, the job requeues itself, and the rerun resumes and finishes."""
@@ -170,14 +188,8 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tiny_data, tmp_
         _wait_for(lambda: "training from iteration 0" in text() or "training step ended" in text(),
                   JOB_TIMEOUT, "the training loop to start", log)
         assert "training step ended" not in text(), f"the run ended before the signal:\n{_tail(log)}"
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
-        _wait_for(lambda: "requeued;" in text() or "requeue failed" in text(), 180, "the requeue", log)
-        assert "requeued;" in text(), _tail(log)
-        # the requeued job becomes eligible again once its old credential expires (cred_expire=20 s in
-        # scripts/local_slurm.sh; Slurm's default is 120 s)
-        _wait_for(lambda: _job_state(job, slurm_env).get("JobState") in
-                  ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-                  JOB_TIMEOUT, "the requeued job to finish", log, poll=1.0)
+        _usr1_then_requeue(job, slurm_env, text, log)
+        _wait_job_end(job, slurm_env, log)
     finally:
         subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
     state = _job_state(job, slurm_env)
@@ -263,13 +275,9 @@ def test_niah_time_limit_signal_requeues_and_completes(slurm_env, tiny_hf_model,
     try:
         _wait_for(lambda: lines() > 0 or "ended with exit code" in text(), JOB_TIMEOUT, "the first prediction", log)
         assert "ended with exit code" not in text(), f"the run ended before the signal:\n{_tail(log)}"
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
-        _wait_for(lambda: "requeued;" in text() or "requeue failed" in text(), 180, "the requeue", log)
-        assert "requeued;" in text(), _tail(log)
+        _usr1_then_requeue(job, slurm_env, text, log)
         before = lines()
-        _wait_for(lambda: _job_state(job, slurm_env).get("JobState") in
-                  ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-                  JOB_TIMEOUT, "the requeued job to finish", log, poll=1.0)
+        _wait_job_end(job, slurm_env, log)
     finally:
         subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
     state = _job_state(job, slurm_env)
