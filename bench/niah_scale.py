@@ -8,7 +8,9 @@ as niah.py runs it. Per length and method (budget --budget, the memory's K~/V~ a
 
 * prefill_s: the prompt's forward, the selector's metadata and the first token, and
 * decode_ms_per_token: the forwards after it, from `Engine.generate(..., stats=...)` (a device
-  sync at each boundary), after one untimed call on the prompt's first 8192 tokens (Triton compiles);
+  sync at each boundary), after one untimed call on the prompt's first 8192 tokens (Triton compiles),
+  for each decoding loop of --decode (CUDA graph replay, eager HF forwards); the rows keep the
+  generated tokens, which the loops must agree on;
 * peak_gib: the largest GPU memory allocated during the timed call.
 
     python bench/niah_scale.py --lengths 32768,131072 --out bench/results/niah_scale.json
@@ -16,6 +18,7 @@ as niah.py runs it. Per length and method (budget --budget, the memory's K~/V~ a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -58,7 +61,7 @@ def prompt_ids(task: str, length: int, tokenizer, work: Path) -> list[int]:
     return tokenizer(s["input"] + s["answer_prefix"], add_special_tokens=True)["input_ids"]
 
 
-def profile(engine, ids, spec, device, steps: int = 8) -> dict:
+def profile(engine, ids, spec, device, decode: str, steps: int = 8) -> dict:
     """torch.profiler over one generation of 1 + steps tokens, the prompt's forward included
     (profile a short --lengths to see the decode steps): host ops and device kernels, as the
     profiler's top tables."""
@@ -66,7 +69,7 @@ def profile(engine, ids, spec, device, steps: int = 8) -> dict:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch_profile(activities=acts) as prof:
-        engine.generate([ids], spec, 1 + steps)
+        engine.generate([ids], spec, 1 + steps, decode=decode)
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     ka = prof.key_averages()
     return dict(steps=steps, by_device=ka.table(sort_by=sort, row_limit=20, max_name_column_width=60),
@@ -81,6 +84,8 @@ def main() -> None:
     ap.add_argument("--budget", default="1/16")
     ap.add_argument("--task", default="niah_multikey_3")
     ap.add_argument("--new-tokens", type=int, default=64, help="decoded tokens timed after the first")
+    ap.add_argument("--decode", default="graph,eager",
+                    help="decoding loops to time, comma-separated (eval.engine: graph, eager, static)")
     ap.add_argument("--profile", default="", help="methods to profile (8 decode steps, torch.profiler) "
                                                   "at the first length: the top ops go into the JSON")
     ap.add_argument("--out", default="bench/results/niah_scale.json")
@@ -118,37 +123,38 @@ def main() -> None:
         for length in lengths:
             ids = prompt_ids(args.task, length, tok, Path(work))
             log(f"length {length}: prompt of {len(ids)} tokens")
-            for method in args.methods.split(","):
+            for method, decode in itertools.product(args.methods.split(","), args.decode.split(",")):
                 spec = MethodSpec(method=method, source=source)
                 if method != "dense":
                     spec = spec.with_budget(budget)
-                row = dict(length=length, prompt_tokens=len(ids), method=method, label=spec.label)
+                row = dict(length=length, prompt_tokens=len(ids), method=method, label=spec.label, decode=decode)
                 try:
-                    engine.generate([ids[: min(len(ids), 8192)]], spec, 2)  # compiles the kernels
+                    engine.generate([ids[: min(len(ids), 8192)]], spec, 3, decode=decode)  # compiles the kernels
                     if device == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                     stats = {}
-                    outs = engine.generate([ids], spec, 1 + args.new_tokens, stats=stats)
+                    outs = engine.generate([ids], spec, 1 + args.new_tokens, stats=stats, decode=decode)
+                    row["tokens"] = outs[0]["tokens"]  # the decoding loops must agree
                     row["prefill_s"] = round(stats["prefill_s"], 3)
                     row["generated"] = len(outs[0]["tokens"])
                     row["decode_ms_per_token"] = round(1e3 * stats["decode_s"] / max(1, stats["decode_steps"]), 2)
                     if device == "cuda":
                         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                     if method in args.profile.split(",") and length == lengths[0]:
-                        row["profile"] = profile(engine, ids, spec, device)
+                        row["profile"] = profile(engine, ids, spec, device, decode)
                 except torch.cuda.OutOfMemoryError as e:
                     row["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
-                except SpecError as e:
+                except (SpecError, ValueError) as e:
                     row["error"] = str(e)
                 log(json.dumps(row))
                 result["rows"].append(row)
                 save()
     result["wall_s"] = round(time.time() - t0, 1)
     save()
-    print(f"\n{'length':>7} {'method':<10} {'prefill s':>9} {'decode ms/tok':>13} {'peak GiB':>8}")
+    print(f"\n{'length':>7} {'method':<10} {'decode':<6} {'prefill s':>9} {'decode ms/tok':>13} {'peak GiB':>8}")
     for r in result["rows"]:
-        print(f"{r['length']:>7} {r['method']:<10} {r.get('prefill_s', float('nan')):>9} "
+        print(f"{r['length']:>7} {r['method']:<10} {r['decode']:<6} {r.get('prefill_s', float('nan')):>9} "
               f"{r.get('decode_ms_per_token', float('nan')):>13} {r.get('peak_gib', r.get('error', '')):>8}")
 
 

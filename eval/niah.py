@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
+                   help="decoding loop: graph replays each step from a CUDA graph (auto: graph on CUDA, except "
+                        "for random; eager elsewhere)")
     p.add_argument("--kv-source", action="append", default=None,
                    help="mem | plain | selection=mem|plain,compute=mem|plain; repeat for several "
                         "(default: mem for memory models, plain otherwise)")
@@ -167,7 +170,8 @@ def finished_indices(out, length, spec: MethodSpec) -> dict[str, set[int]]:
     return {task: set(recs) for task, recs in run_predictions(run_dir(out, length, spec)).items()}
 
 
-def run_task(engine, tokenizer, spec, samples, path: Path, done: set[int], batch_size, max_new, bar) -> None:
+def run_task(engine, tokenizer, spec, samples, path: Path, done: set[int], batch_size, max_new, bar,
+             decode="auto") -> None:
     todo = [s for s in samples if s["index"] not in done]
     bar.update(len(samples) - len(todo))
     if not todo:
@@ -181,7 +185,7 @@ def run_task(engine, tokenizer, spec, samples, path: Path, done: set[int], batch
             batch = todo[i : i + batch_size]
             prompts = [tokenizer(s["input"] + s["answer_prefix"], add_special_tokens=True)["input_ids"]
                        for s in batch]
-            outs = engine.generate(prompts, spec, max_new)
+            outs = engine.generate(prompts, spec, max_new, decode=decode)
             for s, p, o in zip(batch, prompts, outs):
                 rec = {"index": s["index"], "pred": tokenizer.decode(o["tokens"], skip_special_tokens=True),
                        "outputs": s["outputs"], "length": s["length"], "prompt_tokens": len(p),
@@ -194,6 +198,9 @@ def run_task(engine, tokenizer, spec, samples, path: Path, done: set[int], batch
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from eval.engine.engine import decode_mode
     try:
         tasks = resolve_tasks(args.tasks)
         lengths = parse_lengths(args.lengths)
@@ -205,11 +212,17 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise SpecError(f"bad --batch-size {args.batch_size}: must be at least 1")
         shard = parse_shard(args.shard)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # budgets against the longest prompt each length allows (before loading anything big)
         probe = make_specs(args, methods, budgets, sources or [KVSource("plain", "plain")])
         for length in lengths:
             for s in probe:
                 s.check(length - TOKENS_TO_GENERATE)  # RULER's prompts leave 128 tokens for the answer
+        for s in probe:
+            try:
+                decode_mode(s, args.decode, device)
+            except ValueError as e:
+                raise SpecError(f"--decode {args.decode}: {e}") from None
         tokenizer = load_tokenizer(args.model)
         for length in lengths:
             for t in tasks:
@@ -218,13 +231,11 @@ def main(argv=None) -> int:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
 
-    import torch
     from tqdm import tqdm
 
     from eval.engine import Engine, default_source
     from eval.report import write_reports
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=device, tokenizer=tokenizer)
         sources = sources or [default_source(engine.model)]
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
                         bar.set_postfix_str(f"{length} {spec.label} {t.name}")
                         run_task(engine, tokenizer, spec, mine[(length, t.name)],
                                  pred_path(out, length, spec, t.name, shard), done.get(t.name, set()),
-                                 args.batch_size, args.max_new_tokens, bar)
+                                 args.batch_size, args.max_new_tokens, bar, args.decode)
     except SpecError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2

@@ -27,13 +27,14 @@ TINY = dict(vocab_size=2048, hidden_size=32, intermediate_size=48, num_hidden_la
 NEW = 4
 
 
-def make_model(kind, seed=0):
+def make_model(kind, seed=0, **overrides):
     """A tiny model with O(1) activations and spread-out logits (default init would hide mistakes)."""
     torch.manual_seed(seed)
+    cfg = {**TINY, **overrides}
     if kind == "memory":
-        model = Olmo2MemoryForCausalLM(Olmo2MemoryConfig(**TINY))
+        model = Olmo2MemoryForCausalLM(Olmo2MemoryConfig(**cfg))
     else:
-        model = Olmo2ForCausalLM(Olmo2Config(**TINY))
+        model = Olmo2ForCausalLM(Olmo2Config(**cfg))
     init_unit_scale_(model)
     return model.eval()
 
@@ -228,6 +229,64 @@ def test_sparse_budgets_run(engine):
     for m in ("quest", "moba", "random", "snapkv", "dilated"):
         out = engine.generate(ps, spec(m, "1/4", source=src(engine)), 3)
         assert [len(o["tokens"]) for o in out] == [3, 3]
+
+
+# ------------------------------------------------------------------------------ engine: decode modes
+
+
+def _same_generation(a, b, atol=2e-5):
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"]
+        torch.testing.assert_close(x["logits"], y["logits"], atol=atol, rtol=1e-5 if atol else 0)
+
+
+@pytest.mark.parametrize("method", ["dense", "quest", "moba", "random", "snapkv", "dilated"])
+def test_static_decode_equals_eager(engine, method):
+    """Fixed shapes (full buffers, rows masked by length, in-place updates: what a CUDA graph
+    replays) give the eager loop's tokens and logits, over page/block boundaries (12 tokens past
+    prompts of 53 and 42) and at budgets whose block count grows during decoding (full budget).
+    Random draws over the whole buffer's blocks when static, so only its full budget compares."""
+    ps, new = prompts(), 12
+    budgets = ("1",) if method in ("dense", "random") else ("1", "1/2")
+    for budget in budgets:
+        s = spec(method, budget, source=src(engine))
+        eager = engine.generate(ps, s, new, return_logits=True, decode="eager")
+        stats = {}
+        static = engine.generate(ps, s, new, return_logits=True, decode="static", stats=stats)
+        assert stats["decode_mode"] == "static"
+        _same_generation(eager, static)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["attention", "memory"])
+def test_graph_decode_equals_eager_cuda(kind):
+    """The CUDA-graph decoding loop (captured again whenever the step's host parameters change)
+    on the GPU's Triton kernels: bit-equal to the same fixed-shape loop run eagerly, and equal to the
+    eager loop, for every method it replays and both K/V sources (head dim 32 for tl.dot)."""
+    engine = Engine(make_model(kind, hidden_size=128, intermediate_size=192).cuda(), eos_token_ids=[])
+    ps, new = prompts(), 20
+    srcs = [src(engine)] + ([KVSource("plain", "mem")] if engine.memory else [])
+    for method in ("dense", "quest", "moba", "snapkv", "dilated"):
+        for budget in (("1",) if method == "dense" else ("1", "1/2")):
+            for source in srcs:
+                s = spec(method, budget, source=source)
+                eager = engine.generate(ps, s, new, return_logits=True, decode="eager")
+                static = engine.generate(ps, s, new, return_logits=True, decode="static")
+                stats = {}
+                graph = engine.generate(ps, s, new, return_logits=True, stats=stats)
+                assert stats["decode_mode"] == "graph"
+                _same_generation(static, graph, atol=0)
+                _same_generation(eager, graph, atol=1e-3)
+    assert engine.decode_mode(spec("random", "1/2")) == "eager"
+
+
+def test_decode_mode_errors(attn_engine):
+    with pytest.raises(ValueError, match="decode mode 'fast'"):
+        attn_engine.generate(prompts(), spec("quest", "1/2"), 2, decode="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            attn_engine.generate(prompts(), spec("quest", "1/2"), 2, decode="graph")
+    assert attn_engine.decode_mode(spec("quest", "1/2")) == ("graph" if attn_engine.device.type == "cuda" else "eager")
 
 
 # ------------------------------------------------------------------------------ selectors
@@ -443,6 +502,7 @@ def test_cli_shards_add_up_to_the_unsharded_run(tiny_model_dir, tmp_path, capsys
     (["--methods", "dense,bogus"], "unknown method"),
     (["--budgets", "3/2"], "above 1"),
     (["--budgets", "1/64"], "below one block"),
+    (["--tasks", "niah_single_1", "--device", "cpu", "--decode", "graph"], "--decode graph: decode mode 'graph' needs a CUDA device"),
 ])
 def test_cli_errors(tiny_model_dir, tmp_path, capsys, extra, msg):
     argv = ["--model", tiny_model_dir, "--lengths", "512", "--methods", "quest", "--out", tmp_path / "o",

@@ -20,6 +20,14 @@ How it works
     positions (RoPE) are passed explicitly, so rows of different lengths are exact. Logits are
     computed only at the positions that are decoded (no [T, vocab] tensor at long contexts).
 
+Decoding modes (``generate(decode=...)``): ``eager`` slices the buffers to the current length each
+step; ``static`` keeps every shape fixed (full-capacity buffers, each row masked by its length,
+state updated in place) so that ``graph`` can capture one decode forward in a CUDA graph and replay
+it. A step's launches bake in a few host integers (the number of blocks to select, RAT+'s chunk:
+``_step_params``); the graph is captured again when they change (at a fractional budget, once per
+budget x block tokens). HF's eager forward launches thousands of small kernels per token, so on a
+slow host the graph decides the decode speed.
+
 Memory models (``Olmo2MemoryForCausalLM``): the cached k~ (post-RoPE) and v~ are the "mem"
 source. The "plain" source is captured by wrapping each attention module's ``apply_memory``: its
 inputs are k = k_norm(k_proj(h)) (before RoPE, which we then apply with the model's rotary
@@ -72,7 +80,7 @@ class _Layer:
     ks: torch.Tensor  # [B, Hkv, L, D] selection keys (may be kc itself)
     meta: tuple = ()  # quest: (kmin, kmax); moba: (kmeans,)
     n: torch.Tensor | None = None  # per-row valid length of this layer's buffers (SnapKV shrinks it)
-    n_max: int = 0  # max(n), kept on the host: reading it from n would sync with the GPU every layer
+    n_max: int = 0  # max(n) after the prompt, on the host: reading it from n would sync every layer
 
 
 @dataclass
@@ -85,6 +93,8 @@ class _Run:
     positions: torch.Tensor  # [B, Tq] positions of the current forward's tokens
     memory: bool
     generator: torch.Generator | None = None
+    static: bool = False  # fixed shapes (decode modes static and graph)
+    step: int = 0  # decoding forwards so far, the current one included
     layers: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)  # layer -> pre-scan (k, v), [B, T, H, D]
     rope: tuple | None = None  # (cos, sin) of the current forward, for plain keys of memory models
@@ -150,6 +160,17 @@ def _dense_decode(q, k, v, n, scale):
     T = k.shape[2]
     mask = (torch.arange(T, device=q.device)[None, :] < n[:, None])[:, None, None, :]
     return _sdpa(q[:, :, None], k, v, scale, causal=False, mask=mask)[:, :, 0]
+
+
+def _step_params(spec, T: int) -> tuple:
+    """The host integers a decoding step at context T (the longest row) passes to its kernels; a
+    captured step is valid while they stay the same."""
+    m = spec.method
+    if m in ("quest", "moba", "random"):
+        return (spec.blocks_at(T, spec.block),)
+    if m == "dilated":
+        return (spec.dilated_chunk(T),)
+    return ()
 
 
 def _update_meta(spec, layer: _Layer, n):
@@ -257,8 +278,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
     if Tq != 1:
         raise RuntimeError("after the prompt, decode one token at a time")
     layer = run.layers[i]
-    layer.n = layer.n + 1
-    layer.n_max += 1
+    layer.n.add_(1)  # in place, like every update below: a CUDA graph replays them
     n, rows = layer.n, torch.arange(B, device=query.device)
     if layer.kc.shape[1] != kc_new.shape[1]:  # SnapKV per query head: the kept cache has Hq heads
         G = layer.kc.shape[1] // kc_new.shape[1]
@@ -267,37 +287,34 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer.vc[rows, :, n - 1] = vc_new[:, :, 0]
     if layer.ks is not layer.kc:
         layer.ks[rows, :, n - 1] = ks_new[:, :, 0]
-    T = layer.n_max
+    T = layer.n_max + run.step  # the longest row, this token included
     q = query[:, :, 0]
-    k, v = layer.kc[:, :, :T], layer.vc[:, :, :T]
+    # static: the whole buffers, each row masked by its n (the kernels take seq_len)
+    k, v = (layer.kc, layer.vc) if run.static else (layer.kc[:, :, :T], layer.vc[:, :, :T])
     m = spec.method
     if m == "dense" or (m == "quest" and i < spec.quest_dense_layers) or (m == "random" and i < spec.random_dense_layers) \
             or m == "snapkv":
         out = _dense_decode(q, k, v, n, scale)
-    elif m == "dilated":
-        out = ks.dilated_decode(q, k, v, spec.dilated_chunk(T), spec.dilated_window, spec.dilated_prefix,
-                                seq_len=n, scale=scale)
-    elif m == "quest":
+        return out[:, None].contiguous(), None
+    params = _step_params(spec, T)
+    NB = -(-k.shape[2] // spec.block)  # pages / blocks covering the buffers
+    if m == "dilated":
+        out = ks.dilated_decode(q, k, v, params[0], spec.dilated_window, spec.dilated_prefix, seq_len=n, scale=scale)
+        return out[:, None].contiguous(), None
+    if m == "quest":
         _update_meta(spec, layer, n)
-        P = -(-T // spec.page_size)
-        kmin, kmax = (x[:, :, :P] for x in layer.meta)
-        idx = quest_select(q, kmin, kmax, n, spec.page_size, spec.blocks_at(T, spec.page_size),
-                           spec.quest_force_current, spec.per_query_head, spec.quest_min_pages)
-        out = ks.block_sparse_decode(q, k, v, idx, spec.page_size, seq_len=n, scale=scale)
+        kmin, kmax = (x[:, :, :NB] for x in layer.meta)
+        idx = quest_select(q, kmin, kmax, n, spec.page_size, params[0], spec.quest_force_current, spec.per_query_head,
+                           spec.quest_min_pages)
     elif m == "moba":
         _update_meta(spec, layer, n)
-        NB = -(-T // spec.moba_block)
-        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, spec.blocks_at(T, spec.moba_block),
-                          spec.per_query_head)
-        out = ks.block_sparse_decode(q, k, v, idx, spec.moba_block, seq_len=n, scale=scale)
+        idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, params[0], spec.per_query_head)
     elif m == "random":
         H = Hq if spec.per_query_head else k.shape[1]
-        NB = -(-T // spec.random_block)
-        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, spec.blocks_at(T, spec.random_block),
-                            spec.random_force_current)
-        out = ks.block_sparse_decode(q, k, v, idx, spec.random_block, seq_len=n, scale=scale)
+        idx = random_select(run.generator, (B, H, NB), n, spec.random_block, params[0], spec.random_force_current)
     else:  # pragma: no cover - MethodSpec validates the name
         raise SpecError(f"unknown method {m!r}")
+    out = ks.block_sparse_decode(q, k, v, idx, spec.block, seq_len=n, scale=scale)
     return out[:, None].contiguous(), None  # [B, 1, Hq, D]
 
 
@@ -326,6 +343,70 @@ def _register():
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, sparse_attention)
+
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+
+
+def decode_mode(spec: MethodSpec, decode: str, device) -> str:
+    """The decoding loop ``generate`` runs: ``auto`` is ``graph`` on CUDA and ``eager`` elsewhere
+    (and for ``random``, whose selection draws from a generator each step)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode mode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    cuda = torch.device(device).type == "cuda"
+    if decode == "auto":
+        return "graph" if cuda and spec.method != "random" else "eager"
+    if decode == "graph" and not cuda:
+        raise ValueError(f"decode mode 'graph' needs a CUDA device; the model is on {device}")
+    if decode == "graph" and spec.method == "random":
+        raise ValueError("decode mode 'graph' cannot replay 'random' (a generator draws each step): "
+                         "use 'static' or 'eager'")
+    return decode
+
+
+class _GraphedStep:
+    """One decoding forward (``fn``: static inputs -> logits) replayed from a CUDA graph.
+
+    Each new set of host parameters (``_step_params``) first runs the step eagerly, on the capture
+    stream (it compiles kernels new to these parameters and warms up cuBLAS there), and captures it
+    at the next call; the graphs share one memory pool. A memory model's cache replaces its
+    recurrent state each step, so the captured step copies the new state into the old tensors,
+    which are the ones the graph reads."""
+
+    def __init__(self, fn, cache):
+        self.fn, self.cache = fn, cache
+        self.key, self.graph, self.out = None, None, None
+        self.stream = torch.cuda.Stream()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _fn_state_in_place(self):
+        cache = self.cache
+        layers = range(len(cache.layers)) if hasattr(cache, "get_memory_state") else ()
+        before = [cache.get_memory_state(i) for i in layers]
+        out = self.fn()
+        for i, old in zip(layers, before):
+            if old is not None:
+                for o, new in zip(old, cache.get_memory_state(i)):
+                    o.copy_(new)
+                cache.set_memory_state(i, old)
+        return out
+
+    def __call__(self, key):
+        cur = torch.cuda.current_stream()
+        if key != self.key:
+            self.key, self.graph, self.out = key, None, None
+            self.stream.wait_stream(cur)
+            with torch.cuda.stream(self.stream):
+                out = self.fn()
+            cur.wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                self.out = self._fn_state_in_place()
+            self.graph = graph
+        self.graph.replay()
+        return self.out
 
 
 def _make_cache(model):
@@ -398,14 +479,19 @@ class Engine:
     def _logits(self, h):
         return self.model.get_output_embeddings()(h).float()
 
+    def decode_mode(self, spec: MethodSpec, decode: str = "auto") -> str:
+        return decode_mode(spec, decode, self.device)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], spec: MethodSpec, max_new_tokens: int = 128,
-                 return_logits: bool = False, stats: dict | None = None) -> list[dict]:
+                 return_logits: bool = False, stats: dict | None = None, decode: str = "auto") -> list[dict]:
         """Greedy continuations of token-id prompts. Returns per prompt {'tokens': [...]} (EOS
         excluded) and, with return_logits, 'logits' [steps, vocab] fp32 of the decoded steps.
         ``stats`` (a dict) receives prefill_s (the prompt's forward and first token), decode_s and
-        decode_steps (the forwards after it), timed with a device sync at each boundary."""
+        decode_steps (the forwards after it), timed with a device sync at each boundary, and
+        decode_mode. ``decode``: see ``decode_mode`` and the module docstring."""
         global _ACTIVE
+        mode = self.decode_mode(spec, decode)
         self.check_source(spec.source)
         if spec.source.uses_plain and self.memory:
             self._wrap_memory()
@@ -426,8 +512,17 @@ class Engine:
         positions = torch.arange(T, device=dev)[None].expand(B, T)
         gen = torch.Generator(device=dev).manual_seed(spec.seed)
         cache = _make_cache(self.model)
-        run = _Run(spec, self.model, cache, capacity, lens.clone(), positions, self.memory, gen)
+        run = _Run(spec, self.model, cache, capacity, lens.clone(), positions, self.memory, gen,
+                   static=mode != "eager")
         decoder = self.model.get_decoder()
+        ids_in = torch.empty((B, 1), dtype=torch.long, device=dev)  # the decoding forward's inputs
+        pos_in = torch.empty((B, 1), dtype=torch.long, device=dev)
+
+        def decode_step():
+            h = decoder(input_ids=ids_in, position_ids=pos_in, past_key_values=cache, use_cache=True).last_hidden_state
+            return self._logits(h[:, -1])
+
+        graphed = _GraphedStep(decode_step, cache) if mode == "graph" else None
         out_tokens = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
         done = [False] * B
@@ -454,16 +549,18 @@ class Engine:
                 done = [d or e for d, e in zip(done, ended)]
                 if all(done) or step == max_new_tokens - 1:
                     break
-                run.positions = cur[:, None]
-                run.rope = None
+                ids_in.copy_(nxt[:, None])
+                pos_in.copy_(cur[:, None])
+                run.positions, run.rope = pos_in, None
                 cur = cur + 1
-                run.lengths = cur.clone()
-                h = decoder(input_ids=nxt[:, None], position_ids=run.positions, past_key_values=cache,
-                            use_cache=True).last_hidden_state
-                logits = self._logits(h[:, -1])
                 steps += 1
+                run.step = steps
+                if graphed is not None:
+                    logits = graphed(_step_params(spec, T + steps))
+                else:
+                    logits = decode_step()
             if clock:
-                stats.update(decode_s=clock.lap(), decode_steps=steps)
+                stats.update(decode_s=clock.lap(), decode_steps=steps, decode_mode=mode)
         finally:
             _ACTIVE = None
         res = []
