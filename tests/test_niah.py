@@ -166,6 +166,7 @@ def test_generate_stats(attn_engine):
     out = attn_engine.generate(prompts(), spec("quest", "1/2"), NEW, stats=stats)
     assert stats["decode_steps"] == NEW - 1 and all(len(o["tokens"]) == NEW for o in out)
     assert stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    assert len(stats["decode_step_s"]) == NEW - 1 and sum(stats["decode_step_s"]) <= stats["decode_s"]
 
 
 def test_kv_stored_once(engine, monkeypatch):

@@ -488,7 +488,8 @@ class Engine:
         """Greedy continuations of token-id prompts. Returns per prompt {'tokens': [...]} (EOS
         excluded) and, with return_logits, 'logits' [steps, vocab] fp32 of the decoded steps.
         ``stats`` (a dict) receives prefill_s (the prompt's forward and first token), decode_s and
-        decode_steps (the forwards after it), timed with a device sync at each boundary, and
+        decode_steps (the forwards after it), timed with a device sync at each boundary, each
+        forward's seconds (decode_step_s: the first of a graph runs eagerly and captures) and
         decode_mode. ``decode``: see ``decode_mode`` and the module docstring."""
         global _ACTIVE
         mode = self.decode_mode(spec, decode)
@@ -536,10 +537,13 @@ class Engine:
             if clock:
                 stats["prefill_s"] = clock.lap()
             cur = lens.clone()
-            steps = 0
+            steps, step_s, t_step = 0, [], time.perf_counter()
             for step in range(max_new_tokens):
                 nxt = logits.argmax(-1)
                 tokens, ended = nxt.tolist(), torch.isin(nxt, eos).tolist()  # the step's one sync
+                if clock and step:
+                    step_s.append(time.perf_counter() - t_step)
+                    t_step += step_s[-1]
                 for b in range(B):
                     if not done[b]:
                         if return_logits:
@@ -560,7 +564,7 @@ class Engine:
                 else:
                     logits = decode_step()
             if clock:
-                stats.update(decode_s=clock.lap(), decode_steps=steps, decode_mode=mode)
+                stats.update(decode_s=clock.lap(), decode_steps=steps, decode_step_s=step_s, decode_mode=mode)
         finally:
             _ACTIVE = None
         res = []
