@@ -211,18 +211,20 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
     G = query.shape[1] // Hkv if spec.per_query_head else 1
     H = Hkv * G
     n = layer.n
+    lengths = n.tolist()  # once per layer at the prompt
+    kept = max(min(nb, spec.snap_capacity(nb)) for nb in lengths)
+    L = kept + L - layer.n_max  # room for the tokens still to decode; fixed-shape decoding reads it all
     kc = layer.kc.new_zeros((B, H, L, D))
     vc = layer.vc.new_zeros((B, H, L, D))
     new_n = n.clone()
     W = spec.snap_window
-    for b in range(B):
-        nb = int(n[b])
+    for b, nb in enumerate(lengths):
         cap = spec.snap_capacity(nb)
         kb, vb = layer.kc[b], layer.vc[b]
         if G > 1:
             kb, vb = kb.repeat_interleave(G, 0), vb.repeat_interleave(G, 0)  # query head h reads h // G
         if nb <= cap:
-            kc[b], vc[b] = kb, vb
+            kc[b, :, :nb], vc[b, :, :nb] = kb[:, :nb], vb[:, :nb]
             continue
         q_win = query[b : b + 1, :, nb - W : nb]
         keep = snapkv_keep(q_win, layer.ks[b : b + 1, :, :nb], cap, spec.snap_kernel, spec.snap_pool, scale,
@@ -231,8 +233,7 @@ def _snapkv_compress(spec, run: _Run, layer: _Layer, query, scale):
         kc[b, :, : keep.shape[1]] = kb.gather(1, g)
         vc[b, :, : keep.shape[1]] = vb.gather(1, g)
         new_n[b] = keep.shape[1]
-    layer.kc, layer.vc, layer.ks, layer.n = kc, vc, kc, new_n
-    layer.n_max = int(new_n.max())  # once per layer at the prompt, not per decoded token
+    layer.kc, layer.vc, layer.ks, layer.n, layer.n_max = kc, vc, kc, new_n, kept
 
 
 def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
