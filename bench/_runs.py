@@ -163,12 +163,12 @@ def link_checkpoint(src_save: Path, iteration: int, dst_save: Path) -> Path:
 
 
 def write_json(path: str | Path, obj, quiet: bool = False) -> None:
-    """Write obj as JSON with the project's one atomic writer (eval.files.write_atomic: a killed
+    """Write obj as JSON with the project's one atomic writer (ratplus_megatron.files.write_atomic: a killed
     run leaves the old file or the new one, never half of one). quiet: no "wrote" line (for
     saves after every step)."""
     if str(REPO) not in sys.path:  # run as python bench/x.py: bench/ is on sys.path, the repo root may not be
         sys.path.insert(0, str(REPO))
-    from eval.files import write_atomic
+    from ratplus_megatron.files import write_atomic
 
     path = write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1)))
     if not quiet:

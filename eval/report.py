@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `eval` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.files import write_atomic  # noqa: E402
+from ratplus_megatron.files import write_atomic  # noqa: E402
 from eval.ruler.scoring import METRICS, score  # noqa: E402
 from eval.ruler.tasks import TASKS  # noqa: E402
 

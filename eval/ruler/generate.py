@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..files import write_atomic
+from ratplus_megatron.files import write_atomic
 from .haystacks import EssayHaystack, default_essay_haystack, word_lists
 from .tasks import (
     ANSWER_PREFIX,

@@ -22,6 +22,8 @@ import os
 import random
 from typing import Iterator, List, Optional, Sequence
 
+from ..files import write_atomic
+
 __all__ = [
     "make_word_list",
     "iter_documents",
@@ -152,16 +154,11 @@ def write_corpus(path: str, num_documents: int, seed: int = 0, fmt: Optional[str
     if fmt not in SUPPORTED_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {SUPPORTED_FORMATS}")
     docs = generate_documents(num_documents, seed=seed, **kwargs)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     rows = [({"id": i, text_key: d} if with_ids else {text_key: d}) for i, d in enumerate(docs)]
     if fmt == "jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_atomic(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     elif fmt == "json":
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False)
+        write_atomic(path, lambda f: json.dump(rows, f, ensure_ascii=False))
     elif fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -170,12 +167,10 @@ def write_corpus(path: str, num_documents: int, seed: int = 0, fmt: Optional[str
         if with_ids:
             columns["id"] = pa.array(list(range(len(docs))), type=pa.int64())
         columns[text_key] = pa.array(docs, type=pa.string())
-        pq.write_table(pa.table(columns), path)
+        write_atomic(path, lambda f: pq.write_table(pa.table(columns), f), binary=True)
     else:  # txt
         docs = [" ".join(d.split()) for d in docs]
-        with open(path, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(d + "\n")
+        write_atomic(path, lambda f: f.writelines(d + "\n" for d in docs))
     return docs
 
 

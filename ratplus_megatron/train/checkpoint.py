@@ -31,6 +31,7 @@ import shutil
 import numpy as np
 import torch
 
+from ..files import write_atomic
 from ..qkv_layout import unfused_gate_error
 from .config import TrainConfigError
 
@@ -48,15 +49,6 @@ def latest_iteration(save: str | None) -> int | None:
     if not os.path.isfile(path):
         return None
     return int(open(path).read().strip())
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -110,8 +102,9 @@ def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     torch.distributed.barrier()
     if rank == 0:
         trainer_state = {**trainer_state, "optimizer_sharding": optimizer_sharding if megatron_optimizer else None}
-        _write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(trainer_state, indent=1, default=str))
-        _write_atomic(os.path.join(save_dir, LATEST), f"{iteration}\n")
+        state = json.dumps(trainer_state, indent=1, default=str)
+        write_atomic(os.path.join(path, "trainer_state.json"), lambda f: f.write(state))
+        write_atomic(os.path.join(save_dir, LATEST), lambda f: f.write(f"{iteration}\n"))
     torch.distributed.barrier()
     return path
 

@@ -1,4 +1,4 @@
-"""Writing result files so that a killed run never leaves half of one."""
+"""Writing files so that a killed run never leaves half of one (results, reports, data, checkpoint markers)."""
 from __future__ import annotations
 
 import os
