@@ -279,6 +279,15 @@ def test_graph_decode_equals_eager_cuda(kind):
                 _same_generation(static, graph, atol=0)
                 _same_generation(eager, graph, atol=1e-3)
     assert engine.decode_mode(spec("random", "1/2")) == "eager"
+    # an evaluation makes thousands of generate calls: each one's graphs and buffers go with it
+    s = spec("quest", "1", source=srcs[0])
+    engine.generate(ps, s, new)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    for _ in range(3):
+        engine.generate(ps, s, new)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == base
 
 
 def test_decode_mode_errors(attn_engine):
