@@ -113,6 +113,22 @@ def test_dilated_chunk1_token_budget_equals_dense(engine):
         torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T, chunk, window, prefix, rows", [
+    (97, 4, 0, 0, 16), (97, 4, 5, 3, 16), (130, 7, 19, 10, 32), (64, 16, 0, 1, 64), (50, 1, 6, 0, 8),
+    (75, 3, 40, 70, 16)])
+def test_dilated_prefill_gathered_keys_equal_full_mask(T, chunk, window, prefix, rows):
+    """The prefill attends only the gathered candidate keys of each query slice: equal to SDPA over
+    all keys with the whole dilated mask (GQA, odd lengths, window and prefix across slices)."""
+    import eval.engine.engine as eng
+
+    g = torch.Generator().manual_seed(T + chunk)
+    q = torch.randn(2, 4, T, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, T, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = ks.dilated_mask(torch.arange(T), T, chunk, window, prefix)
+    ref = eng._sdpa(q, k, v, 0.25, mask=mask[None, None])
+    torch.testing.assert_close(eng._dilated_prefill(q, k, v, 0.25, chunk, window, prefix, rows=rows), ref)
+
+
 def test_memory_sources(engine):
     """Selection source does not matter at full budget; plain compute differs from mem compute."""
     if not engine.memory:

@@ -142,16 +142,23 @@ def _sdpa(q, k, v, scale, causal=True, mask=None):
 
 
 def _dilated_prefill(q, k, v, scale, chunk, window, prefix, rows=2048):
-    """Causal attention restricted to RAT+'s dilated pattern, queries in slices (bounded memory)."""
+    """Causal attention restricted to RAT+'s dilated pattern, queries in slices (bounded memory).
+    A slice gathers only the keys it may attend: the prefix, the chunk ends before its window, and
+    its window and itself; about T / chunk keys instead of T."""
     T = q.shape[2]
     if chunk == 1 and window == 0 and prefix == 0:
         return _sdpa(q, k, v, scale)
+    dev = q.device
     out = torch.empty_like(q)
+    first_end = prefix + (chunk - 1 - prefix) % chunk  # the first chunk end at or past the prefix
     for s0 in range(0, T, rows):
         s1 = min(T, s0 + rows)
-        t = torch.arange(s0, s1, device=q.device)
-        mask = ks.dilated_mask(t, s1, chunk, window, prefix)  # [rows, s1]
-        out[:, :, s0:s1] = _sdpa(q[:, :, s0:s1], k[:, :, :s1], v[:, :, :s1], scale, mask=mask[None, None])
+        lo = max(0, s0 - window)  # every key from here on is a candidate of some row of the slice
+        keys = torch.cat([torch.arange(min(prefix, lo), device=dev), torch.arange(first_end, max(first_end, lo), chunk, device=dev),
+                          torch.arange(lo, s1, device=dev)])
+        mask = ks.dilated_mask(torch.arange(s0, s1, device=dev), s1, chunk, window, prefix, keys=keys)
+        kk, vv = (k[:, :, :s1], v[:, :, :s1]) if keys.numel() == s1 else (k[:, :, keys], v[:, :, keys])
+        out[:, :, s0:s1] = _sdpa(q[:, :, s0:s1], kk, vv, scale, mask=mask[None, None])
     return out
 
 

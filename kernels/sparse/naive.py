@@ -247,9 +247,10 @@ def block_sparse_decode_torch(q, k, v, block_idx, block_size, seq_len=None, scal
     return _masked_decode(q, k, v, allowed, scale)
 
 
-def dilated_mask(t, T, chunk, window, prefix):
-    """[B, T] bool: keys j <= t with t - j <= window, or j < prefix, or (j + 1) % chunk == 0."""
-    j = torch.arange(T, device=t.device)[None, :]
+def dilated_mask(t, T, chunk, window, prefix, keys=None):
+    """[B, T] bool: keys j <= t with t - j <= window, or j < prefix, or (j + 1) % chunk == 0.
+    ``keys`` (1-D positions, T ignored): the mask over those keys only."""
+    j = (torch.arange(T, device=t.device) if keys is None else keys)[None, :]
     t = t[:, None]
     return (j <= t) & ((t - j <= window) | (j < prefix) | ((j + 1) % chunk == 0))
 
