@@ -381,10 +381,9 @@ class _GraphedStep:
     recurrent state each step, so the captured step copies the new state into the old tensors,
     which are the ones the graph reads."""
 
-    def __init__(self, fn, cache):
-        self.fn, self.cache = fn, cache
+    def __init__(self, fn, cache, stream):
+        self.fn, self.cache, self.stream = fn, cache, stream
         self.key, self.graph, self.out = None, None, None
-        self.stream = torch.cuda.Stream()
         self.pool = torch.cuda.graph_pool_handle()
 
     def _fn_state_in_place(self):
@@ -444,6 +443,7 @@ class Engine:
         self.eos = sorted(eos)
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self._wrapped = False
+        self._capture_stream = None
         model.set_attn_implementation(ATTN_NAME)
 
     @classmethod
@@ -531,7 +531,11 @@ class Engine:
             h = decoder(input_ids=ids_in, position_ids=pos_in, past_key_values=cache, use_cache=True).last_hidden_state
             return self._logits(h[:, -1])
 
-        graphed = _GraphedStep(decode_step, cache) if mode == "graph" else None
+        graphed = None
+        if mode == "graph":
+            if self._capture_stream is None:  # one per engine: cuBLAS keeps a 32 MiB workspace per stream
+                self._capture_stream = torch.cuda.Stream(dev)
+            graphed = _GraphedStep(decode_step, cache, self._capture_stream)
         out_tokens = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
         done = [False] * B
