@@ -312,7 +312,8 @@ def test_decode_mode_errors(attn_engine):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             attn_engine.generate(prompts(), spec("quest", "1/2"), 2, decode="graph")
-    assert attn_engine.decode_mode(spec("quest", "1/2")) == ("graph" if attn_engine.device.type == "cuda" else "eager")
+    want = "graph" if attn_engine.device.type == "cuda" else "eager"
+    assert attn_engine.decode_mode(spec("quest", "1/2")) == want
 
 
 # ------------------------------------------------------------------------------ selectors
@@ -528,7 +529,8 @@ def test_cli_shards_add_up_to_the_unsharded_run(tiny_model_dir, tmp_path, capsys
     (["--methods", "dense,bogus"], "unknown method"),
     (["--budgets", "3/2"], "above 1"),
     (["--budgets", "1/64"], "below one block"),
-    (["--tasks", "niah_single_1", "--device", "cpu", "--decode", "graph"], "--decode graph: decode mode 'graph' needs a CUDA device"),
+    (["--tasks", "niah_single_1", "--device", "cpu", "--decode", "graph"],
+     "--decode graph: decode mode 'graph' needs a CUDA device"),
 ])
 def test_cli_errors(tiny_model_dir, tmp_path, capsys, extra, msg):
     argv = ["--model", tiny_model_dir, "--lengths", "512", "--methods", "quest", "--out", tmp_path / "o",

@@ -89,7 +89,7 @@ class _Run:
     model: object
     cache: object
     capacity: int  # buffer length L
-    lengths: torch.Tensor  # [B] valid tokens including the ones of the current forward
+    lengths: torch.Tensor  # [B] prompt lengths
     positions: torch.Tensor  # [B, Tq] positions of the current forward's tokens
     memory: bool
     generator: torch.Generator | None = None
@@ -154,7 +154,8 @@ def _dilated_prefill(q, k, v, scale, chunk, window, prefix, rows=2048):
     for s0 in range(0, T, rows):
         s1 = min(T, s0 + rows)
         lo = max(0, s0 - window)  # every key from here on is a candidate of some row of the slice
-        keys = torch.cat([torch.arange(min(prefix, lo), device=dev), torch.arange(first_end, max(first_end, lo), chunk, device=dev),
+        keys = torch.cat([torch.arange(min(prefix, lo), device=dev),
+                          torch.arange(first_end, max(first_end, lo), chunk, device=dev),
                           torch.arange(lo, s1, device=dev)])
         mask = ks.dilated_mask(torch.arange(s0, s1, device=dev), s1, chunk, window, prefix, keys=keys)
         kk, vv = (k[:, :, :s1], v[:, :, :s1]) if keys.numel() == s1 else (k[:, :, keys], v[:, :, keys])
@@ -377,9 +378,9 @@ class _GraphedStep:
 
     Each new set of host parameters (``_step_params``) first runs the step eagerly, on the capture
     stream (it compiles kernels new to these parameters and warms up cuBLAS there), and captures it
-    at the next call; the graphs share one memory pool. A memory model's cache replaces its
-    recurrent state each step, so the captured step copies the new state into the old tensors,
-    which are the ones the graph reads."""
+    at the next call; the graphs of one generation share a memory pool. A memory model's cache
+    replaces its recurrent state each step, so the captured step copies the new state into the old
+    tensors, which are the ones the graph reads."""
 
     def __init__(self, fn, cache, stream):
         self.fn, self.cache, self.stream = fn, cache, stream
