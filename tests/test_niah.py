@@ -540,6 +540,30 @@ def test_cli_errors(tiny_model_dir, tmp_path, capsys, extra, msg):
     assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cli_graph_decode_cuda(tmp_path, capsys):
+    """`eval/niah.py` on the GPU with a memory model: the default decoding loop (CUDA graphs) writes
+    the same predictions as `--decode eager`, for every method it replays (fp32)."""
+    d = tmp_path / "tiny-memory"
+    tok = AutoTokenizer.from_pretrained(TINY_BPE)
+    model = make_model("memory", hidden_size=128, intermediate_size=192)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    base = ["--model", d, "--tasks", "niah_single_1,niah_multikey_2", "--lengths", "1024", "--samples", 2,
+            "--methods", "dense,quest,moba,snapkv,dilated", "--budgets", "1/4", "--dtype", "fp32",
+            "--max-new-tokens", 12, "--page-size", 16, "--moba-block", 32]
+    assert _cli(base + ["--out", tmp_path / "graph"]) == 0
+    assert _cli(base + ["--out", tmp_path / "eager", "--decode", "eager"]) == 0
+    runs = sorted((tmp_path / "graph" / "pred" / "1024").iterdir())
+    assert len(runs) == 5
+    for run in runs:
+        for f in run.iterdir():
+            other = tmp_path / "eager" / "pred" / "1024" / run.name / f.name
+            preds = [[json.loads(x)["pred"] for x in g.read_text().splitlines()] for g in (f, other)]
+            assert preds[0] == preds[1], (run.name, f.name)
+
+
 def test_cli_subprocess_no_tokenizer(tmp_path):
     """Run as `python eval/niah.py` from the repo root: a model dir without a tokenizer is exit 2."""
     d = tmp_path / "no-tok"
