@@ -2,6 +2,7 @@
 
 Tiny configs built in code, the tiny BPE tokenizer of data_prep/assets; nothing is downloaded.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -265,8 +266,9 @@ def test_static_decode_equals_eager(engine, method):
     Random draws over the whole buffer's blocks when static, so only its full budget compares."""
     ps, new = prompts(), 12
     budgets = ("1",) if method in ("dense", "random") else ("1", "1/2")
-    for budget in budgets:
-        s = spec(method, budget, source=src(engine))
+    per_q = (False, True) if method in ("quest", "moba", "snapkv") else (False,)
+    for budget, pq in itertools.product(budgets, per_q):
+        s = spec(method, budget, source=src(engine), per_query_head=pq)
         eager = engine.generate(ps, s, new, return_logits=True, decode="eager")
         stats = {}
         static = engine.generate(ps, s, new, return_logits=True, decode="static", stats=stats)
