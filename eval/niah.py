@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
-                   help="decoding loop: graph replays each step from a CUDA graph (auto: graph on CUDA, except "
-                        "for random; eager elsewhere)")
+                   help="decoding loop: graph replays each step from a CUDA graph (auto: graph on CUDA, eager "
+                        "elsewhere)")
     p.add_argument("--kv-source", action="append", default=None,
                    help="mem | plain | selection=mem|plain,compute=mem|plain; repeat for several "
                         "(default: mem for memory models, plain otherwise)")

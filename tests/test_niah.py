@@ -281,11 +281,13 @@ def test_static_decode_equals_eager(engine, method):
 def test_graph_decode_equals_eager_cuda(kind):
     """The CUDA-graph decoding loop (captured again whenever the step's host parameters change)
     on the GPU's Triton kernels: bit-equal to the same fixed-shape loop run eagerly, and equal to the
-    eager loop, for every method it replays and both K/V sources (head dim 32 for tl.dot)."""
+    eager loop, for every method and both K/V sources (head dim 32 for tl.dot). Random draws the
+    same numbers in a graph as eagerly (its generator is registered with the graph); the eager
+    loop draws over fewer blocks, so it compares at full budget only."""
     engine = Engine(make_model(kind, hidden_size=128, intermediate_size=192).cuda(), eos_token_ids=[])
     ps, new = prompts(), 20
     srcs = [src(engine)] + ([KVSource("plain", "mem")] if engine.memory else [])
-    for method in ("dense", "quest", "moba", "snapkv", "dilated"):
+    for method in ("dense", "quest", "moba", "snapkv", "dilated", "random"):
         for budget in (("1",) if method == "dense" else ("1", "1/2")):
             for source in srcs:
                 s = spec(method, budget, source=source)
@@ -295,8 +297,8 @@ def test_graph_decode_equals_eager_cuda(kind):
                 graph = engine.generate(ps, s, new, return_logits=True, stats=stats)
                 assert stats["decode_mode"] == "graph"
                 _same_generation(static, graph, atol=0)
-                _same_generation(eager, graph, atol=1e-3)
-    assert engine.decode_mode(spec("random", "1/2")) == "eager"
+                if method != "random" or budget == "1":
+                    _same_generation(eager, graph, atol=1e-3)
     # an evaluation makes thousands of generate calls: each one's graphs and buffers go with it
     s = spec("quest", "1", source=srcs[0])
     engine.generate(ps, s, new)

@@ -358,18 +358,14 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
 def decode_mode(spec: MethodSpec, decode: str, device) -> str:
-    """The decoding loop ``generate`` runs: ``auto`` is ``graph`` on CUDA and ``eager`` elsewhere
-    (and for ``random``, whose selection draws from a generator each step)."""
+    """The decoding loop ``generate`` runs: ``auto`` is ``graph`` on CUDA and ``eager`` elsewhere."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode mode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
     cuda = torch.device(device).type == "cuda"
     if decode == "auto":
-        return "graph" if cuda and spec.method != "random" else "eager"
+        return "graph" if cuda else "eager"
     if decode == "graph" and not cuda:
         raise ValueError(f"decode mode 'graph' needs a CUDA device; the model is on {device}")
-    if decode == "graph" and spec.method == "random":
-        raise ValueError("decode mode 'graph' cannot replay 'random' (a generator draws each step): "
-                         "use 'static' or 'eager'")
     return decode
 
 
@@ -380,10 +376,11 @@ class _GraphedStep:
     stream (it compiles kernels new to these parameters and warms up cuBLAS there), and captures it
     at the next call; the graphs of one generation share a memory pool. A memory model's cache
     replaces its recurrent state each step, so the captured step copies the new state into the old
-    tensors, which are the ones the graph reads."""
+    tensors, which are the ones the graph reads. The random selector's generator is registered with
+    each graph, so every replay draws new numbers."""
 
-    def __init__(self, fn, cache, stream):
-        self.fn, self.cache, self.stream = fn, cache, stream
+    def __init__(self, fn, cache, stream, generator):
+        self.fn, self.cache, self.stream, self.generator = fn, cache, stream, generator
         self.key, self.graph, self.out = None, None, None
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -410,6 +407,7 @@ class _GraphedStep:
             return out
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 self.out = self._fn_state_in_place()
             self.graph = graph
@@ -536,7 +534,7 @@ class Engine:
         if mode == "graph":
             if self._capture_stream is None:  # one per engine: cuBLAS keeps a 32 MiB workspace per stream
                 self._capture_stream = torch.cuda.Stream(dev)
-            graphed = _GraphedStep(decode_step, cache, self._capture_stream)
+            graphed = _GraphedStep(decode_step, cache, self._capture_stream, gen)
         out_tokens = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
         done = [False] * B
