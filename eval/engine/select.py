@@ -21,10 +21,9 @@ def topk_blocks(scores: torch.Tensor, nsel: int, force: torch.Tensor | None = No
     """scores [B, H, NB] fp32 (-inf = not selectable) -> [B, H, nsel] int32 index list (the
     kernels' ``select_topk``). ``force`` [B] long: a block per row always selected (and counted)."""
     s = scores.float()
-    if force is not None:
-        s = s.clone()
-        rows = torch.arange(s.shape[0], device=s.device)
-        s[rows, :, force] = torch.finfo(torch.float32).max  # largest finite: select_topk keeps it
+    if force is not None:  # the largest finite score: select_topk keeps it (a fill, so CUDA graphs capture it)
+        forced = torch.arange(s.shape[-1], device=s.device)[None, :] == force[:, None]  # [B, NB]
+        s = s.masked_fill(forced[:, None], torch.finfo(torch.float32).max)
     return ks.select_topk(s, max(1, min(nsel, s.shape[-1])))
 
 
