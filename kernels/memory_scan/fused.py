@@ -390,7 +390,7 @@ def _fwd_lbp_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, ctl
     t_inc = epoch * 4 + 2
     n_items = NC * NCHB
     plane = tl.cast(n_items, tl.int64) * L
-    item = tl.atomic_add(ctl, 1, sem="relaxed")
+    item = tl.atomic_add(ctl, 1)
     while item < n_items:
         c = item // NCHB
         j = item % NCHB
@@ -419,7 +419,7 @@ def _fwd_lbp_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, ctl
         _fwd_chunk(z + b64 * szb, k + b64 * skb, v + b64 * svb, ok + b64 * sokb, ov + b64 * sovb,
                    oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx,
                    c, b, hh, H, T, D, d, lm, hk, hv, L, BT, NSUB, HAS_H0, VARLEN, PREFETCH, STAGES, True)
-        item = tl.atomic_add(ctl, 1, sem="relaxed")  # no fence: pass B's stores need not drain
+        item = tl.atomic_add(ctl, 1)
     if tl.atomic_add(ctl + 1, 1) == NPROG - 1:  # the last program out: next launch's epoch
         tl.store(ctl, 0)
         tl.store(ctl + 1, 0)
