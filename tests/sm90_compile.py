@@ -81,8 +81,6 @@ def _calls():
         yield lambda: fused.memory_scan_fused(z, k, v, output_final_state=True)[0].sum().backward()
         yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True, fwd=dict(kernel="seq", BH=2))
         yield lambda: fused.memory_scan_fused(z, k, v, h0, fwd=dict(kernel="chunk", BH=1, stages=3))
-        yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True, fwd=dict(kernel="lbp"))
-        yield lambda: fused.memory_scan_fused(z, k, v, fwd=dict(kernel="lbp", BT=4, stages=3))
         for schedule in ("chained", "loop"):
             yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True,
                                                   bwd=dict(schedule=schedule))[0].sum().backward()

@@ -11,9 +11,7 @@ from kernels.memory_scan import memory_scan, memory_scan_step  # noqa: E402
 from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
-
-from kernels.memory_scan.fused import _lbp_lookback, memory_scan_fused  # noqa: E402
+from kernels.memory_scan.fused import memory_scan_fused  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
@@ -36,10 +34,7 @@ FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=4, num_warps=2)),
              "seq-W8": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=8)),
              # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
-             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3)),
-             # one launch, chunks chained by look-back (persistent programs; under the interpreter
-             # the first program takes every item)
-             "lbp": dict(fwd=dict(kernel="lbp", BT=2, CT=6, BH=2, BD=8))}
+             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
@@ -359,48 +354,6 @@ def test_default_forward_plan_follows_the_sweep():
     p = _fwd_plan(2, 37, 2, 8, torch.device("cpu"))
     assert (p["BH"], p["BD"], p["CT"], p["NC"], p["num_warps"]) == (2, 8, 64, 1, 1)
     assert _fwd_plan(1, 100, 2, 8, torch.device("cpu"), dict(CT=8, BT=4))["NC"] == 13
-
-
-@triton.jit
-def _lookback_kernel(words, out, plane, item, NCHB, t_agg, t_inc, L: tl.constexpr):
-    lane = tl.arange(0, L)
-    hk, hv = _lbp_lookback(words, plane, item, NCHB, lane, t_agg, t_inc, L)
-    tl.store(out + lane, hk)
-    tl.store(out + L + lane, hv)
-
-
-def test_lbp_lookback_composes_published_maps():
-    """The look-back of the one-launch "lbp" forward, on words published by hand (the
-    interpreter runs programs one after another, so the forward tests only meet inclusive
-    predecessors): it composes the maps of predecessors that published only their map, stops at
-    the first inclusive state, and ignores words of another epoch."""
-    L, NCHB, NC, epoch = 8, 2, 5, 3
-    t_agg, t_inc = epoch * 4 + 1, epoch * 4 + 2
-    gen = torch.Generator().manual_seed(0)
-    maps = torch.rand(NC, NCHB, 3, L, generator=gen)  # (a, bk, bv) per chunk, block, lane
-    state = torch.randn(NC, NCHB, 2, L, generator=gen)
-    plane = NC * NCHB * L
-
-    def pack(x, tag):
-        return (torch.tensor(tag, dtype=torch.int64) << 32) | (x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF)
-
-    words = torch.zeros(5 * plane, dtype=torch.int64)
-    w = words.view(5, NC, NCHB, L)
-    # block 1, chunk 4 looks back: chunks 3 and 2 published maps only (chunk 3's inclusive words
-    # are from an old epoch), chunk 1 its inclusive state
-    for c in (2, 3):
-        for i in range(3):
-            w[i, c, 1] = pack(maps[c, 1, i], t_agg)
-    w[3, 3, 1] = pack(state[3, 1, 0], t_inc - 4)
-    w[4, 3, 1] = pack(state[3, 1, 1], t_inc - 4)
-    w[3, 1, 1] = pack(state[1, 1, 0], t_inc)
-    w[4, 1, 1] = pack(state[1, 1, 1], t_inc)
-    out = torch.zeros(2 * L)
-    _lookback_kernel[(1,)](words, out, plane, 4 * NCHB + 1, NCHB, t_agg, t_inc, L=L)
-    h = state[1, 1]
-    for c in (2, 3):
-        h = maps[c, 1, 0] * h + maps[c, 1, 1:]
-    torch.testing.assert_close(out.view(2, L), h)
 
 
 def test_unknown_options_are_refused():

@@ -321,112 +321,6 @@ def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
-# forward: the "lbp" kernel (one launch: chunks chained by a decoupled look-back whose published
-# words carry their own flag)
-# Persistent programs take (chunk, channel block) items in time-major ticket order. Per item:
-# pass A (the chunk's affine map from zero, as launch 1), publish the map, look back over the
-# predecessors of the same block until an inclusive state (composing the maps passed), publish the
-# inclusive state, pass B (outputs from the carry, as launch 3: the chunk was just read, so it
-# should come from L2). Each published fp32 sits in an int64 word with a tag (epoch * 4 + kind) in
-# its high half: one store publishes value and flag together, so no fence orders them, and a
-# reader polls with plain volatile loads. The epoch lives in device memory (ctl[2]); the program
-# that finishes last advances it and resets the ticket counter, so the words never need clearing
-# and a CUDA graph can replay the launch.
-
-
-@triton.jit
-def _lbp_pack(x, tag):
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    return (tag.to(tl.int64) << 32) | bits
-
-
-@triton.jit
-def _lbp_unpack(w):
-    return (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), (w >> 32).to(tl.int32)
-
-
-@triton.jit
-def _lbp_lookback(words, plane, item, NCHB, lane, t_agg, t_inc, L: tl.constexpr):
-    """The state entering item's chunk: walk back over the block's earlier chunks, composing
-    their published maps, until one has published its inclusive state."""
-    acc_a = tl.full([L], 1.0, tl.float32)
-    acc_k = tl.zeros([L], tl.float32)
-    acc_v = tl.zeros([L], tl.float32)
-    hk = tl.zeros([L], tl.float32)
-    hv = tl.zeros([L], tl.float32)
-    p = item - NCHB
-    searching = True
-    while searching:
-        o = p.to(tl.int64) * L + lane
-        sk, tk = _lbp_unpack(tl.load(words + 3 * plane + o, volatile=True))
-        sv, tv = _lbp_unpack(tl.load(words + 4 * plane + o, volatile=True))
-        if tl.min(((tk == t_inc) & (tv == t_inc)).to(tl.int32), axis=0) > 0:
-            hk = acc_a * sk + acc_k
-            hv = acc_a * sv + acc_v
-            searching = False
-        else:
-            a, ta = _lbp_unpack(tl.load(words + o, volatile=True))
-            bk, tbk = _lbp_unpack(tl.load(words + plane + o, volatile=True))
-            bv, tbv = _lbp_unpack(tl.load(words + 2 * plane + o, volatile=True))
-            if tl.min(((ta == t_agg) & (tbk == t_agg) & (tbv == t_agg)).to(tl.int32), axis=0) > 0:
-                acc_k = acc_a * bk + acc_k
-                acc_v = acc_a * bv + acc_v
-                acc_a = acc_a * a
-                p -= NCHB
-    return hk, hv
-
-
-@triton.jit
-def _fwd_lbp_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, ctl,
-                    T, H, D, NDB, NHG, NCHB, NC, NPROG,
-                    szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
-                    sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
-                    BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
-                    PREFETCH: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr):
-    L: tl.constexpr = BH * BD
-    epoch = tl.load(ctl + 2, volatile=True)
-    t_agg = epoch * 4 + 1
-    t_inc = epoch * 4 + 2
-    n_items = NC * NCHB
-    plane = tl.cast(n_items, tl.int64) * L
-    item = tl.atomic_add(ctl, 1)
-    while item < n_items:
-        c = item // NCHB
-        j = item % NCHB
-        b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
-        b64 = b.to(tl.int64)
-        oz = _fwd_offsets(hh, d, szh, szd, OFF64)
-        okx = _fwd_offsets(hh, d, skh, skd, OFF64)
-        ovx = _fwd_offsets(hh, d, svh, svd, OFF64)
-        ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)
-        oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)
-        zero = tl.zeros([L], tl.float32)
-        ga, ak, av = _fwd_chunk(z + b64 * szb, k + b64 * skb, v + b64 * svb, ok + b64 * sokb,
-                                ov + b64 * sovb, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt,
-                                h0k, h0v, hTk, hTv, cu, seq_idx, c, b, hh, H, T, D, d, lm, zero, zero,
-                                L, BT, NSUB, HAS_H0, VARLEN, PREFETCH, STAGES, False)
-        slot = item.to(tl.int64) * L + lane
-        hk = zero
-        hv = zero
-        if c > 0:
-            tl.store(words + slot, _lbp_pack(ga, t_agg))
-            tl.store(words + plane + slot, _lbp_pack(ak, t_agg))
-            tl.store(words + 2 * plane + slot, _lbp_pack(av, t_agg))
-            hk, hv = _lbp_lookback(words, plane, item, NCHB, lane, t_agg, t_inc, L)
-        tl.store(words + 3 * plane + slot, _lbp_pack(ga * hk + ak, t_inc))
-        tl.store(words + 4 * plane + slot, _lbp_pack(ga * hv + av, t_inc))
-        _fwd_chunk(z + b64 * szb, k + b64 * skb, v + b64 * svb, ok + b64 * sokb, ov + b64 * sovb,
-                   oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx,
-                   c, b, hh, H, T, D, d, lm, hk, hv, L, BT, NSUB, HAS_H0, VARLEN, PREFETCH, STAGES, True)
-        item = tl.atomic_add(ctl, 1)
-    if tl.atomic_add(ctl + 1, 1) == NPROG - 1:  # the last program out: next launch's epoch
-        tl.store(ctl, 0)
-        tl.store(ctl + 1, 0)
-        tl.store(ctl + 2, epoch + 1)
-
-
-# --------------------------------------------------------------------------------------------
 # forward: the "seq" kernel (one launch, each program walks the whole sequence of its lanes)
 # A tile is W segments x 2 steps over the program's L lanes, held as [W, S, C]: S sub-blocks of
 # C = 256 / W lanes, so that one sub-block's W segments x C / 8 threads fill exactly one warp and
@@ -827,7 +721,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "stages": 0, "kernel": "auto", "W": 8, "PPS": 2}
+                 "stages": 0, "kernel": "auto", "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01, session 22):
@@ -882,10 +776,8 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     derived sizes (NSUB tiles per chunk, NC chunks, NCHB channel blocks of BH heads x BD)."""
     cfg = _options(opts, _FWD_DEFAULTS, "forward")
     given = {k for k, x in (opts or {}).items() if x is not None}
-    if cfg["kernel"] not in ("auto", "chunk", "seq", "lbp"):
-        raise ValueError(f"forward kernel must be 'auto', 'chunk', 'seq' or 'lbp', got {cfg['kernel']!r}")
-    if cfg["kernel"] == "lbp" and cfg["CT"] == "auto":
-        cfg["CT"] = 32  # the chunks in flight (PPS per SM) must fit in L2 for pass B to hit it
+    if cfg["kernel"] not in ("auto", "chunk", "seq"):
+        raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq" and cfg["stages"]:
         raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
     auto = cfg["kernel"] == "auto"
@@ -955,23 +847,6 @@ def _workspace(device, chained: bool, NT: int, NCH: int, BD: int):
     return flags, ws_agg, ws_inc
 
 
-_LBP_WORKSPACES: dict = {}
-
-
-def _lbp_workspace(device, n_words: int):
-    """The "lbp" kernel's published words and its control words (ticket, done count, epoch), one
-    pair per device, grown as needed (zeros: tag 0 is never a live tag). Launches on one device
-    must not overlap (one stream)."""
-    key = str(device)
-    words, ctl = _LBP_WORKSPACES.get(key, (None, None))
-    if ctl is None:
-        ctl = torch.zeros(4, dtype=torch.int32, device=device)
-    if words is None or words.numel() < n_words:
-        words = torch.zeros(n_words, dtype=torch.int64, device=device)
-    _LBP_WORKSPACES[key] = (words, ctl)
-    return words, ctl
-
-
 def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
     if cu_seqlens is None:
         dummy = _dummy(device, torch.int32)
@@ -1027,11 +902,6 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
             meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
                         VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]), STAGES=p["stages"],
                         OFF64=span >= 2**31, num_warps=p["num_warps"])
-            if p["kernel"] == "lbp":
-                words, ctl = _lbp_workspace(dev, 5 * NC * NCHB * p["BH"] * p["BD"])
-                nprog = min(NC * NCHB, p["PPS"] * _num_sms(dev))
-                _fwd_lbp_kernel[(nprog,)](*args, words, ctl, *sizes, nprog, *strides, **meta)
-                return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
             ws = _dummy(dev, torch.float32)
             if NC > 1:
                 M = NCHB * p["BH"] * p["BD"]
