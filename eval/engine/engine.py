@@ -372,17 +372,15 @@ def decode_mode(spec: MethodSpec, decode: str, device) -> str:
 class _GraphedStep:
     """One decoding forward (``fn``: static inputs -> logits) replayed from a CUDA graph.
 
-    A step of shapes and host parameters (``_step_params``) new to the engine first runs eagerly,
-    on the capture stream (it compiles the kernels and warms up cuBLAS there), and is captured at
-    the next call; one the engine has run before is captured at once. The graphs of one generation
-    share a memory pool. A memory model's cache
+    Each new set of host parameters (``_step_params``) first runs the step eagerly, on the capture
+    stream (it compiles kernels new to these parameters and warms up cuBLAS there), and captures it
+    at the next call; the graphs of one generation share a memory pool. A memory model's cache
     replaces its recurrent state each step, so the captured step copies the new state into the old
     tensors, which are the ones the graph reads. The random selector's generator is registered with
     each graph, so every replay draws new numbers."""
 
-    def __init__(self, fn, cache, stream, generator, shapes, seen: set):
+    def __init__(self, fn, cache, stream, generator):
         self.fn, self.cache, self.stream, self.generator = fn, cache, stream, generator
-        self.shapes, self.seen = shapes, seen  # seen: (shapes, params) this engine has run eagerly
         self.key, self.graph, self.out = None, None, None
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -402,13 +400,11 @@ class _GraphedStep:
         cur = torch.cuda.current_stream()
         if key != self.key:
             self.key, self.graph, self.out = key, None, None
-            if (self.shapes, key) not in self.seen:  # kernels may compile: not inside a capture
-                self.seen.add((self.shapes, key))
-                self.stream.wait_stream(cur)
-                with torch.cuda.stream(self.stream):
-                    out = self.fn()
-                cur.wait_stream(self.stream)
-                return out
+            self.stream.wait_stream(cur)
+            with torch.cuda.stream(self.stream):
+                out = self.fn()
+            cur.wait_stream(self.stream)
+            return out
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
@@ -447,7 +443,6 @@ class Engine:
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self._wrapped = False
         self._capture_stream = None
-        self._graphed_before: set = set()
         model.set_attn_implementation(ATTN_NAME)
 
     @classmethod
@@ -516,9 +511,7 @@ class Engine:
         for n in lens.tolist():
             spec.check(n)
         T = int(lens.max())
-        # whole blocks, and whole 256-token steps so that prompts of about the same length share
-        # decode shapes (a graph of a shape this engine has run before is captured at once)
-        block = math.lcm(spec.page_size, spec.moba_block, spec.random_block, 256)
+        block = math.lcm(spec.page_size, spec.moba_block, spec.random_block)
         capacity = -(-(T + max_new_tokens) // block) * block
         ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
@@ -541,8 +534,7 @@ class Engine:
         if mode == "graph":
             if self._capture_stream is None:  # one per engine: cuBLAS keeps a 32 MiB workspace per stream
                 self._capture_stream = torch.cuda.Stream(dev)
-            shapes = (spec, B, capacity, T if spec.method == "snapkv" else None)  # SnapKV: kept sizes
-            graphed = _GraphedStep(decode_step, cache, self._capture_stream, gen, shapes, self._graphed_before)
+            graphed = _GraphedStep(decode_step, cache, self._capture_stream, gen)
         out_tokens = [[] for _ in range(B)]
         out_logits = [[] for _ in range(B)]
         done = [False] * B
