@@ -18,11 +18,14 @@ H200_MEASURED_GEMM_TFLOPS = 792.0  # 8192^3 bf16 torch.matmul on our H200 (share
 
 
 def commit() -> str:
+    """$COMMIT, else HEAD with '-dirty' when tracked files differ from it: the GPU machine's copy
+    of the tree can sit on an older .git than its files (it reported the session's first HEAD for
+    later trees), so export COMMIT there."""
     if os.environ.get("COMMIT"):
         return os.environ["COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], cwd=REPO,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 
