@@ -24,8 +24,8 @@ def commit() -> str:
     if os.environ.get("COMMIT"):
         return os.environ["COMMIT"]
     try:
-        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], cwd=REPO,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
+        args = ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]
+        return subprocess.check_output(args, cwd=REPO, text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 
