@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from typing import Iterator, List, Optional, Sequence
 
