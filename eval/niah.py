@@ -218,11 +218,10 @@ def main(argv=None) -> int:
         for length in lengths:
             for s in probe:
                 s.check(length - TOKENS_TO_GENERATE)  # RULER's prompts leave 128 tokens for the answer
-        for s in probe:
-            try:
-                decode_mode(s, args.decode, device)
-            except ValueError as e:
-                raise SpecError(f"--decode {args.decode}: {e}") from None
+        try:
+            decode_mode(args.decode, device)
+        except ValueError as e:
+            raise SpecError(f"--decode {args.decode}: {e}") from None
         tokenizer = load_tokenizer(args.model)
         for length in lengths:
             for t in tasks:

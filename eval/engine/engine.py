@@ -357,7 +357,7 @@ def _register():
 DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
-def decode_mode(spec: MethodSpec, decode: str, device) -> str:
+def decode_mode(decode: str, device) -> str:
     """The decoding loop ``generate`` runs: ``auto`` is ``graph`` on CUDA and ``eager`` elsewhere."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode mode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
@@ -486,8 +486,8 @@ class Engine:
     def _logits(self, h):
         return self.model.get_output_embeddings()(h).float()
 
-    def decode_mode(self, spec: MethodSpec, decode: str = "auto") -> str:
-        return decode_mode(spec, decode, self.device)
+    def decode_mode(self, decode: str = "auto") -> str:
+        return decode_mode(decode, self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], spec: MethodSpec, max_new_tokens: int = 128,
@@ -499,7 +499,7 @@ class Engine:
         forward's seconds (decode_step_s: the first of a graph runs eagerly and captures) and
         decode_mode. ``decode``: see ``decode_mode`` and the module docstring."""
         global _ACTIVE
-        mode = self.decode_mode(spec, decode)
+        mode = self.decode_mode(decode)
         self.check_source(spec.source)
         if spec.source.uses_plain and self.memory:
             self._wrap_memory()
