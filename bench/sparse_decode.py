@@ -95,6 +95,15 @@ def correctness(dev, dtype):
     res["page_minmax_exact"] = bool(torch.equal(kmin, tmin) and torch.equal(kmax, tmax))
     s = sp.quest_scores(q, kmin, kmax)
     res["quest_scores_vs_twin"] = _rel(s, sp.quest_scores(q, kmin, kmax, backend="torch"))
+    # int8 bounds: the GPU's division is approximate, so ints may differ from the twin's by one
+    qb = sp.page_minmax(k, PAGE, sl, quant="int8")
+    tb = sp.page_minmax(k, PAGE, sl, quant="int8", backend="torch")
+    res["page_minmax_int8_max_int_diff"] = max(int((a.int() - b.int()).abs().max()) for a, b in zip(qb[:2], tb[:2]))
+    res["page_minmax_int8_step_vs_twin"] = _rel(qb[2], tb[2])
+    si = sp.quest_scores(q, *qb[:2], scale=qb[2])
+    res["quest_i8_scores_vs_twin"] = _rel(si, sp.quest_scores(q, *qb[:2], scale=qb[2], backend="torch"))
+    res["quest_i8_scores_upper_bound"] = bool((si >= s - 1e-3 * s.abs().clamp_min(1)).all())
+    res["quest_i8_scores_vs_exact"] = _rel(si, s)
     sel = torch.topk(s, 40, dim=-1).indices.int()
     res["quest_decode_vs_twin"] = _rel(sp.block_sparse_decode(q, k, v, sel, PAGE, sl),
                                        sp.block_sparse_decode(q, k, v, sel, PAGE, sl,
@@ -118,7 +127,9 @@ def correctness(dev, dtype):
     qw = torch.randn(B, H, 64, D, device=dev, dtype=dtype, generator=g)
     res["snapkv_vs_twin"] = _rel(sp.snapkv_votes(qw, k), sp.snapkv_votes(qw, k, backend="torch"))
     tol = 2e-2
-    res["ok"] = all((v is True) or (isinstance(v, float) and v < tol) for v in res.values())
+    res["ok"] = all((v is True) or (isinstance(v, float) and v < tol) for k_, v in res.items()
+                    if k_ not in ("page_minmax_int8_max_int_diff", "quest_i8_scores_vs_exact")) \
+        and res["page_minmax_int8_max_int_diff"] <= 1 and res["quest_i8_scores_vs_exact"] < 0.1
     return res
 
 
@@ -140,6 +151,7 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
     rows.append(dict(B=B, T=T, method="dense_ours_splitk_graph", budget=1.0, ms=t_ours,
                      GBps=kv_bytes / t_ours / 1e6))
     kmin, kmax = sp.page_minmax(k, PAGE)
+    qmin, qmax, qstep = sp.page_minmax(k, PAGE, quant="int8")
     km = sp.block_means(k, MOBA_BLOCK)
     pos = torch.tensor([T - 1], device=dev)
     full = torch.arange(T // PAGE, device=dev, dtype=torch.int32).expand(B, H, -1).contiguous()
@@ -161,14 +173,29 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
         def quest_scores_only():
             return sp.quest_scores(q, kmin, kmax)
 
+        def quest_i8():
+            s = sp.quest_scores(q, qmin, qmax, scale=qstep)
+            return sp.block_sparse_decode(q, k, v, sp.select_topk(s, n_pages), PAGE)
+
+        def quest_i8_select():
+            return sp.select_topk(sp.quest_scores(q, qmin, qmax, scale=qstep), n_pages)
+
+        def quest_i8_scores_only():
+            return sp.quest_scores(q, qmin, qmax, scale=qstep)
+
         def moba():
             idx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0]
             return sp.block_sparse_decode(q, k, v, idx, MOBA_BLOCK)
 
         sel = quest_select()
         midx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0].contiguous()
+        # the int8 bounds' choice against the exact one (random keys: near-tied bounds)
+        same = (quest_i8_select().sort(-1).values == sel.sort(-1).values).float().mean().item()
+        same_set = torch.isin(quest_i8_select()[0, 0], sel[0, 0]).float().mean().item()
         entries = [("quest_total", quest), ("quest_select_only", quest_select),
-                   ("quest_scores_only", quest_scores_only), ("moba_total", moba),
+                   ("quest_scores_only", quest_scores_only),
+                   ("quest_i8_total", quest_i8), ("quest_i8_select_only", quest_i8_select),
+                   ("quest_i8_scores_only", quest_i8_scores_only), ("moba_total", moba),
                    ("quest_attn_only", lambda: sp.block_sparse_decode(q, k, v, sel, PAGE)),
                    ("moba_attn_only", lambda: sp.block_sparse_decode(q, k, v, midx, MOBA_BLOCK))]
         for name, fn in entries:
@@ -182,10 +209,12 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
                     row["graph_error"] = repr(e)[:200]
             if name.startswith("quest"):
                 row["pages"] = n_pages
+                if name.startswith("quest_i8"):
+                    row.update(bounds="int8", same_slot_vs_exact=same, head0_overlap_vs_exact=same_set)
             else:
                 row.update(topk=topk, block=MOBA_BLOCK)
             rows.append(row)
-    del k, v, kmin, kmax
+    del k, v, kmin, kmax, qmin, qmax, qstep
     torch.cuda.empty_cache()
     return rows
 
@@ -341,6 +370,17 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                                                                           pages_first=pf),
                               lambda r: (_rel(r, s_ref) < 1e-5, _rel(r, s_ref))))
         shp["components"]["score"] = rows
+        # int8 bounds: half the bytes per page, so larger page tiles may pay
+        qb = sp.page_minmax(k, PAGE, quant="int8")
+        si_ref = naive.quest_scores_torch(q, *qb[:2], scale=qb[2])
+        irows = []
+        for bp, nw in ([(64, 8), (128, 8), (256, 8), (128, 4)] if not smoke else [(16, 4)]):
+            irows.append(trial(dict(bp=bp, num_warps=nw), f"score int8 bp={bp} nw={nw}",
+                               lambda bp=bp, nw=nw: to.quest_scores(q, *qb[:2], scale=qb[2], bp=bp, num_warps=nw),
+                               lambda r: (_rel(r, si_ref) < 1e-5, _rel(r, si_ref))))
+        shp["components"]["score_int8"] = irows
+        log(f"[sweep {time.time() - t_start:6.1f}s]   int8 score " +
+            ", ".join(f"bp{r['bp']}/{r['num_warps']}w {r.get('ms', float('nan')):.4f}" for r in irows))
         okr = [r for r in rows if "ms" in r]
         best_score = min(okr, key=lambda r: r["ms"]) if okr else dict(bp=None, num_warps=None)
         log(f"[sweep {time.time() - t_start:6.1f}s]   score best {best_score}")
@@ -411,9 +451,14 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 i = to.select_topk(s, n, num_warps=bt_.get("num_warps"))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
+            def e2e_int8():  # int8 page bounds, the defaults otherwise
+                return to.block_sparse_decode(q, k, v, to.select_topk(to.quest_scores(q, *qb[:2], scale=qb[2]), n), PAGE)
+
+            i8_ref = _ref_gather_decode(q, k, v, naive.select_topk_torch(si_ref, n).contiguous(), PAGE)
             e2e = {}
-            for nm, fn in (("default", e2e_default), ("best", e2e_best)):
-                r = trial(dict(), nm, fn, lambda r: (_rel(r, a_ref) < tol, _rel(r, a_ref)))
+            for nm, fn, ref in (("default", e2e_default, a_ref), ("best", e2e_best, a_ref),
+                                ("default_int8_bounds", e2e_int8, i8_ref)):
+                r = trial(dict(), nm, fn, lambda r, ref=ref: (_rel(r, ref) < tol, _rel(r, ref)))
                 if "ms" in r:
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
@@ -427,10 +472,12 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                 f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
                 f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
                 f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
-                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f})")
-            del a_ref
+                f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f}), "
+                f"int8 bounds {e2e['default_int8_bounds'].get('ms', float('nan')):.4f} ms "
+                f"(x{e2e['default_int8_bounds'].get('x_sdpa', float('nan')):.2f})")
+            del a_ref, i8_ref
         out["shapes"].append(shp)
-        del k, v, kmin, kmax, scores
+        del k, v, kmin, kmax, scores, qb
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     out["ranking_budget_1_16"] = _rank_attention(out["shapes"])

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quest-min-pages", type=int, default=0,
                    help="Quest: keep at least N pages (default 0: the budget alone). Quest's evaluation "
                         "variant: --quest-no-force-current --quest-min-pages 3")
+    g.add_argument("--quest-bounds", choices=("exact", "int8"), default="exact",
+                   help="Quest page bounds: in the keys' dtype, or int8 rounded outward with a step per page "
+                        "(the scores read half the bytes; still an upper bound of q.k)")
     g.add_argument("--per-query-head", action="store_true",
                    help="Quest/MoBA/random/SnapKV: select per query head (default: per KV head, group queries "
                         "averaged; SnapKV then repeats K/V to the query heads, as the original)")
@@ -109,6 +112,7 @@ def make_specs(args, methods, budgets, sources) -> list[MethodSpec]:
             base = MethodSpec(method=method, source=source, page_size=args.page_size,
                               quest_force_current=not args.quest_no_force_current,
                               quest_dense_layers=args.quest_dense_layers, quest_min_pages=args.quest_min_pages,
+                              quest_bounds=args.quest_bounds,
                               moba_block=args.moba_block,
                               random_block=args.random_block, random_dense_layers=args.quest_dense_layers,
                               snap_window=args.snap_window, snap_kernel=args.snap_kernel, snap_pool=args.snap_pool,

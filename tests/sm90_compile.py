@@ -27,7 +27,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-       torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
+       torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 DIV16 = [["tt.divisibility", 16]]
 launches: dict = {}
@@ -99,7 +99,12 @@ def _calls():
             kmin, kmax = r(B, Hkv, P, D), r(B, Hkv, P, D)
             yield lambda: sp.quest_scores(q, kmin, kmax, seq, page)
             pos = torch.full((B,), T - 1, dtype=torch.int64)
-            yield lambda: sp.page_minmax_update(kmin, kmax, k[:, :, 0], pos, page)
+            yield lambda: sp.page_minmax_refresh(k, pos, page, kmin, kmax)
+            yield lambda: sp.page_minmax(k, page, seq, quant="int8")
+            qmin, qmax = kmin.to(torch.int8), kmax.to(torch.int8)
+            step = r(B, Hkv, P, dtype=torch.float32)
+            yield lambda: sp.page_minmax_refresh(k, pos, page, qmin, qmax, step)
+            yield lambda: sp.quest_scores(q, qmin, qmax, seq, page, step)
             yield lambda: sp.block_means_update(kmin.float(), k[:, :, 0], pos, page)
             topk = max(1, P // 4)
             idx = torch.randint(0, P, (B, Hkv, topk), generator=g).to(torch.int32)

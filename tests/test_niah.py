@@ -97,8 +97,11 @@ def test_dense_matches_hf_generate(engine):
 def test_full_budget_equals_dense(engine, method):
     ps = prompts()
     dense = dense_of(engine)
-    for per_q in ((False, True) if method in ("quest", "moba", "snapkv") else (False,)):
-        got = engine.generate(ps, spec(method, source=src(engine), per_query_head=per_q), NEW, return_logits=True)
+    variants = [dict(per_query_head=pq) for pq in ((False, True) if method in ("quest", "moba", "snapkv") else (False,))]
+    if method == "quest":
+        variants.append(dict(quest_bounds="int8"))
+    for opts in variants:
+        got = engine.generate(ps, spec(method, source=src(engine), **opts), NEW, return_logits=True)
         for d, g in zip(dense, got):
             assert g["tokens"] == d["tokens"]
             torch.testing.assert_close(g["logits"], d["logits"], atol=2e-4, rtol=1e-4)
@@ -173,7 +176,8 @@ def _recompute_meta(spec, layer, n):
     """The reference: Quest/MoBA metadata recomputed over the whole cache, [B, Hkv, n_blocks, D]."""
     T = int(n.max())
     if spec.method == "quest":
-        return ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n)
+        quant = None if spec.quest_bounds == "exact" else spec.quest_bounds
+        return ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n, quant=quant)
     return (ks.block_means(layer.ks[:, :, :T], spec.moba_block, seq_len=n),)
 
 
@@ -203,8 +207,9 @@ def test_kv_stored_once(engine, monkeypatch):
 
 
 def test_incremental_metadata_equals_recompute(attn_engine, monkeypatch):
-    """The decode loop's incremental page min/max and block means equal a recompute over the
-    whole cache at every step and layer, and generation matches a run that recomputes."""
+    """The decode loop's page refresh (exact and int8 bounds) and incremental block means equal a
+    recompute over the whole cache at every step and layer, and generation matches a run that
+    recomputes."""
     import eval.engine.engine as eng
 
     incremental = eng._update_meta
@@ -227,8 +232,8 @@ def test_incremental_metadata_equals_recompute(attn_engine, monkeypatch):
             m[:, :, : r.shape[2]] = r
 
     ps, new = prompts(), 8  # 53 + 8 and 42 + 8 tokens: page/block boundaries 56 and 48 crossed
-    for method in ("quest", "moba"):
-        s = spec(method, "1/2", source=src(attn_engine))
+    for method, opts in (("quest", {}), ("quest", dict(quest_bounds="int8")), ("moba", {})):
+        s = spec(method, "1/2", source=src(attn_engine), **opts)
         monkeypatch.setattr(eng, "_update_meta", checked)
         a = attn_engine.generate(ps, s, new, return_logits=True)
         if method == "quest":  # metadata bit-equal to the recompute at every step: same run
@@ -238,7 +243,7 @@ def test_incremental_metadata_equals_recompute(attn_engine, monkeypatch):
         for x, y in zip(a, b):
             assert x["tokens"] == y["tokens"]
             torch.testing.assert_close(x["logits"], y["logits"], atol=1e-5, rtol=1e-5)
-    assert steps.count("quest") == (new - 1) * (TINY["num_hidden_layers"] - 1)  # 1 dense layer
+    assert steps.count("quest") == 2 * (new - 1) * (TINY["num_hidden_layers"] - 1)  # 1 dense layer
     assert steps.count("moba") == (new - 1) * TINY["num_hidden_layers"]
 
 
@@ -266,9 +271,11 @@ def test_static_decode_equals_eager(engine, method):
     Random draws over the whole buffer's blocks when static, so only its full budget compares."""
     ps, new = prompts(), 12
     budgets = ("1",) if method in ("dense", "random") else ("1", "1/2")
-    per_q = (False, True) if method in ("quest", "moba", "snapkv") else (False,)
-    for budget, pq in itertools.product(budgets, per_q):
-        s = spec(method, budget, source=src(engine), per_query_head=pq)
+    variants = [dict(per_query_head=pq) for pq in ((False, True) if method in ("quest", "moba", "snapkv") else (False,))]
+    if method == "quest":
+        variants.append(dict(quest_bounds="int8"))
+    for budget, opts in itertools.product(budgets, variants):
+        s = spec(method, budget, source=src(engine), **opts)
         eager = engine.generate(ps, s, new, return_logits=True, decode="eager")
         stats = {}
         static = engine.generate(ps, s, new, return_logits=True, decode="static", stats=stats)
@@ -287,10 +294,11 @@ def test_graph_decode_equals_eager_cuda(kind):
     engine = Engine(make_model(kind, hidden_size=128, intermediate_size=192).cuda(), eos_token_ids=[])
     ps, new = prompts(), 20
     srcs = [src(engine)] + ([KVSource("plain", "mem")] if engine.memory else [])
-    for method in ("dense", "quest", "moba", "snapkv", "dilated", "random"):
+    for method, opts in (("dense", {}), ("quest", {}), ("quest", dict(quest_bounds="int8")), ("moba", {}),
+                         ("snapkv", {}), ("dilated", {}), ("random", {})):
         for budget in (("1",) if method == "dense" else ("1", "1/2")):
             for source in srcs:
-                s = spec(method, budget, source=source)
+                s = spec(method, budget, source=source, **opts)
                 eager = engine.generate(ps, s, new, return_logits=True, decode="eager")
                 static = engine.generate(ps, s, new, return_logits=True, decode="static")
                 stats = {}
@@ -334,13 +342,14 @@ def _planted(T=96, D=16, hkv=2, G=2, page=8, planted=3, seed=0):
 def test_quest_selects_planted_page():
     q, k = _planted()
     n = torch.tensor([96])
-    kmin, kmax = ks.page_minmax(k, 8, seq_len=n)
-    for per_q in (False, True):
-        idx = quest_select(q, kmin, kmax, n, 8, nsel=2, force_current=True, per_query_head=per_q)
-        assert idx.shape == (1, 4 if per_q else 2, 2)
-        assert (idx == 3).any(-1).all() and (idx == 11).any(-1).all()  # planted + current page
-    idx = quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False)
-    assert (idx[..., 0] == 3).all()
+    for quant in (None, "int8"):
+        bounds = ks.page_minmax(k, 8, seq_len=n, quant=quant)
+        for per_q in (False, True):
+            idx = quest_select(q, bounds, n, 8, nsel=2, force_current=True, per_query_head=per_q)
+            assert idx.shape == (1, 4 if per_q else 2, 2)
+            assert (idx == 3).any(-1).all() and (idx == 11).any(-1).all()  # planted + current page
+        idx = quest_select(q, bounds, n, 8, nsel=1, force_current=False)
+        assert (idx[..., 0] == 3).all()
 
 
 def test_quest_min_pages_selector():
@@ -350,13 +359,13 @@ def test_quest_min_pages_selector():
     q = q.expand(2, -1, -1).contiguous()
     kmin, kmax = ks.page_minmax(k, 8, seq_len=n)
     for per_q in (False, True):
-        idx = quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False, per_query_head=per_q, min_pages=3)
+        idx = quest_select(q, (kmin, kmax), n, 8, nsel=1, force_current=False, per_query_head=per_q, min_pages=3)
         assert idx.shape == (2, 4 if per_q else 2, 3)
         assert ((idx[0] >= 0).sum(-1) == 3).all() and (idx[0] == 3).any(-1).all()  # 3 pages, planted kept
         assert (idx[1] == torch.tensor([0, 1, -1], dtype=idx.dtype)).all()  # only 2 pages exist: both
         # without min_pages the budget alone (1 page), with it never fewer than the budget
-        assert quest_select(q, kmin, kmax, n, 8, nsel=1, force_current=False, per_query_head=per_q).shape[-1] == 1
-        assert quest_select(q, kmin, kmax, n, 8, nsel=5, force_current=False, per_query_head=per_q,
+        assert quest_select(q, (kmin, kmax), n, 8, nsel=1, force_current=False, per_query_head=per_q).shape[-1] == 1
+        assert quest_select(q, (kmin, kmax), n, 8, nsel=5, force_current=False, per_query_head=per_q,
                             min_pages=3).shape[-1] == 5
 
 

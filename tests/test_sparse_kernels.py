@@ -75,6 +75,55 @@ def test_page_minmax(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_page_minmax_int8(backend, dtype):
+    """int8 bounds: equal to the twin's, rounded outward (int * step brackets the exact bounds,
+    within about two steps), the step a little over max|bound| / 127; a channel far above the
+    others and an all-zero page included."""
+    B, H, T, D, page = 2, 3, 45, 16, 8
+    k = _rand(B, H, T, D, dtype=dtype, seed=11, scale=3.0)
+    k[0, 1, 8:16] = 0  # an all-zero page
+    k[1, 2, :, 3] = 1e4  # one channel far larger than the rest
+    sl = torch.tensor([45, 30], device=DEV)
+    lq, hq, st = sp.page_minmax(k, page, sl, quant="int8", backend=backend)
+    assert lq.dtype == hq.dtype == torch.int8 and st.dtype == torch.float32 and st.shape == (B, H, 6)
+    tq = naive.page_minmax_torch(k, page, sl, quant="int8")
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip((lq, hq, st), tq))
+    kmin, kmax = naive.page_minmax_torch(k, page, sl)
+    s64 = st.double()[..., None]
+    assert (lq.double() * s64 <= kmin.double()).all() and (hq.double() * s64 >= kmax.double()).all()
+    assert (kmin.double() - lq.double() * s64 <= 2.01 * s64).all()
+    assert (hq.double() * s64 - kmax.double() <= 2.01 * s64).all()
+    amax = torch.maximum(kmin.abs(), kmax.abs()).double().amax(-1)
+    torch.testing.assert_close(st.double(), amax / 127, rtol=5e-3, atol=0)
+    assert (st[0, 1, 1] == 0) and (lq[0, 1, 1] == 0).all() and (hq[0, 1, 1] == 0).all()  # zero page
+    with pytest.raises(ValueError, match="bad page-bounds quant 'fp8'"):
+        sp.page_minmax(k, page, sl, quant="fp8", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 2])
+def test_quest_scores_int8(backend, G):
+    """Scores from int8 bounds: the twin's, at or above the exact bounds' scores (still an upper
+    bound of every q.k in the page), and close to them."""
+    B, Hkv, T, D, page = 2, 2, 45, 16, 8
+    k = _rand(B, Hkv, T, D, seed=12)
+    q = _rand(B, Hkv * G, D, seed=13)
+    sl = torch.tensor([45, 20], device=DEV)
+    exact = naive.quest_scores_torch(q, *naive.page_minmax_torch(k, page, sl), sl, page)
+    bounds = sp.page_minmax(k, page, sl, quant="int8", backend=backend)
+    s = sp.quest_scores(q, *bounds[:2], seq_len=sl, page_size=page, scale=bounds[2], backend=backend)
+    twin = naive.quest_scores_torch(q, *bounds[:2], sl, page, scale=bounds[2])
+    assert torch.equal(torch.isinf(s), torch.isinf(exact))
+    ok = torch.isfinite(exact)
+    assert _rel(s[ok], twin[ok]) < 1e-6
+    assert (s[ok].double() >= exact[ok].double() - 1e-5).all()
+    assert _rel(s[ok], exact[ok]) < 0.05
+    with pytest.raises(ValueError, match="int8 page bounds need their scale"):
+        sp.quest_scores(q, *bounds[:2], backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("G", [1, 2])
 def test_quest_scores(backend, G):
     B, Hkv, T, D, page = 2, 2, 45, 16, 8
@@ -143,28 +192,45 @@ def test_block_means(backend, dtype):
             assert _rel(m[b, :, n], ref) < 1e-5 or s1 <= s0 and (m[b, :, n] == 0).all()
 
 
+def _decode_starts(B):
+    g = torch.Generator().manual_seed(3)
+    return torch.tensor([1, 7, 8, 16, int(torch.randint(2, 20, (1,), generator=g))][:B], device=DEV)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_metadata_update_equals_recompute(backend, dtype):
-    """Decoding's incremental page min/max and block means, one key per row per step, equal the
-    metadata recomputed from scratch (rows at and around page boundaries, empty pages ahead)."""
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_page_minmax_refresh_equals_recompute(backend, dtype, quant):
+    """Decoding's page refresh, one key per row per step (rows at and around page boundaries,
+    empty pages ahead, keys past pos in the cache ignored), equals page_minmax recomputed."""
     B, H, T, D, page = 5, 2, 32, 24, 8
     k = _rand(B, H, T, D, dtype=dtype, seed=7)
-    g = torch.Generator().manual_seed(3)
-    start = torch.tensor([1, 7, 8, 16, int(torch.randint(2, 20, (1,), generator=g))], device=DEV)
-    kmin, kmax = naive.page_minmax_torch(k, page, start)
+    start = _decode_starts(B)
+    meta = naive.page_minmax_torch(k, page, start, quant)
+    for step in range(T - int(start.max())):
+        pos = start + step
+        out = sp.page_minmax_refresh(k, pos, page, *meta, backend=backend)
+        assert all(a is b for a, b in zip(out, meta))
+        ref = naive.page_minmax_torch(k, page, pos + 1, quant)
+        assert all(torch.equal(a, b) for a, b in zip(meta, ref)), step
+    assert meta[0].dtype == (torch.int8 if quant else dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_means_update_equals_recompute(backend, dtype):
+    """Decoding's incremental block means equal the means recomputed (up to fp32 rounding)."""
+    B, H, T, D, page = 5, 2, 32, 24, 8
+    k = _rand(B, H, T, D, dtype=dtype, seed=7)
+    start = _decode_starts(B)
     means = naive.block_means_torch(k, page, start)
     rows = torch.arange(B, device=DEV)
     for step in range(T - int(start.max())):
         pos = start + step
-        out = sp.page_minmax_update(kmin, kmax, k[rows, :, pos], pos, page, backend=backend)
-        assert out[0] is kmin and out[1] is kmax
         assert sp.block_means_update(means, k[rows, :, pos], pos, page, backend=backend) is means
-        rmin, rmax = naive.page_minmax_torch(k, page, pos + 1)
-        assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax), step
         ref = naive.block_means_torch(k, page, pos + 1)
         torch.testing.assert_close(means, ref, atol=1e-5, rtol=1e-5)
-    assert kmin.dtype == dtype and means.dtype == torch.float32
+    assert means.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ How it works
       MoBA's per-token block attention (``moba_prefill``) or RAT+'s dilated mask (dilated); then
       builds the selector's metadata (Quest page min/max, MoBA block means) or compresses the
       cache (SnapKV);
-    * decoding (one query token): folds the new key into its page/block's metadata
-      (``page_minmax_update`` / ``block_means_update``, O(1) per step), selects, and calls
+    * decoding (one query token): brings the metadata of the new key's page/block up to date
+      (``page_minmax_refresh`` / ``block_means_update``, O(page) per step), selects, and calls
       ``block_sparse_decode`` / ``dilated_decode`` / dense decoding on the buffers.
 
     Prompts are right-padded; every kernel gets each row's valid length (``seq_len``), and
@@ -78,7 +78,7 @@ class _Layer:
     kc: torch.Tensor  # [B, Hkv, L, D] compute keys
     vc: torch.Tensor  # [B, Hkv, L, D] compute values
     ks: torch.Tensor  # [B, Hkv, L, D] selection keys (may be kc itself)
-    meta: tuple = ()  # quest: (kmin, kmax); moba: (kmeans,)
+    meta: tuple = ()  # quest: (kmin, kmax[, int8 step]); moba: (kmeans,)
     n: torch.Tensor | None = None  # per-row valid length of this layer's buffers (SnapKV shrinks it)
     n_max: int = 0  # max(n) after the prompt, on the host: reading it from n would sync every layer
 
@@ -182,14 +182,15 @@ def _step_params(spec, T: int) -> tuple:
 
 
 def _update_meta(spec, layer: _Layer, n):
-    """Fold each row's new selection key (at position n - 1) into the metadata of its page/block,
-    in place: ``page_minmax_update`` (Quest) or ``block_means_update`` (MoBA). O(B * H * D) per
-    step; equal to recomputing the metadata over the cache (the tests check it against that)."""
+    """Bring the metadata of each row's page/block holding its new selection key (at position
+    n - 1) up to date, in place: ``page_minmax_refresh`` (Quest: the page recomputed from the
+    cache, O(page * D)) or ``block_means_update`` (MoBA: the key folded into the running mean,
+    O(D)); equal to recomputing the metadata over the cache (the tests check it against that)."""
     pos = n - 1
-    k_new = layer.ks[torch.arange(n.shape[0], device=n.device), :, pos]  # [B, Hkv, D]
     if spec.method == "quest":
-        ks.page_minmax_update(*layer.meta, k_new, pos, spec.page_size)
+        ks.page_minmax_refresh(layer.ks, pos, spec.page_size, *layer.meta)
     else:
+        k_new = layer.ks[torch.arange(n.shape[0], device=n.device), :, pos]  # [B, Hkv, D]
         ks.block_means_update(layer.meta[0], k_new, pos, spec.moba_block)
 
 
@@ -197,12 +198,15 @@ def _build_meta(spec, layer: _Layer, layer_idx: int):
     n = layer.n
     T = layer.n_max
     if spec.method == "quest" and layer_idx >= spec.quest_dense_layers:
-        kmin, kmax = ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n)
+        bounds = ks.page_minmax(layer.ks[:, :, :T], spec.page_size, seq_len=n,
+                                quant=None if spec.quest_bounds == "exact" else spec.quest_bounds)
         P = layer.ks.shape[2] // spec.page_size
-        shape = (*kmin.shape[:2], P, kmin.shape[-1])
-        mn, mx = kmin.new_zeros(shape), kmax.new_zeros(shape)
-        mn[:, :, : kmin.shape[2]], mx[:, :, : kmax.shape[2]] = kmin, kmax
-        layer.meta = (mn, mx)
+        full = []  # over the whole buffer: decoding refreshes pages past the prompt in place
+        for x in bounds:
+            f = x.new_zeros((*x.shape[:2], P, *x.shape[3:]))
+            f[:, :, : x.shape[2]] = x
+            full.append(f)
+        layer.meta = tuple(full)
     elif spec.method == "moba":
         means = ks.block_means(layer.ks[:, :, :T], spec.moba_block, seq_len=n)
         NB = layer.ks.shape[2] // spec.moba_block
@@ -312,8 +316,7 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         return out[:, None].contiguous(), None
     if m == "quest":
         _update_meta(spec, layer, n)
-        kmin, kmax = (x[:, :, :NB] for x in layer.meta)
-        idx = quest_select(q, kmin, kmax, n, spec.page_size, params[0], spec.quest_force_current, spec.per_query_head,
+        idx = quest_select(q, tuple(x[:, :, :NB] for x in layer.meta), n, spec.page_size, params[0], spec.quest_force_current, spec.per_query_head,
                            spec.quest_min_pages)
     elif m == "moba":
         _update_meta(spec, layer, n)

@@ -27,19 +27,20 @@ def topk_blocks(scores: torch.Tensor, nsel: int, force: torch.Tensor | None = No
     return ks.select_topk(s, max(1, min(nsel, s.shape[-1])))
 
 
-def quest_select(q, kmin, kmax, seq_len, page_size, nsel, force_current=True, per_query_head=False,
+def quest_select(q, bounds, seq_len, page_size, nsel, force_current=True, per_query_head=False,
                  min_pages=0):
     """Quest: pages by the upper bound sum_d max(q_d min_d, q_d max_d) of q.k over the page.
 
-    q [B, Hq, D]; kmin/kmax [B, Hkv, P, D]; seq_len [B] (the decoding query is at seq_len - 1).
+    q [B, Hq, D]; bounds (kmin, kmax) [B, Hkv, P, D] (+ the int8 bounds' step [B, Hkv, P]); seq_len [B] (the decoding query is at seq_len - 1).
     Per KV head (default) the group's queries are averaged first. ``min_pages``: keep at least
     that many pages (rows with fewer valid pages keep all of theirs, -1 padded); Quest's
     evaluation code uses 3 with ``force_current=False``. Returns [B, Hkv|Hq, max(nsel, min_pages)].
     """
+    kmin, kmax, *scale = bounds
     nsel = max(1, min(max(nsel, min_pages), kmin.shape[2]))
     qs = q if per_query_head else group_mean(q, kmin.shape[1])
     return ks.quest_select(qs, kmin, kmax, nsel, seq_len=seq_len, page_size=page_size,
-                           force_last=force_current)
+                           force_last=force_current, scale=scale[0] if scale else None)
 
 
 def moba_select(q, kmeans, seq_len, block_size, nsel, per_query_head=False):

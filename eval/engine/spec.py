@@ -171,6 +171,9 @@ class MethodSpec:
     # at least this many pages are kept (capped by the pages that exist); 0 = the budget alone.
     # Quest's evaluation variant: quest_force_current=False, quest_min_pages=3
     quest_min_pages: int = 0
+    # page bounds in the keys' dtype ("exact") or int8 rounded outward with a step per page
+    # ("int8": half the bytes the scores read; kernels/sparse page_minmax's quant)
+    quest_bounds: str = "exact"
     # MoBA
     moba_block: int = 64
     # random (the selector ablation: Quest's pages and dense layers, random choice)
@@ -193,6 +196,8 @@ class MethodSpec:
     def __post_init__(self):
         if self.method not in METHODS:
             raise SpecError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.quest_bounds not in ("exact", "int8"):
+            raise SpecError(f"bad quest_bounds {self.quest_bounds!r}: use exact or int8")
         if self.snap_pool not in ("avg", "max"):
             raise SpecError(f"bad SnapKV pooling {self.snap_pool!r}: use avg or max")
         if self.snap_kernel < 1 or self.snap_kernel % 2 == 0:
@@ -228,6 +233,8 @@ class MethodSpec:
             tags.append("nocur")
         if self.method == "quest" and self.quest_min_pages:
             tags.append(f"min{self.quest_min_pages}")
+        if self.method == "quest" and self.quest_bounds != "exact":
+            tags.append(self.quest_bounds)
         if self.method in ("quest", "moba", "random", "snapkv") and self.per_query_head:
             tags.append("qhead")
         return tags

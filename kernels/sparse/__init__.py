@@ -14,7 +14,7 @@ from . import naive
 from .._dispatch import use_triton as _use_triton
 from .naive import (block_sparse_mask, dense_decode_reference, dilated_mask)
 
-__all__ = ["page_minmax", "page_minmax_update", "quest_scores", "quest_select", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
+__all__ = ["page_minmax", "page_minmax_refresh", "quest_scores", "quest_select", "block_means", "block_means_update", "moba_gate_topk", "block_sparse_decode",
            "moba_prefill", "snapkv_votes", "dilated_decode", "dense_decode_reference",
            "block_sparse_mask", "dilated_mask", "select_topk"]
 
@@ -24,44 +24,50 @@ def _ops():
     return triton_ops
 
 
-def page_minmax(k, page_size, seq_len=None, backend: str = "auto"):
-    """k [B, Hkv, T, D] -> (kmin, kmax), each [B, Hkv, ceil(T/page), D] in k's dtype."""
+def page_minmax(k, page_size, seq_len=None, quant=None, backend: str = "auto"):
+    """k [B, Hkv, T, D] -> (kmin, kmax), each [B, Hkv, ceil(T/page), D] in k's dtype.
+
+    ``quant="int8"`` -> (kmin, kmax, scale): int8 bounds rounded outward and a fp32 step
+    [B, Hkv, P] per page (bound ~= int * step), half the bytes for Quest's scores; the score
+    stays an upper bound of q.k over the page (naive.quantize_bounds_torch).
+    """
     if _use_triton(backend, k):
-        return _ops().page_minmax(k, page_size, seq_len)
-    return naive.page_minmax_torch(k, page_size, seq_len)
+        return _ops().page_minmax(k, page_size, seq_len, quant)
+    return naive.page_minmax_torch(k, page_size, seq_len, quant)
 
 
-def page_minmax_update(kmin, kmax, k_new, pos, page_size, backend: str = "auto"):
-    """Decoding's incremental Quest metadata, in place: k_new [B, Hkv, D] is the key at absolute
-    position pos [B] (int); its page's kmin/kmax ([B, Hkv, P, D]) take the element-wise min/max
-    with it, or become k_new when it starts the page (pos % page_size == 0). Returns (kmin, kmax),
-    equal to ``page_minmax`` recomputed over the cache."""
-    if _use_triton(backend, kmin, kmax, k_new):
-        return _ops().page_minmax_update(kmin, kmax, k_new, pos, page_size)
-    return naive.page_minmax_update_torch(kmin, kmax, k_new, pos, page_size)
+def page_minmax_refresh(k, pos, page_size, kmin, kmax, scale=None, backend: str = "auto"):
+    """Decoding's Quest metadata, in place: the bounds of the page holding absolute position
+    pos [B] (int) are recomputed from the cache k [B, Hkv, T, D], whose keys up to pos are
+    written (O(page * D) per row and head). ``scale`` given: int8 bounds (page_minmax's quant).
+    Returns the bounds tuple, equal to ``page_minmax`` over the cache up to pos + 1."""
+    if _use_triton(backend, k, kmin, kmax):
+        return _ops().page_minmax_refresh(k, pos, page_size, kmin, kmax, scale)
+    return naive.page_minmax_refresh_torch(k, pos, page_size, kmin, kmax, scale)
 
 
-def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, backend: str = "auto"):
-    """q [B, Hq, D] -> [B, Hq, P] fp32: sum_d max(q_d kmax_d, q_d kmin_d).
+def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, backend: str = "auto"):
+    """q [B, Hq, D] -> [B, Hq, P] fp32: sum_d max(q_d kmax_d, q_d kmin_d) (times ``scale``, the
+    page's step, for int8 bounds).
 
     Optional ``seq_len`` (with ``page_size``) sets pages at or beyond seq_len to -inf.
     """
     if _use_triton(backend, q, kmin, kmax):
-        return _ops().quest_scores(q, kmin, kmax, seq_len, page_size)
-    return naive.quest_scores_torch(q, kmin, kmax, seq_len, page_size)
+        return _ops().quest_scores(q, kmin, kmax, seq_len, page_size, scale)
+    return naive.quest_scores_torch(q, kmin, kmax, seq_len, page_size, scale)
 
 
-def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False,
+def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False, scale=None,
                  backend: str = "auto"):
     """Quest's selection in one op: ``select_topk(quest_scores(...), k)`` -> [B, Hq, k] int32.
 
     ``force_last`` (needs ``seq_len``): the page holding position seq_len - 1 (the decoding
     query's own page) is always kept and counts toward k (the score kernel gives it the largest
-    finite score, so the Triton path is two launches: scores, top-k).
+    finite score, so the Triton path is two launches: scores, top-k). ``scale``: int8 bounds.
     """
     if _use_triton(backend, q, kmin, kmax):
-        return _ops().quest_select(q, kmin, kmax, k, seq_len, page_size, force_last)
-    return naive.quest_select_torch(q, kmin, kmax, k, seq_len, page_size, force_last)
+        return _ops().quest_select(q, kmin, kmax, k, seq_len, page_size, force_last, scale)
+    return naive.quest_select_torch(q, kmin, kmax, k, seq_len, page_size, force_last, scale)
 
 
 def block_means(k, block_size, seq_len=None, backend: str = "auto"):

@@ -47,7 +47,34 @@ def _expand_kv(x, G):
 # metadata: Quest page min/max, MoBA block means
 
 
-def page_minmax_torch(k, page_size, seq_len=None):
+# int8 page bounds (``quant="int8"``): per (row, head, page) a step s = max|bound| * I8_STEP and
+# the bounds as floor(min / s) and ceil(max / s) (nudged outward past fp32 division error), so
+# q_min * s <= min and q_max * s >= max: the Quest score stays an upper bound of q.k over the
+# page, from half the bytes. I8_STEP keeps |bound / s| below 127 for the nudge; zeros stay 0.
+QUANTS = (None, "int8")
+I8_STEP = (1.0 + 2.0 ** -8) / 127.0
+I8_NUDGE = 1e-3
+
+
+def check_quant(quant):
+    if quant not in QUANTS:
+        raise ValueError(f"bad page-bounds quant {quant!r}: use None (the keys' dtype) or 'int8'")
+
+
+def quantize_bounds_torch(kmin, kmax):
+    """(kmin, kmax) [..., D] -> (int8 kmin, int8 kmax, fp32 step [...]) as described above."""
+    lo, hi = kmin.float(), kmax.float()
+    s = torch.maximum(lo.abs().amax(-1), hi.abs().amax(-1)) * I8_STEP  # 0 for an all-zero page
+    d = torch.where(s > 0, s, 1.0)[..., None]
+    lq = torch.floor(lo / d - I8_NUDGE).clamp(-127, 127)
+    hq = torch.ceil(hi / d + I8_NUDGE).clamp(-127, 127)
+    # zeros stay exact (empty pages hold zeros and step 0, as never-written ones)
+    lq, hq = (torch.where(x == 0, 0.0, y).to(torch.int8) for x, y in ((lo, lq), (hi, hq)))
+    return lq, hq, s
+
+
+def page_minmax_torch(k, page_size, seq_len=None, quant=None):
+    check_quant(quant)
     B, H, T, D = k.shape
     P = math.ceil(T / page_size)
     sl = _seq_len(seq_len, B, T, k.device)
@@ -60,16 +87,21 @@ def page_minmax_torch(k, page_size, seq_len=None):
     empty = ~valid.any(3)  # [B,1,P,1]
     kmin = torch.where(empty, torch.zeros_like(kmin), kmin)
     kmax = torch.where(empty, torch.zeros_like(kmax), kmax)
-    return kmin, kmax
+    return quantize_bounds_torch(kmin, kmax) if quant else (kmin, kmax)
 
 
-def quest_scores_torch(q, kmin, kmax, seq_len=None, page_size=None):
-    """q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] fp32 upper bounds of q.k per page."""
+def quest_scores_torch(q, kmin, kmax, seq_len=None, page_size=None, scale=None):
+    """q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hq, P] fp32 upper bounds of q.k per page.
+    ``scale`` [B, Hkv, P]: int8 bounds (page_minmax(..., quant="int8")), the sum times the step."""
     B, Hq, D = q.shape
     G = _group(Hq, kmin.shape[1])
+    if (scale is None) != (kmin.dtype != torch.int8):
+        raise ValueError("quest_scores: int8 page bounds need their scale, and only they take one")
     qf = q.float()[:, :, None, :]
     lo, hi = _expand_kv(kmin.float(), G), _expand_kv(kmax.float(), G)
     s = torch.maximum(qf * hi, qf * lo).sum(-1)
+    if scale is not None:
+        s = s * _expand_kv(scale.float(), G)
     if seq_len is not None:
         if page_size is None:
             raise ValueError("quest_scores: seq_len needs page_size")
@@ -81,10 +113,10 @@ def quest_scores_torch(q, kmin, kmax, seq_len=None, page_size=None):
     return s
 
 
-def quest_select_torch(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False):
+def quest_select_torch(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False, scale=None):
     """quest_scores_torch then select_topk_torch; force_last gives the page holding position
     seq_len - 1 the largest finite score first (kept, and counted in k)."""
-    s = quest_scores_torch(q, kmin, kmax, seq_len, page_size)
+    s = quest_scores_torch(q, kmin, kmax, seq_len, page_size, scale)
     if force_last:
         if seq_len is None:
             raise ValueError("quest_select: force_last needs seq_len")
@@ -119,16 +151,25 @@ def _update_rows(meta, pos, block_size):
     return rows, pos // block_size, (pos % block_size)
 
 
-def page_minmax_update_torch(kmin, kmax, k_new, pos, page_size):
-    """In place: fold k_new [B, Hkv, D] (the key at absolute position pos [B]) into its page's
-    min/max ([B, Hkv, P, D]). A key that starts a page (pos % page == 0) replaces the page's
-    entries (empty pages hold zeros). Returns (kmin, kmax)."""
+def page_minmax_refresh_torch(k, pos, page_size, kmin, kmax, scale=None):
+    """In place: recompute the bounds of the page holding absolute position pos [B] from the cache
+    k [B, Hkv, T, D] (keys up to and including pos; the page's later slots are not yet valid).
+    With ``scale`` the bounds are int8 and quantized as page_minmax(..., quant="int8").
+    Returns (kmin, kmax) or (kmin, kmax, scale)."""
     rows, p, off = _update_rows(kmin, pos, page_size)
-    first = (off == 0)[:, None, None]
-    kn = k_new.to(kmin.dtype)
-    kmin[rows, :, p] = torch.where(first, kn, torch.minimum(kmin[rows, :, p], kn))
-    kmax[rows, :, p] = torch.where(first, kn, torch.maximum(kmax[rows, :, p], kn))
-    return kmin, kmax
+    T = k.shape[2]
+    t = p[:, None] * page_size + torch.arange(page_size, device=k.device)  # [B, page]
+    ok = (t <= (p * page_size + off)[:, None]) & (t < T)
+    kp = k[rows[:, None], :, t.clamp(max=T - 1)]  # [B, page, Hkv, D]
+    okb = ok[:, :, None, None]
+    lo = torch.where(okb, kp, torch.full_like(kp, float("inf"))).amin(1)
+    hi = torch.where(okb, kp, torch.full_like(kp, NEG_INF)).amax(1)  # [B, Hkv, D]
+    if scale is None:
+        kmin[rows, :, p], kmax[rows, :, p] = lo.to(kmin.dtype), hi.to(kmax.dtype)
+        return kmin, kmax
+    lq, hq, s = quantize_bounds_torch(lo, hi)
+    kmin[rows, :, p], kmax[rows, :, p], scale[rows, :, p] = lq, hq, s
+    return kmin, kmax, scale
 
 
 def block_means_update_torch(kmeans, k_new, pos, block_size):

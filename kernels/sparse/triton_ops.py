@@ -1,9 +1,10 @@
 """Triton kernels of the sparse-attention ops (torch twins and conventions in naive.py).
 
-* ``_meta_kernel``: one program per (row, page/block): min/max (Quest metadata) or fp32 mean
-  (MoBA block representative) over the valid keys, the page walked in tiles of BT tokens.
-* ``_meta_update_kernel``: decoding's incremental metadata, one program per (row, head): folds
-  the new key into the min/max or running fp32 mean of the page/block holding its position.
+* ``_meta_kernel``: one program per (row, page/block): min/max (Quest metadata, optionally int8
+  with a step per page) or fp32 mean (MoBA block representative) over the valid keys, the page
+  walked in tiles of BT tokens; in refresh mode one program per row, for the page being decoded.
+* ``_mean_update_kernel``: decoding's incremental MoBA metadata, one program per (row, head):
+  folds the new key into the running fp32 mean of the block holding its position.
 * ``_quest_kernel``: one program per (query head, tile of pages): the channel-wise upper bound.
 * MoBA selection (``moba_gate_topk``): the gate scores are fp32 matmuls (cuBLAS) over chunks of
   query positions; ``_select_topk_kernel`` below, told each row's own block, picks the past
@@ -34,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import _group, _q_pos, _seq_len
+from .naive import I8_NUDGE, I8_STEP, _group, _q_pos, _seq_len, check_quant
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -92,14 +93,22 @@ def _prec(dtype):
 
 
 @triton.jit
-def _meta_kernel(k_ptr, sl_ptr, o1_ptr, o2_ptr, H, T, D, NP, PAGE,
-                 skb, skh, skt, skd,
-                 MEAN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _meta_kernel(k_ptr, sl_ptr, o1_ptr, o2_ptr, sc_ptr, H, NP, D, PAGE,
+                 skb, skh, skt, skd, sob, soh, sop, sod, ssb, ssh, ssp,
+                 MEAN: tl.constexpr, QUANT: tl.constexpr, REFRESH: tl.constexpr,
+                 BT: tl.constexpr, BD: tl.constexpr, STEP: tl.constexpr, NUDGE: tl.constexpr):
+    """REFRESH: one program per row, the page holding position sl[b] (keys up to it); else
+    page program_id(1) over the keys before sl[b]. QUANT: int8 bounds + fp32 step (naive.py)."""
     bh = tl.program_id(0)
-    p = tl.program_id(1)
     b = bh // H
     hh = bh % H
-    L = tl.load(sl_ptr + b)
+    if REFRESH:
+        pos = tl.load(sl_ptr + b)
+        p = pos // PAGE
+        L = pos + 1
+    else:
+        p = tl.program_id(1)
+        L = tl.load(sl_ptr + b)
     d = tl.arange(0, BD)
     dm = d < D
     base = k_ptr + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
@@ -120,85 +129,96 @@ def _meta_kernel(k_ptr, sl_ptr, o1_ptr, o2_ptr, H, T, D, NP, PAGE,
         else:
             lo = tl.minimum(lo, tl.min(tl.where(tm[:, None], x, float("inf")), axis=0))
             hi = tl.maximum(hi, tl.max(tl.where(tm[:, None], x, float("-inf")), axis=0))
-    o = (bh.to(tl.int64) * NP + p) * D + d
+    o = b.to(tl.int64) * sob + hh.to(tl.int64) * soh + p.to(tl.int64) * sop + d * sod
     if MEAN:
         tl.store(o1_ptr + o, acc / tl.maximum(cnt, 1.0), mask=dm)
     else:
         empty = s1 <= s0
-        tl.store(o1_ptr + o, tl.where(empty, 0.0, lo).to(o1_ptr.dtype.element_ty), mask=dm)
-        tl.store(o2_ptr + o, tl.where(empty, 0.0, hi).to(o2_ptr.dtype.element_ty), mask=dm)
+        lo = tl.where(empty | (d >= D), 0.0, lo)
+        hi = tl.where(empty | (d >= D), 0.0, hi)
+        if QUANT:
+            st = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=0) * STEP
+            dv = tl.where(st > 0, st, 1.0)
+            lo = tl.where(lo == 0, 0.0, tl.minimum(tl.maximum(tl.floor(lo / dv - NUDGE), -127.0), 127.0))
+            hi = tl.where(hi == 0, 0.0, tl.minimum(tl.maximum(tl.ceil(hi / dv + NUDGE), -127.0), 127.0))
+            tl.store(sc_ptr + b.to(tl.int64) * ssb + hh.to(tl.int64) * ssh + p.to(tl.int64) * ssp, st)
+        tl.store(o1_ptr + o, lo.to(o1_ptr.dtype.element_ty), mask=dm)
+        tl.store(o2_ptr + o, hi.to(o2_ptr.dtype.element_ty), mask=dm)
 
 
-def _meta(k, page, seq_len, mean):
+def _meta_launch(k, sl, outs, page, grid, mean=False, refresh=False):
+    o1, o2, sc = outs
+    B, H, T, D = k.shape
+    quant = sc is not None
+    if not mean and o2.stride() != o1.stride():
+        raise ValueError("kmin and kmax need the same strides")
+    ss = sc.stride() if quant else (0, 0, 0)
+    _meta_kernel[grid](k, sl, o1, o2, sc if quant else o1, H, o1.shape[2], D, page, *k.stride(),
+                       *o1.stride(), *ss, MEAN=mean, QUANT=quant, REFRESH=refresh,
+                       BT=min(64, _p2(page)), BD=_p2(D), STEP=I8_STEP, NUDGE=I8_NUDGE)
+
+
+def _meta(k, page, seq_len, mean, quant=None):
     B, H, T, D = k.shape
     NP = math.ceil(T / page)
     sl = _seq_len(seq_len, B, T, k.device).to(torch.int32).contiguous()
     if mean:
         o1 = torch.empty(B, H, NP, D, device=k.device, dtype=torch.float32)
-        o2 = o1
+        outs = (o1, o1, None)
     else:
-        o1 = torch.empty(B, H, NP, D, device=k.device, dtype=k.dtype)
-        o2 = torch.empty_like(o1)
-    BT = min(64, _p2(page))
-    _meta_kernel[(B * H, NP)](k, sl, o1, o2, H, T, D, NP, page, *k.stride(),
-                              MEAN=mean, BT=BT, BD=_p2(D))
-    return o1 if mean else (o1, o2)
+        dt = torch.int8 if quant else k.dtype
+        o1 = torch.empty(B, H, NP, D, device=k.device, dtype=dt)
+        sc = torch.empty(B, H, NP, device=k.device, dtype=torch.float32) if quant else None
+        outs = (o1, torch.empty_like(o1), sc)
+    _meta_launch(k, sl, outs, page, (B * H, NP), mean=mean)
+    return o1 if mean else (outs if quant else outs[:2])
 
 
-def page_minmax(k, page_size, seq_len=None):
-    return _meta(k, page_size, seq_len, mean=False)
+def page_minmax(k, page_size, seq_len=None, quant=None):
+    check_quant(quant)
+    return _meta(k, page_size, seq_len, mean=False, quant=quant)
 
 
 def block_means(k, block_size, seq_len=None):
     return _meta(k, block_size, seq_len, mean=True)
 
 
+def page_minmax_refresh(k, pos, page_size, kmin, kmax, scale=None):
+    B, H = kmin.shape[:2]
+    if k.shape[:2] != (B, H) or k.shape[3] != kmin.shape[3]:
+        raise ValueError(f"cache {tuple(k.shape)} does not match page bounds {tuple(kmin.shape)}")
+    p = _seq_len(pos, B, 0, k.device).to(torch.int32).contiguous()
+    _meta_launch(k, p, (kmin, kmax, scale), page_size, (B * H,), refresh=True)
+    return (kmin, kmax) if scale is None else (kmin, kmax, scale)
+
+
 @triton.jit
-def _meta_update_kernel(k_ptr, pos_ptr, o1_ptr, o2_ptr, H, D, PAGE,
-                        skb, skh, skd, sob, soh, sop, sod,
-                        MEAN: tl.constexpr, BD: tl.constexpr):
+def _mean_update_kernel(k_ptr, pos_ptr, o_ptr, H, D, BLOCK,
+                        skb, skh, skd, sob, soh, sop, sod, BD: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     hh = bh % H
     pos = tl.load(pos_ptr + b)
-    p = pos // PAGE
-    c = pos - p * PAGE
+    p = pos // BLOCK
+    c = pos - p * BLOCK
     d = tl.arange(0, BD)
     dm = d < D
     x = tl.load(k_ptr + b.to(tl.int64) * skb + hh.to(tl.int64) * skh + d * skd, mask=dm, other=0.).to(tl.float32)
     o = b.to(tl.int64) * sob + hh.to(tl.int64) * soh + p.to(tl.int64) * sop + d * sod
-    if MEAN:
-        m = tl.load(o1_ptr + o, mask=dm, other=0.).to(tl.float32)
-        cf = c.to(tl.float32)
-        new = tl.where(c == 0, x, (m * cf + x) / (cf + 1.0))
-        tl.store(o1_ptr + o, new.to(o1_ptr.dtype.element_ty), mask=dm)
-    else:
-        lo = tl.load(o1_ptr + o, mask=dm, other=0.).to(tl.float32)
-        hi = tl.load(o2_ptr + o, mask=dm, other=0.).to(tl.float32)
-        lo = tl.where(c == 0, x, tl.minimum(lo, x))
-        hi = tl.where(c == 0, x, tl.maximum(hi, x))
-        tl.store(o1_ptr + o, lo.to(o1_ptr.dtype.element_ty), mask=dm)
-        tl.store(o2_ptr + o, hi.to(o2_ptr.dtype.element_ty), mask=dm)
-
-
-def _meta_update(o1, o2, k_new, pos, page, mean):
-    B, H, NP, D = o1.shape
-    if k_new.shape != (B, H, D):
-        raise ValueError(f"k_new {tuple(k_new.shape)} does not match metadata {tuple(o1.shape)}")
-    if not mean and o2.stride() != o1.stride():
-        raise ValueError("kmin and kmax need the same strides")
-    p = _seq_len(pos, B, 0, o1.device).to(torch.int32).contiguous()
-    _meta_update_kernel[(B * H,)](k_new, p, o1, o2, H, D, page, *k_new.stride(), *o1.stride(),
-                                  MEAN=mean, BD=_p2(D))
-    return o1 if mean else (o1, o2)
-
-
-def page_minmax_update(kmin, kmax, k_new, pos, page_size):
-    return _meta_update(kmin, kmax, k_new, pos, page_size, mean=False)
+    m = tl.load(o_ptr + o, mask=dm, other=0.).to(tl.float32)
+    cf = c.to(tl.float32)
+    new = tl.where(c == 0, x, (m * cf + x) / (cf + 1.0))
+    tl.store(o_ptr + o, new.to(o_ptr.dtype.element_ty), mask=dm)
 
 
 def block_means_update(kmeans, k_new, pos, block_size):
-    return _meta_update(kmeans, kmeans, k_new, pos, block_size, mean=True)
+    B, H, NB, D = kmeans.shape
+    if k_new.shape != (B, H, D):
+        raise ValueError(f"k_new {tuple(k_new.shape)} does not match metadata {tuple(kmeans.shape)}")
+    p = _seq_len(pos, B, 0, kmeans.device).to(torch.int32).contiguous()
+    _mean_update_kernel[(B * H,)](k_new, p, kmeans, H, D, block_size, *k_new.stride(),
+                                  *kmeans.stride(), BD=_p2(D))
+    return kmeans
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,12 +226,14 @@ def block_means_update(kmeans, k_new, pos, block_size):
 
 
 @triton.jit
-def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
-                  sqb, sqh, sqd, slb, slh, slp, sld,
+def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
+                  sqb, sqh, sqd, slb, slh, slp, sld, ssb, ssh, ssp,
                   HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                  PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False):
+                  PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False,
+                  SCALED: tl.constexpr = False):
     """Scores of one tile of pages. FORCE_LAST: the row's last valid page (the decoding query's
-    own) gets the largest finite score, so that the top-k keeps it (and counts it)."""
+    own) gets the largest finite score, so that the top-k keeps it (and counts it). SCALED: int8
+    bounds, the sum times the page's step."""
     if PAGES_FIRST:  # consecutive programs read consecutive page tiles of one head
         pt = tl.program_id(0)
         bh = tl.program_id(1)
@@ -232,6 +254,9 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
     lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
     hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
     s = tl.sum(tl.maximum(q[None, :] * hi, q[None, :] * lo), axis=1)
+    if SCALED:
+        s = s * tl.load(sc_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + p.to(tl.int64) * ssp,
+                        mask=pm, other=0.)
     if HAS_NP:
         n = tl.load(np_ptr + b)
         s = tl.where(p < n, s, float("-inf"))
@@ -240,12 +265,14 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
     tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
 
 
-def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_warps=None,
-                 pages_first=False, force_last=False):
+def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=None,
+                 num_warps=None, pages_first=False, force_last=False):
     B, Hq, D = q.shape
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
     assert kmin.stride() == kmax.stride()
+    if (scale is None) != (kmin.dtype != torch.int8):
+        raise ValueError("quest_scores: int8 page bounds need their scale, and only they take one")
     out = torch.empty(B, Hq, NP, device=q.device, dtype=torch.float32)
     if seq_len is not None:
         if page_size is None:
@@ -261,15 +288,16 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, *, bp=None, num_wa
     BP = bp or (64 if not INTERPRET else 16)
     grid = (triton.cdiv(NP, BP), B * Hq) if pages_first else (B * Hq, triton.cdiv(NP, BP))
     _quest_kernel[grid](
-        q, kmin, kmax, n_pages, out, Hq, G, Hkv, D, NP, *q.stride(), *kmin.stride(),
+        q, kmin, kmax, kmin if scale is None else scale, n_pages, out, Hq, G, Hkv, D, NP,
+        *q.stride(), *kmin.stride(), *(scale.stride() if scale is not None else (0, 0, 0)),
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
-        FORCE_LAST=force_last, num_warps=num_warps or 8)
+        FORCE_LAST=force_last, SCALED=scale is not None, num_warps=num_warps or 8)
     return out
 
 
-def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False):
+def quest_select(q, kmin, kmax, k, seq_len=None, page_size=None, force_last=False, scale=None):
     """select_topk(quest_scores(...), k) with the query's own page forced in the score kernel."""
-    return select_topk(quest_scores(q, kmin, kmax, seq_len, page_size, force_last=force_last), k)
+    return select_topk(quest_scores(q, kmin, kmax, seq_len, page_size, scale, force_last=force_last), k)
 
 
 # --------------------------------------------------------------------------------------------
