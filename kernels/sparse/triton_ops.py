@@ -226,11 +226,38 @@ def block_means_update(kmeans, k_new, pos, block_size):
 
 
 @triton.jit
+def _i8_to_f32(x, CVT: tl.constexpr):
+    """int8 -> fp32 without the conversion unit (I2F runs at a quarter of the FP32 rate on sm_90,
+    which made the int8 score kernel compute-bound): 2^23 + 128 + x as fp32 bits, minus the
+    offset. CVT 0: plain cast; 1: sign extension + integer add; 2: PTX, 4 bytes per register
+    (xor 0x80 per byte, prmt each byte under the exponent 0x4B)."""
+    if CVT == 0:
+        return x.to(tl.float32)
+    elif CVT == 1:
+        return (x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, a;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 a, t, 0x4B000000, 0x7540;
+            sub.f32 $0, a, 0f4B000080;
+            prmt.b32 a, t, 0x4B000000, 0x7541;
+            sub.f32 $1, a, 0f4B000080;
+            prmt.b32 a, t, 0x4B000000, 0x7542;
+            sub.f32 $2, a, 0f4B000080;
+            prmt.b32 a, t, 0x4B000000, 0x7543;
+            sub.f32 $3, a, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[x], dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
 def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
                   sqb, sqh, sqd, slb, slh, slp, sld, ssb, ssh, ssp,
                   HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                   PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False,
-                  SCALED: tl.constexpr = False):
+                  SCALED: tl.constexpr = False, CVT: tl.constexpr = 0):
     """Scores of one tile of pages. FORCE_LAST: the row's last valid page (the decoding query's
     own) gets the largest finite score, so that the top-k keeps it (and counts it). SCALED: int8
     bounds, the sum times the page's step."""
@@ -251,9 +278,16 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, N
     off = b.to(tl.int64) * slb + hk.to(tl.int64) * slh + p.to(tl.int64)[:, None] * slp \
         + d[None, :] * sld
     m2 = pm[:, None] & dm[None, :]
-    lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
-    hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
-    s = tl.sum(tl.maximum(q[None, :] * hi, q[None, :] * lo), axis=1)
+    # max(q hi, q lo) = q+ hi + q- lo (hi >= lo): one multiply-add per bound, no max
+    qp = tl.maximum(q, 0.0)
+    qn = tl.minimum(q, 0.0)
+    if SCALED:
+        lo = _i8_to_f32(tl.load(lo_ptr + off, mask=m2, other=0), CVT)
+        hi = _i8_to_f32(tl.load(hi_ptr + off, mask=m2, other=0), CVT)
+    else:
+        lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
+        hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
+    s = tl.sum(qp[None, :] * hi + qn[None, :] * lo, axis=1)
     if SCALED:
         s = s * tl.load(sc_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + p.to(tl.int64) * ssp,
                         mask=pm, other=0.)
@@ -265,8 +299,11 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, N
     tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
 
 
+I8_CVT = 2  # _i8_to_f32's variant on GPUs (the interpreter runs 1: no PTX there)
+
+
 def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=None,
-                 num_warps=None, pages_first=False, force_last=False):
+                 num_warps=None, pages_first=False, force_last=False, cvt=None):
     B, Hq, D = q.shape
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
@@ -291,7 +328,9 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
         q, kmin, kmax, kmin if scale is None else scale, n_pages, out, Hq, G, Hkv, D, NP,
         *q.stride(), *kmin.stride(), *(scale.stride() if scale is not None else (0, 0, 0)),
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
-        FORCE_LAST=force_last, SCALED=scale is not None, num_warps=num_warps or 8)
+        FORCE_LAST=force_last, SCALED=scale is not None,
+        CVT=min(1, I8_CVT if cvt is None else cvt) if INTERPRET else (I8_CVT if cvt is None else cvt),
+        num_warps=num_warps or 8)
     return out
 
 
