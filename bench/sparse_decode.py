@@ -375,16 +375,32 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
         qb = sp.page_minmax(k, PAGE, quant="int8")
         si_ref = naive.quest_scores_torch(q, *qb[:2], scale=qb[2])
         irows = []
-        icfgs = [(bp, nw, cvt) for cvt in (0, 1, 2) for bp, nw in ((64, 8), (128, 8), (128, 4), (256, 8))] \
-            if not smoke else [(16, 4, 0), (16, 4, 1)]
-        for bp, nw, cvt in icfgs:
-            irows.append(trial(dict(bp=bp, num_warps=nw, cvt=cvt), f"score int8 bp={bp} nw={nw} cvt={cvt}",
-                               lambda bp=bp, nw=nw, cvt=cvt: to.quest_scores(q, *qb[:2], scale=qb[2], bp=bp,
-                                                                             num_warps=nw, cvt=cvt),
+        # one program per tile (per_sm None) or per_sm programs per SM looping, loads pipelined
+        icfgs = [dict(bp=bp, num_warps=nw, cvt=cvt) for cvt in (0, 1, 2) for bp, nw in ((64, 8), (128, 8), (256, 8))]
+        icfgs += [dict(bp=bp, num_warps=nw, per_sm=ps, stages=st, cvt=2) for bp in (32, 64, 128) for nw in (4, 8)
+                  for ps in (4, 8, 16) for st in (2, 3, 4)]
+        if smoke:
+            icfgs = [dict(bp=16, num_warps=4, cvt=0), dict(bp=16, num_warps=4, cvt=1, per_sm=1)]
+        for c in icfgs:
+            irows.append(trial(dict(c), f"score int8 {c}",
+                               lambda c=c: to.quest_scores(q, *qb[:2], scale=qb[2], **c),
                                lambda r: (_rel(r, si_ref) < 1e-5, _rel(r, si_ref))))
         shp["components"]["score_int8"] = irows
-        log(f"[sweep {time.time() - t_start:6.1f}s]   int8 score " +
-            ", ".join(f"bp{r['bp']}/{r['num_warps']}w/c{r['cvt']} {r.get('ms', float('nan')):.4f}" for r in irows))
+        oki = sorted((r for r in irows if "ms" in r), key=lambda r: r["ms"])
+        log(f"[sweep {time.time() - t_start:6.1f}s]   int8 score best: " +
+            ", ".join(f"{ {k_: r[k_] for k_ in r if k_ in ('bp', 'num_warps', 'cvt', 'per_sm', 'stages')} } "
+                      f"{r['ms']:.4f}" for r in oki[:4]) +
+            "; one tile per program, cvt 2: " + ", ".join(f"bp{r['bp']}/{r['num_warps']}w {r.get('ms', float('nan')):.4f}"
+                                                          for r in irows if r.get("cvt") == 2 and "per_sm" not in r))
+        lrows = []  # the same loop for the exact bounds
+        for c in ([dict(bp=bp, num_warps=nw, per_sm=ps, stages=st) for bp in (32, 64) for nw in (4, 8)
+                   for ps in (4, 8) for st in (2, 3, 4)] if not smoke else [dict(bp=16, num_warps=4, per_sm=1)]):
+            lrows.append(trial(dict(c), f"score loop {c}", lambda c=c: to.quest_scores(q, kmin, kmax, **c),
+                               lambda r: (_rel(r, s_ref) < 1e-5, _rel(r, s_ref))))
+        shp["components"]["score_loop"] = lrows
+        okl = sorted((r for r in lrows if "ms" in r), key=lambda r: r["ms"])
+        if okl:
+            log(f"[sweep {time.time() - t_start:6.1f}s]   exact score, looped, best: {okl[0]}")
         okr = [r for r in rows if "ms" in r]
         best_score = min(okr, key=lambda r: r["ms"]) if okr else dict(bp=None, num_warps=None)
         log(f"[sweep {time.time() - t_start:6.1f}s]   score best {best_score}")

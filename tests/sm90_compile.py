@@ -105,6 +105,8 @@ def _calls():
             step = r(B, Hkv, P, dtype=torch.float32)
             yield lambda: sp.page_minmax_refresh(k, pos, page, qmin, qmax, step)
             yield lambda: sp.quest_scores(q, qmin, qmax, seq, page, step)
+            yield lambda: sp.quest_scores(q, qmin, qmax, seq, page, step, per_sm=4, stages=3)
+            yield lambda: sp.quest_scores(q, kmin, kmax, seq, page, per_sm=4, stages=3)
             yield lambda: sp.block_means_update(kmin.float(), k[:, :, 0], pos, page)
             topk = max(1, P // 4)
             idx = torch.randint(0, P, (B, Hkv, topk), generator=g).to(torch.int32)

@@ -253,14 +253,45 @@ def _i8_to_f32(x, CVT: tl.constexpr):
 
 
 @triton.jit
+def _quest_tile(pt, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP,
+                slb, slh, slp, sld, ssb, ssh, ssp, HAS_NP: tl.constexpr, BP: tl.constexpr,
+                BD: tl.constexpr, D, FORCE_LAST: tl.constexpr, SCALED: tl.constexpr,
+                CVT: tl.constexpr):
+    d = tl.arange(0, BD)
+    p = pt * BP + tl.arange(0, BP)
+    pm = p < NP
+    off = b.to(tl.int64) * slb + hk.to(tl.int64) * slh + p.to(tl.int64)[:, None] * slp \
+        + d[None, :] * sld
+    m2 = pm[:, None] & (d < D)[None, :]
+    if SCALED:
+        lo = _i8_to_f32(tl.load(lo_ptr + off, mask=m2, other=0), CVT)
+        hi = _i8_to_f32(tl.load(hi_ptr + off, mask=m2, other=0), CVT)
+    else:
+        lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
+        hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
+    # max(q hi, q lo) = q+ hi + q- lo (hi >= lo): one multiply-add per bound, no max
+    s = tl.sum(qp[None, :] * hi + qn[None, :] * lo, axis=1)
+    if SCALED:
+        s = s * tl.load(sc_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + p.to(tl.int64) * ssp,
+                        mask=pm, other=0.)
+    if HAS_NP:
+        s = tl.where(p < n, s, float("-inf"))
+        if FORCE_LAST:
+            s = tl.where(p == n - 1, 3.4028234663852886e38, s)
+    tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
+
+
+@triton.jit
 def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, NP,
                   sqb, sqh, sqd, slb, slh, slp, sld, ssb, ssh, ssp,
                   HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                   PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False,
-                  SCALED: tl.constexpr = False, CVT: tl.constexpr = 0):
-    """Scores of one tile of pages. FORCE_LAST: the row's last valid page (the decoding query's
-    own) gets the largest finite score, so that the top-k keeps it (and counts it). SCALED: int8
-    bounds, the sum times the page's step."""
+                  SCALED: tl.constexpr = False, CVT: tl.constexpr = 0, LOOP: tl.constexpr = 0,
+                  STAGES: tl.constexpr = 1):
+    """Scores of one tile of pages, or with LOOP of every LOOP-th tile from this program's first
+    (loads pipelined STAGES deep; LOOP 1: plain loop, for the interpreter). FORCE_LAST: the
+    row's last valid page (the decoding query's own) gets the largest finite score, so that the
+    top-k keeps it (and counts it). SCALED: int8 bounds, the sum times the page's step."""
     if PAGES_FIRST:  # consecutive programs read consecutive page tiles of one head
         pt = tl.program_id(0)
         bh = tl.program_id(1)
@@ -271,39 +302,33 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, N
     hq = bh % Hq
     hk = hq // G
     d = tl.arange(0, BD)
-    dm = d < D
-    p = pt * BP + tl.arange(0, BP)
-    pm = p < NP
-    q = tl.load(q_ptr + b * sqb + hq * sqh + d * sqd, mask=dm, other=0.).to(tl.float32)
-    off = b.to(tl.int64) * slb + hk.to(tl.int64) * slh + p.to(tl.int64)[:, None] * slp \
-        + d[None, :] * sld
-    m2 = pm[:, None] & dm[None, :]
-    # max(q hi, q lo) = q+ hi + q- lo (hi >= lo): one multiply-add per bound, no max
+    q = tl.load(q_ptr + b * sqb + hq * sqh + d * sqd, mask=d < D, other=0.).to(tl.float32)
     qp = tl.maximum(q, 0.0)
     qn = tl.minimum(q, 0.0)
-    if SCALED:
-        lo = _i8_to_f32(tl.load(lo_ptr + off, mask=m2, other=0), CVT)
-        hi = _i8_to_f32(tl.load(hi_ptr + off, mask=m2, other=0), CVT)
-    else:
-        lo = tl.load(lo_ptr + off, mask=m2, other=0.).to(tl.float32)
-        hi = tl.load(hi_ptr + off, mask=m2, other=0.).to(tl.float32)
-    s = tl.sum(qp[None, :] * hi + qn[None, :] * lo, axis=1)
-    if SCALED:
-        s = s * tl.load(sc_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + p.to(tl.int64) * ssp,
-                        mask=pm, other=0.)
+    n = NP
     if HAS_NP:
         n = tl.load(np_ptr + b)
-        s = tl.where(p < n, s, float("-inf"))
-        if FORCE_LAST:
-            s = tl.where(p == n - 1, 3.4028234663852886e38, s)
-    tl.store(o_ptr + bh.to(tl.int64) * NP + p, s, mask=pm)
+    if LOOP == 0:
+        _quest_tile(pt, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
+                    sld, ssb, ssh, ssp, HAS_NP, BP, BD, D, FORCE_LAST, SCALED, CVT)
+    elif LOOP == 1:
+        for t in range(pt, tl.cdiv(NP, BP), tl.num_programs(0 if PAGES_FIRST else 1)):
+            _quest_tile(t, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
+                        sld, ssb, ssh, ssp, HAS_NP, BP, BD, D, FORCE_LAST, SCALED, CVT)
+    else:
+        for t in tl.range(pt, tl.cdiv(NP, BP), tl.num_programs(0 if PAGES_FIRST else 1), num_stages=STAGES):
+            _quest_tile(t, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
+                        sld, ssb, ssh, ssp, HAS_NP, BP, BD, D, FORCE_LAST, SCALED, CVT)
 
 
 I8_CVT = 2  # _i8_to_f32's variant on GPUs (the interpreter runs 1: no PTX there)
 
 
 def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=None,
-                 num_warps=None, pages_first=False, force_last=False, cvt=None):
+                 num_warps=None, pages_first=False, force_last=False, cvt=None, per_sm=None,
+                 stages=2):
+    """``per_sm``: that many programs per SM loop over the page tiles (loads pipelined ``stages``
+    deep) instead of one program per tile."""
     B, Hq, D = q.shape
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
@@ -323,12 +348,17 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
     # BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep on every shape
     # (within 0.1 %; 4 warps: up to 2.5 % slower)
     BP = bp or (64 if not INTERPRET else 16)
-    grid = (triton.cdiv(NP, BP), B * Hq) if pages_first else (B * Hq, triton.cdiv(NP, BP))
+    tiles = triton.cdiv(NP, BP)
+    loop = 0
+    if per_sm:
+        tiles = max(1, min(tiles, per_sm * _n_sms(q.device) // (B * Hq)))
+        loop = 1 if INTERPRET else 2
+    grid = (tiles, B * Hq) if pages_first else (B * Hq, tiles)
     _quest_kernel[grid](
         q, kmin, kmax, kmin if scale is None else scale, n_pages, out, Hq, G, Hkv, D, NP,
         *q.stride(), *kmin.stride(), *(scale.stride() if scale is not None else (0, 0, 0)),
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
-        FORCE_LAST=force_last, SCALED=scale is not None,
+        FORCE_LAST=force_last, SCALED=scale is not None, LOOP=loop, STAGES=stages,
         CVT=min(1, I8_CVT if cvt is None else cvt) if INTERPRET else (I8_CVT if cvt is None else cvt),
         num_warps=num_warps or 8)
     return out
