@@ -147,8 +147,10 @@ def test_quest_scores(backend, G):
     assert torch.isinf(s2[1, :, 3:]).all() and torch.isfinite(s2[1, :, :3]).all()
     if backend == "triton":  # launch options (grid order, programs looping over tiles) agree
         from kernels.sparse import triton_ops as to
-        for opts in (dict(pages_first=True), dict(per_sm=1, bp=2), dict(per_sm=1, bp=2, pages_first=True)):
-            assert torch.equal(to.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, **opts), s2), opts
+        assert torch.equal(to.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, pages_first=True), s2)
+        s4 = to.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, bp=2)  # same tile as the loop
+        for opts in (dict(per_sm=1), dict(per_sm=1, pages_first=True), dict(per_sm=64, stages=3)):
+            assert torch.equal(to.quest_scores(q, kmin, kmax, seq_len=sl, page_size=page, bp=2, **opts), s4), opts
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -322,6 +322,10 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, N
 
 
 I8_CVT = 2  # _i8_to_f32's variant on GPUs (the interpreter runs 1: no PTX there)
+# int8 bounds: programs loop over 32-page tiles, 4 per SM, loads 3 deep: best geometric mean over
+# B = 1 and 8 at 128K in the 2026-12-01 H200 sweep (22.8 / 143.5 us; one 64-page tile per program,
+# the exact bounds' launch: 26.5 / 171.6; bench/results/sparse_sweep_int8.json)
+I8_SCORE_CFG = dict(bp=32, num_warps=4, per_sm=4, stages=3)
 
 
 def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=None,
@@ -345,8 +349,10 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
         raise ValueError("quest_scores: force_last needs seq_len")
     else:
         n_pages = out  # unused
-    # BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep on every shape
-    # (within 0.1 %; 4 warps: up to 2.5 % slower)
+    if scale is not None and bp is None and num_warps is None and per_sm is None:
+        bp, num_warps, per_sm, stages = (I8_SCORE_CFG[k] for k in ("bp", "num_warps", "per_sm", "stages"))
+    # exact bounds, BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep
+    # on every shape (within 0.1 %; 4 warps: up to 2.5 % slower)
     BP = bp or (64 if not INTERPRET else 16)
     tiles = triton.cdiv(NP, BP)
     loop = 0
