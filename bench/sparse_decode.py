@@ -4,7 +4,9 @@
 1/8, 1/16, 1/32 of the context:
 
 * quest: page_minmax metadata precomputed (page 16); timed: quest_scores + select_topk +
-  block_sparse_decode (per-query-head pages), all with the kernels' defaults (below);
+  block_sparse_decode (per-query-head pages), all with the kernels' defaults (below); the same
+  with int8 page bounds (``quest_i8_*`` rows: page_minmax(..., quant="int8"), with the share of
+  the exact bounds' pages they pick, ``overlap_vs_exact``);
 * moba: block means precomputed (block 512); timed: moba_gate_topk (own block + top-(k-1)) +
   block_sparse_decode;
 * attention alone: block_sparse_decode over a fixed selection (no selection cost), and our
@@ -14,7 +16,8 @@
   against the materialised softmax (einsum + softmax + sum), when that fits.
 
 Defaults (kernels/sparse/triton_ops.py, set from the 2026-11-30 sweeps, bench/NOTES-sparse.md):
-quest_scores 64 pages x 8 warps; select_topk's bisection for the threshold (value midpoints,
+quest_scores 64 pages x 8 warps (int8 bounds: I8_SCORE_CFG, 4 programs per SM looping over
+32-page tiles); select_topk's bisection for the threshold (value midpoints,
 early exit), 8 warps; the decode kernel's launch config DECODE_CFG (64-token tiles, 4 warps, 2
 stages, splits for one round of resident programs). The JSON records them under "defaults".
 

@@ -600,6 +600,12 @@ def test_cli_quest_eval_variant_flags():
                                       "--quest-min-pages", "3"])
     (e,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
     assert not e.quest_force_current and e.quest_min_pages == 3
+    assert d.quest_bounds == "exact"
+    args = build_parser().parse_args(["--model", "x", "--out", "y", "--quest-bounds", "int8"])
+    (i,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
+    assert i.quest_bounds == "int8" and i.label == "quest+int8_1-16_plain"
+    with pytest.raises(SpecError, match="bad quest_bounds 'fp8'"):
+        MethodSpec("quest", quest_bounds="fp8")
 
 
 def test_variants_write_to_their_own_folders():
@@ -608,6 +614,6 @@ def test_variants_write_to_their_own_folders():
 
     labels = {MethodSpec("quest").label, MethodSpec("quest", quest_force_current=False, quest_min_pages=3).label,
               MethodSpec("quest", per_query_head=True).label, MethodSpec("snapkv", per_query_head=True).label,
-              MethodSpec("snapkv").label}
-    assert len(labels) == 5
+              MethodSpec("snapkv").label, MethodSpec("quest", quest_bounds="int8").label}
+    assert len(labels) == 6
     assert MethodSpec("quest").label == "quest_full_plain"  # defaults keep their paths
