@@ -101,9 +101,14 @@ def collect(out, label: str | None = None, metric: str = "string_match_all") -> 
     return rows
 
 
+def _method_rank(method: str) -> tuple:
+    """Table/plot order: by the base method (a variant such as quest+int8 right after its base)."""
+    base = method.split("+")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
 def _key(r):
-    m = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER)
-    return (r["length"], r["model"] or "", m, -r["budget_value"], r["source"])
+    return (r["length"], r["model"] or "", _method_rank(r["method"]), -r["budget_value"], r["source"])
 
 
 def group_runs(rows: list[dict]) -> list[dict]:
@@ -161,8 +166,7 @@ def plot(runs: list[dict], path: Path) -> None:
     for ax, length in zip(axes[0], lengths):
         sel = [r for r in runs if r["length"] == length]
         for (model, source) in variants:
-            for method in sorted({r["method"] for r in sel}, key=lambda m: METHOD_ORDER.index(m)
-                                 if m in METHOD_ORDER else 99):
+            for method in sorted({r["method"] for r in sel}, key=_method_rank):
                 pts = sorted((r["budget_value"], r["average"]) for r in sel
                              if r["method"] == method and r["source"] == source and (r["model"] or "") == model)
                 if not pts:

@@ -617,3 +617,12 @@ def test_variants_write_to_their_own_folders():
               MethodSpec("snapkv").label, MethodSpec("quest", quest_bounds="int8").label}
     assert len(labels) == 6
     assert MethodSpec("quest").label == "quest_full_plain"  # defaults keep their paths
+
+
+def test_report_orders_variants_after_their_method():
+    """Table and plot order: a method variant (quest+int8, quest+nocur+min3) right after its base."""
+    from eval.report import _method_rank
+
+    methods = ["random", "quest+int8", "moba", "dense", "quest", "snapkv", "quest+nocur+min3", "other"]
+    assert sorted(methods, key=_method_rank) == ["dense", "quest", "quest+int8", "quest+nocur+min3", "moba",
+                                                 "snapkv", "random", "other"]

@@ -78,7 +78,7 @@ def test_driver_toy_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((results / "summary.json").read_text())
     rows = {(r["model"], r["method"], r["budget"], r["source"]) for r in summary["runs"]}
-    for method in ("quest", "moba", "snapkv", "random"):
+    for method in ("quest", "quest+int8", "moba", "snapkv", "random"):
         assert ("attention", method, "1-4", "plain") in rows
         assert ("memory", method, "1-4", "mem") in rows and ("memory", method, "1-4", "plain") in rows
     assert ("attention", "dense", "full", "plain") in rows and ("memory", "dense", "full", "mem") in rows

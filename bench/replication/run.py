@@ -59,7 +59,7 @@ SIZES = {
         short_length=512, short_iters=3000, short_lr=3e-3, short_min_lr=3e-4, sft_pairs_per_task=250, test_samples=100, tasks="all",
         sft_iters=125, sft_batch=32, sft_micro=4, sft_lr=3e-4, sft_min_lr=3e-5, sft_warmup=10,
         combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
-        methods="dense,quest,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
+        methods="dense,quest,quest+int8,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
     ),
     "toy": dict(
@@ -67,7 +67,7 @@ SIZES = {
         blend=(0.7, 0.15, 0.15, 0.0), short_length=0, short_iters=0, short_lr=0.0, short_min_lr=0.0, sft_pairs_per_task=6, test_samples=2, tasks="niah_single_1",
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
         combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
-        methods="dense,quest,moba,snapkv,random", budgets="1/4", moba_block=16,
+        methods="dense,quest,quest+int8,moba,snapkv,random", budgets="1/4", moba_block=16,
         max_new_tokens=8, eval_batch=2, dtype="fp32",
         overrides=["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
                    "model.num_kv_heads=4", "model.head_dim=16", "model.ffn_hidden_size=128",
@@ -457,6 +457,19 @@ def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
     return [(m, s, t, g) for g in groups for m, s in size["combos"] for t in tasks]
 
 
+def method_args(methods: str) -> list[str]:
+    """eval/niah.py's flags for a job's methods: "quest+int8" is Quest with int8 page bounds (its
+    rows come out labelled quest+int8)."""
+    names = methods.split(",")
+    extra = []
+    if "quest+int8" in names:
+        if "quest" in names:
+            raise SystemExit(f"methods {methods!r}: quest and quest+int8 need separate jobs")
+        names = ["quest" if m == "quest+int8" else m for m in names]
+        extra = ["--quest-bounds", "int8"]
+    return ["--methods", ",".join(names), *extra]
+
+
 def n_specs(size: dict, methods: str) -> int:
     return sum(1 if m == "dense" else len(size["budgets"].split(",")) for m in methods.split(","))
 
@@ -492,7 +505,7 @@ def stage_eval(work: Path, size: dict, clock: Clock, procs_per_gpu: int) -> bool
             if not (data / src.name).is_file():
                 shutil.copyfile(src, data / src.name)
             cmd = [sys.executable, "eval/niah.py", "--model", str(work / "hf" / job[0]), "--tasks", job[2],
-                   "--lengths", str(L), "--methods", job[3], "--budgets", size["budgets"],
+                   "--lengths", str(L), *method_args(job[3]), "--budgets", size["budgets"],
                    "--samples", str(size["test_samples"]), "--kv-source", job[1], "--out", str(d),
                    "--batch-size", str(size["eval_batch"]), "--max-new-tokens", str(size["max_new_tokens"]),
                    "--moba-block", str(size["moba_block"]), "--dtype", size["dtype"]]
