@@ -12,6 +12,7 @@ per failure; exit status 1 if any.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import traceback
@@ -37,7 +38,12 @@ def _record(self, *args, grid, warmup, **kwargs):
     names = [n for n in self.arg_names if n not in kwargs]
     sig, consts, attrs, ones = {}, {}, {}, []
     for i, name in enumerate(self.arg_names):
-        a = kwargs[name] if name in kwargs else args[names.index(name)]
+        if name in kwargs:
+            a = kwargs[name]
+        elif names.index(name) < len(args):
+            a = args[names.index(name)]
+        else:  # a defaulted parameter the launch leaves out
+            a = inspect.signature(self.fn).parameters[name].default
         specialise = i not in self.do_not_specialize and name not in self.do_not_specialize
         if name in kwargs or a is None or isinstance(a, bool):
             sig[name], consts[(i,)] = "constexpr", a
@@ -115,6 +121,7 @@ def _calls():
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(splits_first=True))
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page)
             yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk)
+            yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, guess=True)
             yield lambda: sp.quest_select(q, kmin, kmax, topk, seq, page, True)
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))
