@@ -334,8 +334,7 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
                decode_cfg=to.DECODE_CFG)
     tol = 2e-2
     grid = _attn_grid(smoke)
-    topk_cfgs = [(8, False), (4, False), (16, False), (8, True), (4, True), (16, True)] \
-        if not smoke else [(4, False), (4, True)]
+    topk_warps = [8, 4, 16] if not smoke else [4]
     score_cfgs = [(bp, nw, pf) for bp in (32, 64, 128) for nw in (4, 8) for pf in (False, True)] \
         if not smoke else [(16, 4, False), (16, 4, True)]
 
@@ -416,9 +415,9 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             # top-k (all variants are exact: ties to the lower index)
             sel_ref = naive.select_topk_torch(scores, n)
             trows = []
-            for nw, guess in topk_cfgs:
-                trows.append(trial(dict(num_warps=nw, guess=guess), f"topk nw={nw} guess={guess}",
-                                   lambda nw=nw, guess=guess: to.select_topk(scores, n, num_warps=nw, guess=guess),
+            for nw in topk_warps:
+                trows.append(trial(dict(num_warps=nw), f"topk nw={nw}",
+                                   lambda nw=nw: to.select_topk(scores, n, num_warps=nw),
                                    lambda r: (bool(torch.equal(r, sel_ref)), 0.0)))
             comp["topk"] = trows
             okt = [r for r in trows if "ms" in r]
@@ -472,40 +471,33 @@ def run_sweep(dev, dtype, shapes, budgets, deadline_s, smoke=False, log=print):
             def e2e_best():
                 s = to.quest_scores(q, kmin, kmax, bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                     pages_first=bool(bs_.get("pages_first")))
-                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"), guess=bt_.get("guess"))
+                i = to.select_topk(s, n, num_warps=bt_.get("num_warps"))
                 return _attn_fn(to, ba_["cfg"], q, k, v, i, PAGE)()
 
             def e2e_int8():  # int8 page bounds, the defaults otherwise
                 return to.block_sparse_decode(q, k, v, to.select_topk(to.quest_scores(q, *qb[:2], scale=qb[2]), n), PAGE)
 
-            def e2e_int8_guess():  # and the top-k's guided start
-                return to.block_sparse_decode(q, k, v, to.select_topk(to.quest_scores(q, *qb[:2], scale=qb[2]), n,
-                                                                      guess=True), PAGE)
-
             i8_ref = _ref_gather_decode(q, k, v, naive.select_topk_torch(si_ref, n).contiguous(), PAGE)
             e2e = {}
             for nm, fn, ref in (("default", e2e_default, a_ref), ("best", e2e_best, a_ref),
-                                ("default_int8_bounds", e2e_int8, i8_ref),
-                                ("int8_bounds_topk_guess", e2e_int8_guess, i8_ref)):
+                                ("default_int8_bounds", e2e_int8, i8_ref)):
                 r = trial(dict(), nm, fn, lambda r, ref=ref: (_rel(r, ref) < tol, _rel(r, ref)))
                 if "ms" in r:
                     r["x_sdpa"] = t_dense / r["ms"]
                 e2e[nm] = r
             e2e["best_components"] = dict(score=dict(bp=bs_.get("bp"), num_warps=bs_.get("num_warps"),
                                                      pages_first=bs_.get("pages_first")),
-                                          topk=dict(num_warps=bt_.get("num_warps"), guess=bt_.get("guess")),
+                                          topk=dict(num_warps=bt_.get("num_warps")),
                                           attention=dict(cfg=ba_["cfg"]))
             shp["end_to_end"][f"{bud:.4g}"] = e2e
             log(f"[sweep {time.time() - t_start:6.1f}s]   budget {bud:.4g}: pages {n}, "
-                f"topk best {bt_.get('num_warps')}w guess={bt_.get('guess')} {bt_.get('ms', float('nan')):.4f} ms, "
+                f"topk best {bt_.get('num_warps')}w {bt_.get('ms', float('nan')):.4f} ms, "
                 f"attn best {ba_['cfg'] or 'default'} {ba_.get('ms', float('nan')):.4f} ms, "
                 f"e2e default {e2e['default'].get('ms', float('nan')):.4f} ms "
                 f"(x{e2e['default'].get('x_sdpa', float('nan')):.2f}), best "
                 f"{e2e['best'].get('ms', float('nan')):.4f} ms (x{e2e['best'].get('x_sdpa', float('nan')):.2f}), "
                 f"int8 bounds {e2e['default_int8_bounds'].get('ms', float('nan')):.4f} ms "
-                f"(x{e2e['default_int8_bounds'].get('x_sdpa', float('nan')):.2f}), + top-k guess "
-                f"{e2e['int8_bounds_topk_guess'].get('ms', float('nan')):.4f} ms "
-                f"(x{e2e['int8_bounds_topk_guess'].get('x_sdpa', float('nan')):.2f})")
+                f"(x{e2e['default_int8_bounds'].get('x_sdpa', float('nan')):.2f})")
             del a_ref, i8_ref
         out["shapes"].append(shp)
         del k, v, kmin, kmax, scores, qb

@@ -121,7 +121,6 @@ def _calls():
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page, seq, cfg=dict(splits_first=True))
             yield lambda: sp.block_sparse_decode(q, k, v, idx, page)
             yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk)
-            yield lambda: sp.select_topk(r(B, Hq, P, dtype=torch.float32), topk, guess=True)
             yield lambda: sp.quest_select(q, kmin, kmax, topk, seq, page, True)
             yield lambda: sp.moba_gate_topk(r(B, Hq, 1, D), kmin.float(), page, topk,
                                             torch.tensor([T - 1]))

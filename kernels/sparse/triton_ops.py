@@ -425,28 +425,8 @@ def _key_value(key):
 
 
 @triton.jit
-def _probe(key, t, lo, hi, need):
-    """One count at key t (clamped into (lo, hi]) that keeps the search's invariant."""
-    t = tl.minimum(tl.maximum(t, lo + 1), hi)
-    cnt = tl.sum((key >= t).to(tl.int32), axis=0)
-    ok = cnt >= need
-    return tl.where(ok, t, lo), tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
-
-
-@triton.jit
-def _normal_quantile(p):
-    """z with P(Z > z) = p for a standard normal Z, 0 < p < 1 (Abramowitz-Stegun 26.2.23,
-    |error| < 4.5e-4)."""
-    pp = tl.minimum(p, 1.0 - p)
-    t = tl.sqrt(-2.0 * tl.log(tl.maximum(pp, 1e-30)))
-    z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t
-                                                          + 0.001308 * t * t * t)
-    return tl.where(p <= 0.5, z, -z)
-
-
-@triton.jit
 def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.constexpr,
-                        HAS_OWN: tl.constexpr = False, GUESS: tl.constexpr = False):
+                        HAS_OWN: tl.constexpr = False):
     """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
     largest key of the scores' order-preserving int32 image) is bisected for inside the row's
     finite [min, max], one count (one block reduction) per pass, at the midpoint in value (in key
@@ -457,12 +437,7 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.const
     HAS_OWN (MoBA's gate; rows [B, HQ, TC] = a chunk of TC query positions, own blocks [B, OWN_T]
     int64, output [B, HQ, OWN_T, K + 1] from the chunk's first position): only entries below the
     row's own block compete, and the own block (-1 if it is N or more) takes the slot after the
-    chosen ones.
-
-    GUESS: before the bisection, two counts near the threshold a normal law with the row's mean
-    and spread would have (Quest's scores are sums over 128 channels), the second a tenth of a
-    standard deviation beyond the first on the side the first found: a narrow bracket when the
-    law fits; the bisection finishes exactly either way."""
+    chosen ones."""
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
@@ -480,19 +455,6 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.const
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
     hi = tl.max(key, axis=0)
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)  # everything valid is kept: lo = min
-    if GUESS:
-        # mean and spread of the finite scores, without forced pages (float32 max) and overflow
-        typical = valid & (tl.abs(x) < 1e18)
-        nt = tl.maximum(tl.sum(typical.to(tl.float32), axis=0), 1.0)
-        mu = tl.sum(tl.where(typical, x, 0.0), axis=0) / nt
-        dev = tl.where(typical, x - mu, 0.0)
-        sd = tl.sqrt(tl.sum(dev * dev, axis=0) / nt)
-        z = _normal_quantile(need.to(tl.float32) / n_valid.to(tl.float32))
-        if (lo < hi) & (sd > 0):
-            lo0 = lo
-            lo, hi = _probe(key, _value_key(mu + z * sd), lo, hi, need)
-            if lo < hi:  # the threshold is above the first count's key if lo moved
-                lo, hi = _probe(key, _value_key(mu + (z + tl.where(lo > lo0, 0.1, -0.1)) * sd), lo, hi, need)
     while lo < hi:  # invariant: count(key >= lo) >= need > count(key > hi)
         t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
         t = tl.where((t <= lo) | (t > hi),
@@ -524,10 +486,7 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.const
 # 8 warps: the fastest of 4 / 8 / 16 in the H200 sweeps (bench/NOTES-sparse.md): 19.5 us for 32
 # rows of 8192 pages. Lost there: several thresholds per pass (WAYS 4 / 8, up to 27 us) and
 # histogram passes (2 passes, but tl.histogram made each about 10x a count: 31 us).
-TOPK_GUESS = False  # _select_topk_kernel's GUESS for Quest's pages (select_topk)
-
-
-def select_topk(scores, k, *, num_warps=None, guess=None):
+def select_topk(scores, k, *, num_warps=None):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
     N = shape[-1]
@@ -538,7 +497,6 @@ def select_topk(scores, k, *, num_warps=None, guess=None):
         return select_topk_torch(scores, k)
     out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
     _select_topk_kernel[(s.shape[0],)](s, out, out, N, k, 1, 1, 0, BN=BN,
-                                       GUESS=TOPK_GUESS if guess is None else guess,
                                        num_warps=num_warps or (8 if BN >= 2048 else 4))
     return out.view(*shape[:-1], k)
 
