@@ -83,7 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(CONFIG), help="HF config.json of the model shape")
     ap.add_argument("--lengths", default="32768,131072")
-    ap.add_argument("--methods", default="dense,quest,moba,snapkv,dilated")
+    ap.add_argument("--methods", default="dense,quest,moba,snapkv,dilated",
+                    help="eval.engine methods; quest+int8 = Quest with int8 page bounds")
     ap.add_argument("--budget", default="1/16")
     ap.add_argument("--task", default="niah_multikey_3")
     ap.add_argument("--new-tokens", type=int, default=64, help="decoded tokens timed after the first")
@@ -127,7 +128,8 @@ def main() -> None:
             ids = prompt_ids(args.task, length, tok, Path(work))
             log(f"length {length}: prompt of {len(ids)} tokens")
             for method, decode in itertools.product(args.methods.split(","), args.decode.split(",")):
-                spec = MethodSpec(method=method, source=source)
+                base, _, variant = method.partition("+")
+                spec = MethodSpec(method=base, source=source, **({"quest_bounds": variant} if variant else {}))
                 if method != "dense":
                     spec = spec.with_budget(budget)
                 row = dict(length=length, prompt_tokens=len(ids), method=method, label=spec.label, decode=decode)
