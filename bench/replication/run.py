@@ -84,7 +84,7 @@ SIZES["smoke"] = dict(SIZES["toy"], dtype="bf16",
 
 def sft_overrides(size: dict, work: Path, kind: str) -> list[str]:
     """The SFT recipe: the pretraining YAML plus these (RAT+: SFT on the NIAH train split, answers comma-joined)."""
-    return [f"data.sft=true", f"data.prefixes=[{work / 'data' / 'sft_sft'}]", "data.weights=null",
+    return ["data.sft=true", f"data.prefixes=[{work / 'data' / 'sft_sft'}]", "data.weights=null",
             "data.split=98,2,0", f"checkpoint.init_from={work / 'runs' / (kind + '-pretrain')}",
             f"checkpoint.save={work / 'runs' / (kind + '-sft')}", "train.train_tokens=null",
             f"train.train_iters={size['sft_iters']}", f"batch.global_batch_size={size['sft_batch']}",
