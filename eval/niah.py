@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python eval/niah.py` puts eval/ first on sys.path, not the repo root
     sys.path.insert(0, str(REPO))
 
-from eval.engine.spec import (METHODS, KVSource, MethodSpec, SpecError, parse_budgets,  # noqa: E402
+from eval.engine.spec import (METHODS, QUEST_BOUNDS, KVSource, MethodSpec, SpecError, parse_budgets,  # noqa: E402
                               parse_kv_source)
 from eval.ruler.generate import LengthTooSmallError, check_fits, parse_lengths, write_task_file  # noqa: E402
 from eval.ruler.scoring import METRICS  # noqa: E402
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quest-min-pages", type=int, default=0,
                    help="Quest: keep at least N pages (default 0: the budget alone). Quest's evaluation "
                         "variant: --quest-no-force-current --quest-min-pages 3")
-    g.add_argument("--quest-bounds", choices=("exact", "int8"), default="exact",
+    g.add_argument("--quest-bounds", choices=QUEST_BOUNDS, default="exact",
                    help="Quest page bounds: in the keys' dtype, or int8 rounded outward with a step per page "
                         "(the scores read half the bytes; still an upper bound of q.k)")
     g.add_argument("--per-query-head", action="store_true",

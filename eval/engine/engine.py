@@ -316,8 +316,8 @@ def sparse_attention(module, query, key, value, attention_mask, scaling=None, dr
         return out[:, None].contiguous(), None
     if m == "quest":
         _update_meta(spec, layer, n)
-        idx = quest_select(q, tuple(x[:, :, :NB] for x in layer.meta), n, spec.page_size, params[0], spec.quest_force_current, spec.per_query_head,
-                           spec.quest_min_pages)
+        idx = quest_select(q, tuple(x[:, :, :NB] for x in layer.meta), n, spec.page_size, params[0],
+                           spec.quest_force_current, spec.per_query_head, spec.quest_min_pages)
     elif m == "moba":
         _update_meta(spec, layer, n)
         idx = moba_select(q, layer.meta[0][:, :, :NB], n, spec.moba_block, params[0], spec.per_query_head)

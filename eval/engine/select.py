@@ -31,7 +31,8 @@ def quest_select(q, bounds, seq_len, page_size, nsel, force_current=True, per_qu
                  min_pages=0):
     """Quest: pages by the upper bound sum_d max(q_d min_d, q_d max_d) of q.k over the page.
 
-    q [B, Hq, D]; bounds (kmin, kmax) [B, Hkv, P, D] (+ the int8 bounds' step [B, Hkv, P]); seq_len [B] (the decoding query is at seq_len - 1).
+    q [B, Hq, D]; bounds (kmin, kmax) [B, Hkv, P, D], plus the step [B, Hkv, P] for int8 bounds;
+    seq_len [B] (the decoding query is at seq_len - 1).
     Per KV head (default) the group's queries are averaged first. ``min_pages``: keep at least
     that many pages (rows with fewer valid pages keep all of theirs, -1 padded); Quest's
     evaluation code uses 3 with ``force_current=False``. Returns [B, Hkv|Hq, max(nsel, min_pages)].

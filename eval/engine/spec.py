@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 METHODS = ("dense", "dilated", "quest", "moba", "snapkv", "random")
+QUEST_BOUNDS = ("exact", "int8")  # Quest's page bounds: the keys' dtype, or int8 with a step per page
 SOURCES = ("mem", "plain")
 
 
@@ -196,8 +197,8 @@ class MethodSpec:
     def __post_init__(self):
         if self.method not in METHODS:
             raise SpecError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.quest_bounds not in ("exact", "int8"):
-            raise SpecError(f"bad quest_bounds {self.quest_bounds!r}: use exact or int8")
+        if self.quest_bounds not in QUEST_BOUNDS:
+            raise SpecError(f"bad quest_bounds {self.quest_bounds!r}: use {' or '.join(QUEST_BOUNDS)}")
         if self.snap_pool not in ("avg", "max"):
             raise SpecError(f"bad SnapKV pooling {self.snap_pool!r}: use avg or max")
         if self.snap_kernel < 1 or self.snap_kernel % 2 == 0:

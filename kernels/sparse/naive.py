@@ -61,6 +61,11 @@ def check_quant(quant):
         raise ValueError(f"bad page-bounds quant {quant!r}: use None (the keys' dtype) or 'int8'")
 
 
+def check_bounds_scale(kmin, scale):
+    if (scale is None) != (kmin.dtype != torch.int8):
+        raise ValueError("quest_scores: int8 page bounds need their scale, and only they take one")
+
+
 def quantize_bounds_torch(kmin, kmax):
     """(kmin, kmax) [..., D] -> (int8 kmin, int8 kmax, fp32 step [...]) as described above."""
     lo, hi = kmin.float(), kmax.float()
@@ -95,8 +100,7 @@ def quest_scores_torch(q, kmin, kmax, seq_len=None, page_size=None, scale=None):
     ``scale`` [B, Hkv, P]: int8 bounds (page_minmax(..., quant="int8")), the sum times the step."""
     B, Hq, D = q.shape
     G = _group(Hq, kmin.shape[1])
-    if (scale is None) != (kmin.dtype != torch.int8):
-        raise ValueError("quest_scores: int8 page bounds need their scale, and only they take one")
+    check_bounds_scale(kmin, scale)
     qf = q.float()[:, :, None, :]
     lo, hi = _expand_kv(kmin.float(), G), _expand_kv(kmax.float(), G)
     s = torch.maximum(qf * hi, qf * lo).sum(-1)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import I8_NUDGE, I8_STEP, _group, _q_pos, _seq_len, check_quant
+from .naive import I8_NUDGE, I8_STEP, _group, _q_pos, _seq_len, check_bounds_scale, check_quant
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -148,7 +148,7 @@ def _meta_kernel(k_ptr, sl_ptr, o1_ptr, o2_ptr, sc_ptr, H, NP, D, PAGE,
 
 def _meta_launch(k, sl, outs, page, grid, mean=False, refresh=False):
     o1, o2, sc = outs
-    B, H, T, D = k.shape
+    H, D = k.shape[1], k.shape[3]
     quant = sc is not None
     if not mean and o2.stride() != o1.stride():
         raise ValueError("kmin and kmax need the same strides")
@@ -253,7 +253,7 @@ def _i8_to_f32(x, CVT: tl.constexpr):
 
 
 @triton.jit
-def _quest_tile(pt, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP,
+def _quest_tile(pt, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP,
                 slb, slh, slp, sld, ssb, ssh, ssp, HAS_NP: tl.constexpr, BP: tl.constexpr,
                 BD: tl.constexpr, D, FORCE_LAST: tl.constexpr, SCALED: tl.constexpr,
                 CVT: tl.constexpr):
@@ -309,15 +309,15 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, N
     if HAS_NP:
         n = tl.load(np_ptr + b)
     if LOOP == 0:
-        _quest_tile(pt, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
+        _quest_tile(pt, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
                     sld, ssb, ssh, ssp, HAS_NP, BP, BD, D, FORCE_LAST, SCALED, CVT)
     elif LOOP == 1:
         for t in range(pt, tl.cdiv(NP, BP), tl.num_programs(0 if PAGES_FIRST else 1)):
-            _quest_tile(t, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
+            _quest_tile(t, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
                         sld, ssb, ssh, ssp, HAS_NP, BP, BD, D, FORCE_LAST, SCALED, CVT)
     else:
         for t in tl.range(pt, tl.cdiv(NP, BP), tl.num_programs(0 if PAGES_FIRST else 1), num_stages=STAGES):
-            _quest_tile(t, q_ptr, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
+            _quest_tile(t, lo_ptr, hi_ptr, sc_ptr, o_ptr, qp, qn, n, b, bh, hk, NP, slb, slh, slp,
                         sld, ssb, ssh, ssp, HAS_NP, BP, BD, D, FORCE_LAST, SCALED, CVT)
 
 
@@ -337,8 +337,7 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
     Hkv, NP = kmin.shape[1], kmin.shape[2]
     G = _group(Hq, Hkv)
     assert kmin.stride() == kmax.stride()
-    if (scale is None) != (kmin.dtype != torch.int8):
-        raise ValueError("quest_scores: int8 page bounds need their scale, and only they take one")
+    check_bounds_scale(kmin, scale)
     out = torch.empty(B, Hq, NP, device=q.device, dtype=torch.float32)
     if seq_len is not None:
         if page_size is None:
@@ -349,6 +348,7 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
         raise ValueError("quest_scores: force_last needs seq_len")
     else:
         n_pages = out  # unused
+    cvt = I8_CVT if cvt is None else cvt
     if scale is not None and bp is None and num_warps is None and per_sm is None:
         bp, num_warps, per_sm, stages = (I8_SCORE_CFG[k] for k in ("bp", "num_warps", "per_sm", "stages"))
     # exact bounds, BP 64 pages x 8 warps: the fastest score config of the 2026-11-30 H200 sweep
@@ -365,7 +365,7 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
         *q.stride(), *kmin.stride(), *(scale.stride() if scale is not None else (0, 0, 0)),
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
         FORCE_LAST=force_last, SCALED=scale is not None, LOOP=loop, STAGES=stages,
-        CVT=min(1, I8_CVT if cvt is None else cvt) if INTERPRET else (I8_CVT if cvt is None else cvt),
+        CVT=min(cvt, 1) if INTERPRET else cvt,
         num_warps=num_warps or 8)
     return out
 
