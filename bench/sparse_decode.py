@@ -153,8 +153,8 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
     t_ours = _bench(lambda: sp.dilated_decode(q, k, v, 1, 0, 0), graph=True)
     rows.append(dict(B=B, T=T, method="dense_ours_splitk_graph", budget=1.0, ms=t_ours,
                      GBps=kv_bytes / t_ours / 1e6))
-    kmin, kmax = sp.page_minmax(k, PAGE)
-    qmin, qmax, qstep = sp.page_minmax(k, PAGE, quant="int8")
+    exact = sp.page_minmax(k, PAGE)
+    int8 = sp.page_minmax(k, PAGE, quant="int8")
     km = sp.block_means(k, MOBA_BLOCK)
     pos = torch.tensor([T - 1], device=dev)
     full = torch.arange(T // PAGE, device=dev, dtype=torch.int32).expand(B, H, -1).contiguous()
@@ -166,25 +166,18 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
         n_pages = int(T * bud) // PAGE
         topk = max(1, int(T * bud) // MOBA_BLOCK)
 
-        def quest():
-            s = sp.quest_scores(q, kmin, kmax)
-            return sp.block_sparse_decode(q, k, v, sp.select_topk(s, n_pages), PAGE)
+        def quest_fns(bounds):
+            """Quest's pipeline on these page bounds: (scores, + top-k, + attention)."""
+            def scores():
+                return sp.quest_scores(q, *bounds[:2], scale=bounds[2] if len(bounds) == 3 else None)
 
-        def quest_select():
-            return sp.select_topk(sp.quest_scores(q, kmin, kmax), n_pages)
+            def select():
+                return sp.select_topk(scores(), n_pages)
 
-        def quest_scores_only():
-            return sp.quest_scores(q, kmin, kmax)
+            return scores, select, lambda: sp.block_sparse_decode(q, k, v, select(), PAGE)
 
-        def quest_i8():
-            s = sp.quest_scores(q, qmin, qmax, scale=qstep)
-            return sp.block_sparse_decode(q, k, v, sp.select_topk(s, n_pages), PAGE)
-
-        def quest_i8_select():
-            return sp.select_topk(sp.quest_scores(q, qmin, qmax, scale=qstep), n_pages)
-
-        def quest_i8_scores_only():
-            return sp.quest_scores(q, qmin, qmax, scale=qstep)
+        quest_scores_only, quest_select, quest = quest_fns(exact)
+        quest_i8_scores_only, quest_i8_select, quest_i8 = quest_fns(int8)
 
         def moba():
             idx = sp.moba_gate_topk(q4, km, MOBA_BLOCK, topk, pos)[:, :, 0]
@@ -218,7 +211,7 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
             else:
                 row.update(topk=topk, block=MOBA_BLOCK)
             rows.append(row)
-    del k, v, kmin, kmax, qmin, qmax, qstep
+    del k, v, exact, int8
     torch.cuda.empty_cache()
     return rows
 
