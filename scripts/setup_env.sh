@@ -12,9 +12,9 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv with $py"
   "$py" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -r "$root/requirements.lock"
-"$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-nodeps.lock"
-"$venv/bin/python" -m pip install -q --no-deps -e "$root"
+"$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+"$venv/bin/python" -m pip install -q --no-cache-dir -r "$root/requirements.lock"
+"$venv/bin/python" -m pip install -q --no-cache-dir --no-deps -r "$root/requirements-nodeps.lock"
+"$venv/bin/python" -m pip install -q --no-cache-dir --no-deps -e "$root"
 echo "$want" > "$stamp"
 echo "environment ready: $venv"
