@@ -68,17 +68,3 @@ def time_ms(fn, *, graph: bool = False, flush: str = "write", warmup: int = 10, 
         en.record()
     torch.cuda.synchronize()
     return statistics.median(st.elapsed_time(en) for st, en in zip(starts, ends))
-
-
-def without_pdl(fn):
-    """fn with our chain kernels launched plainly (kernels/_pdl.py off while it runs, so also
-    while a CUDA graph captures it): the benchmarks' "no PDL" rows, timed in the same run."""
-    from kernels import _pdl
-
-    def plain():
-        was, _pdl.ENABLED = _pdl.ENABLED, False
-        try:
-            return fn()
-        finally:
-            _pdl.ENABLED = was
-    return plain

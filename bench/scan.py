@@ -53,7 +53,7 @@ from kernels.memory_scan.naive import memory_scan_loop, memory_scan_torch  # noq
 
 sys.path.insert(0, str(REPO / "bench"))
 from _runs import commit as run_commit, write_json  # noqa: E402
-from _timing import FLUSHES, time_ms, without_pdl  # noqa: E402
+from _timing import FLUSHES, time_ms  # noqa: E402
 
 H, D = 32, 128
 # forward configs timed beside the default plan (fused._fwd_plan): the 2026-11-30 sweep's winner
@@ -417,11 +417,7 @@ def main():
             name = fname(var) if var else "default-plan"
             fwd[name] = bench(lambda: scan_fwd(z, k, v, **var))
             add(B, T, "fwd", "fused", fwd[name], 5, name)
-        # the default plan with its launches not chained (kernels/_pdl.py off)
-        plain = without_pdl(lambda: scan_fwd(z, k, v))
-        add(B, T, "fwd", "fused", bench(plain), 5, "default-plan (no PDL)")
         if T == 4096:  # launch overhead out: the same calls replayed from a CUDA graph
-            add(B, T, "fwd", "fused (CUDA graph)", bench(plain, graph=True), 5, "default-plan (no PDL)")
             for var in [{}] + fwd_vs:
                 try:
                     ms = bench(lambda: scan_fwd(z, k, v, **var), graph=True)

@@ -11,8 +11,6 @@
   block_sparse_decode;
 * attention alone: block_sparse_decode over a fixed selection (no selection cost), and our
   split-K decode kernel run densely (dilated_decode with chunk=1) as a bandwidth check;
-* ``*_nopdl`` rows: the Quest pipelines with kernels/_pdl.py off (no programmatic dependent
-  launch between the four kernels), timed in the same run;
 * dense: torch.nn.functional.scaled_dot_product_attention on [B, 32, 1, 128] against the cache.
 * SnapKV vote at 128K (window 64): time and peak extra memory of snapkv_votes (two passes)
   against the materialised softmax (einsum + softmax + sum), when that fits.
@@ -59,8 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.sparse as sp  # noqa: E402
 from _runs import commit, write_json  # noqa: E402  (COMMIT first: the GPU machine runs an archive of HEAD)
-from _timing import FLUSHES, time_ms, without_pdl  # noqa: E402
-from kernels import _pdl  # noqa: E402
+from _timing import FLUSHES, time_ms  # noqa: E402
 
 H, D = 32, 128
 PAGE, MOBA_BLOCK = 16, 512
@@ -192,9 +189,7 @@ def run_decode(dev, dtype, B, T, budgets, graphs):
         chosen = torch.zeros(*sel.shape[:2], T // PAGE, device=dev)
         chosen.scatter_(-1, sel.long(), 1.0)  # share of the int8 choice that the exact one also made
         overlap = chosen.gather(-1, quest_i8_select().long()).mean().item()
-        entries = [("quest_total", quest), ("quest_total_nopdl", without_pdl(quest)),
-                   ("quest_i8_total_nopdl", without_pdl(quest_i8)),
-                   ("quest_select_only", quest_select),
+        entries = [("quest_total", quest), ("quest_select_only", quest_select),
                    ("quest_scores_only", quest_scores_only),
                    ("quest_i8_total", quest_i8), ("quest_i8_select_only", quest_i8_select),
                    ("quest_i8_scores_only", quest_i8_scores_only), ("moba_total", moba),
@@ -603,7 +598,7 @@ def main():
                   git_commit=commit(), command=" ".join([sys.executable] + sys.argv),
                   dtype="bfloat16", heads=H, head_dim=D, page=PAGE, moba_block=MOBA_BLOCK,
                   date=time.strftime("%Y-%m-%d %H:%M:%S"), flush=FLUSH,
-                  defaults=dict(decode_cfg=to.DECODE_CFG, pdl=_pdl.ENABLED,
+                  defaults=dict(decode_cfg=to.DECODE_CFG,
                                 topk=dict(num_warps="8 from 2048 pages, else 4")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 

@@ -29,7 +29,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
        torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 DIV16 = [["tt.divisibility", 16]]
 launches: dict = {}
 
@@ -132,10 +132,6 @@ def _calls():
 
 def main() -> int:
     JITFunction.run = _record
-    from kernels.memory_scan import fused
-    from kernels.sparse import triton_ops as sp
-    for m in (sp, fused):  # the chain kernels as the H200 launches them
-        m._pdl = lambda device: dict(PDL=True, launch_pdl=True)
     for call in _calls():
         try:
             call()

@@ -56,8 +56,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._pdl import chain_start as _chain_start, pdl_options as _pdl
-
 State = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -256,11 +254,10 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
                            BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                            NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
                            PREFETCH: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr,
-                           WRITE: tl.constexpr, PDL: tl.constexpr = False):
+                           WRITE: tl.constexpr):
     """Launches 1 and 3, grid (channel blocks, chunks). WRITE=False (chunks 0..NC-2): the
     aggregates into ws[3, NC, NCHB, L]. WRITE=True (every chunk): chunk c from chunk c-1's
     inclusive state, which launch 2 left in ws's two state planes."""
-    _chain_start(PDL)
     j = tl.program_id(0)
     c = tl.program_id(1)
     L: tl.constexpr = BH * BD
@@ -295,10 +292,9 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
 
 
 @triton.jit
-def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr = False):
+def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
     """Launch 2: per lane, the inclusive states of chunks 0..NC-2 (in place of the aggregates'
     state planes). M = lanes per chunk; blocks of NCB chunks, scanned in order."""
-    _chain_start(PDL)
     col = tl.program_id(0) * CH + tl.arange(0, CH)
     cm = col < M
     plane = tl.cast(NC, tl.int64) * M
@@ -905,7 +901,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
             sizes = (T, H, D, p["NDB"], p["NHG"], NCHB, NC)
             meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
                         VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]), STAGES=p["stages"],
-                        OFF64=span >= 2**31, num_warps=p["num_warps"], **_pdl(dev))
+                        OFF64=span >= 2**31, num_warps=p["num_warps"])
             ws = _dummy(dev, torch.float32)
             if NC > 1:
                 M = NCHB * p["BH"] * p["BD"]
@@ -913,8 +909,7 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
                 _fwd_chunk_scan_kernel[(NCHB, NC - 1)](*args, ws, *sizes, *strides, WRITE=False, **meta)
                 CH = 64
                 NCB = min(64, triton.next_power_of_2(NC - 1))
-                _fwd_carry_scan_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4,
-                                                             **_pdl(dev))
+                _fwd_carry_scan_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4)
             _fwd_chunk_scan_kernel[(NCHB, NC)](*args, ws, *sizes, *strides, WRITE=True, **meta)
     return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
 

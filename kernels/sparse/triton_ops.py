@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._pdl import chain_start as _chain_start, pdl_options as _pdl
 from .naive import I8_NUDGE, I8_STEP, _group, _q_pos, _seq_len, check_bounds_scale, check_quant
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -288,12 +287,11 @@ def _quest_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, np_ptr, o_ptr, Hq, G, Hkv, D, N
                   HAS_NP: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                   PAGES_FIRST: tl.constexpr = False, FORCE_LAST: tl.constexpr = False,
                   SCALED: tl.constexpr = False, CVT: tl.constexpr = 0, LOOP: tl.constexpr = 0,
-                  STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
+                  STAGES: tl.constexpr = 1):
     """Scores of one tile of pages, or with LOOP of every LOOP-th tile from this program's first
     (loads pipelined STAGES deep; LOOP 1: plain loop, for the interpreter). FORCE_LAST: the
     row's last valid page (the decoding query's own) gets the largest finite score, so that the
     top-k keeps it (and counts it). SCALED: int8 bounds, the sum times the page's step."""
-    _chain_start(PDL)
     if PAGES_FIRST:  # consecutive programs read consecutive page tiles of one head
         pt = tl.program_id(0)
         bh = tl.program_id(1)
@@ -368,7 +366,7 @@ def quest_scores(q, kmin, kmax, seq_len=None, page_size=None, scale=None, *, bp=
         HAS_NP=seq_len is not None, BP=BP, BD=_p2(D), PAGES_FIRST=pages_first,
         FORCE_LAST=force_last, SCALED=scale is not None, LOOP=loop, STAGES=stages,
         CVT=min(cvt, 1) if INTERPRET else cvt,
-        num_warps=num_warps or 8, **_pdl(q.device))
+        num_warps=num_warps or 8)
     return out
 
 
@@ -404,8 +402,7 @@ def moba_gate_topk(q, kmeans, block_size, topk, q_pos):
         s = torch.matmul(q[:, :, t0:t0 + tc].float().reshape(B, Hkv, G * tc, D), km)  # [B, Hq, tc, NB]
         # the kernel writes each chunk's rows into `out` itself (no per-chunk buffer and copy)
         _select_topk_kernel[(B * Hq * tc,)](s, out[:, :, t0:], own[:, t0:], NB, topk - 1, Hq, tc, Tq,
-                                            BN=BN, HAS_OWN=True, num_warps=8 if BN >= 2048 else 4,
-                                            **_pdl(q.device))
+                                            BN=BN, HAS_OWN=True, num_warps=8 if BN >= 2048 else 4)
     return out
 
 
@@ -429,7 +426,7 @@ def _key_value(key):
 
 @triton.jit
 def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.constexpr,
-                        HAS_OWN: tl.constexpr = False, PDL: tl.constexpr = False):
+                        HAS_OWN: tl.constexpr = False):
     """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
     largest key of the scores' order-preserving int32 image) is bisected for inside the row's
     finite [min, max], one count (one block reduction) per pass, at the midpoint in value (in key
@@ -441,7 +438,6 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, K, HQ, TC, OWN_T, BN: tl.const
     int64, output [B, HQ, OWN_T, K + 1] from the chunk's first position): only entries below the
     row's own block compete, and the own block (-1 if it is N or more) takes the slot after the
     chosen ones."""
-    _chain_start(PDL)
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
@@ -501,8 +497,7 @@ def select_topk(scores, k, *, num_warps=None):
         return select_topk_torch(scores, k)
     out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int32)
     _select_topk_kernel[(s.shape[0],)](s, out, out, N, k, 1, 1, 0, BN=BN,
-                                       num_warps=num_warps or (8 if BN >= 2048 else 4),
-                                       **_pdl(s.device))
+                                       num_warps=num_warps or (8 if BN >= 2048 else 4))
     return out.view(*shape[:-1], k)
 
 
@@ -517,9 +512,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
                    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sin,
                    DILATED: tl.constexpr, EVEN_D: tl.constexpr, NUM_STAGES: tl.constexpr,
                    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                   SPLITS_FIRST: tl.constexpr = False, HAS_SL: tl.constexpr = True,
-                   PDL: tl.constexpr = False):
-    _chain_start(PDL)
+                   SPLITS_FIRST: tl.constexpr = False, HAS_SL: tl.constexpr = True):
     if SPLITS_FIRST:  # consecutive programs take consecutive stretches of one row's list
         sp = tl.program_id(0)
         r = tl.program_id(1)
@@ -599,8 +592,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, sl_ptr, m_ptr, l_ptr, acc_ptr,
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D, sob, soh, sod, Hq,
-                  BS_: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
-    _chain_start(PDL)
+                  BS_: tl.constexpr, BD: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
@@ -674,8 +666,7 @@ def _decode_parts(q, k, v, n_max, seq_len, scale, *, idx=None, bs=1, dilated=Non
             *q.stride(), *k.stride(), *v.stride(), *istr]
     meta = dict(DILATED=dilated is not None, EVEN_D=BD == D, NUM_STAGES=c["num_stages"], BM=BM,
                 BT=BT, BD=BD, PREC=_prec(q.dtype), SPLITS_FIRST=bool(c.get("splits_first")),
-                HAS_SL=sl is not None, num_warps=c["num_warps"], num_stages=c["num_stages"],
-                **_pdl(q.device))
+                HAS_SL=sl is not None, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if num_splits is None:
         if c["waves"] == "fill":  # one round of resident programs: no partial last wave
             slots = _resident_programs(_decode_kernel, args, meta, q.device) * _n_sms(q.device)
@@ -720,8 +711,7 @@ def _resident_programs(kernel, args, meta, device):
 def _merge(q, m, l, acc, S):
     B, Hq, D = q.shape
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D),
-                             **_pdl(q.device))
+    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D))
     return out
 
 
