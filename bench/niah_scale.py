@@ -97,7 +97,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from eval.engine import Engine
-    from eval.engine.spec import KVSource, MethodSpec, SpecError, parse_budgets
+    from eval.engine.spec import KVSource, MethodSpec, SpecError, parse_budgets, parse_method_name
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: only for a small --config
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -128,8 +128,8 @@ def main() -> None:
             ids = prompt_ids(args.task, length, tok, Path(work))
             log(f"length {length}: prompt of {len(ids)} tokens")
             for method, decode in itertools.product(args.methods.split(","), args.decode.split(",")):
-                base, _, variant = method.partition("+")
-                spec = MethodSpec(method=base, source=source, **({"quest_bounds": variant} if variant else {}))
+                base, fields = parse_method_name(method)
+                spec = MethodSpec(method=base, source=source, **fields)
                 if method != "dense":
                     spec = spec.with_budget(budget)
                 row = dict(length=length, prompt_tokens=len(ids), method=method, label=spec.label, decode=decode)

@@ -458,16 +458,19 @@ def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
 
 
 def method_args(methods: str) -> list[str]:
-    """eval/niah.py's flags for a job's methods: "quest+int8" is Quest with int8 page bounds (its
-    rows come out labelled quest+int8)."""
-    names = methods.split(",")
-    extra = []
-    if "quest+int8" in names:
-        if "quest" in names:
-            raise SystemExit(f"methods {methods!r}: quest and quest+int8 need separate jobs")
-        names = ["quest" if m == "quest+int8" else m for m in names]
-        extra = ["--quest-bounds", "int8"]
-    return ["--methods", ",".join(names), *extra]
+    """eval/niah.py's flags for a job's methods: a variant name ("quest+int8", spec.METHOD_VARIANTS)
+    becomes its method plus the flag of the option it sets (its rows come out labelled with it)."""
+    from eval.engine.spec import parse_method_name
+    flags = {"quest_bounds": "--quest-bounds"}  # MethodSpec field -> eval/niah.py flag
+    names, fields = [], {}
+    for name in methods.split(","):
+        base, f = parse_method_name(name)
+        if base in names and fields.get(base, {}) != f:
+            raise SystemExit(f"methods {methods!r}: {base} and its variants need separate jobs")
+        names.append(base)
+        fields.setdefault(base, f)
+    extra = [x for f in fields.values() for k, v in f.items() for x in (flags[k], v)]
+    return ["--methods", ",".join(dict.fromkeys(names)), *extra]
 
 
 def n_specs(size: dict, methods: str) -> int:

@@ -157,6 +157,22 @@ def parse_kv_source(text: str) -> KVSource:
 
 # --------------------------------------------------------------------------------------- method
 
+# Benchmark and replication job names for a method with a non-default option: the name's tag is
+# the tag MethodSpec.label gives that option (eval/niah.py takes the option as a flag instead).
+METHOD_VARIANTS = {"quest+int8": ("quest", {"quest_bounds": "int8"})}
+
+
+def parse_method_name(name: str) -> tuple[str, dict]:
+    """'quest' -> ('quest', {}); 'quest+int8' -> ('quest', {'quest_bounds': 'int8'}): the method
+    and the MethodSpec fields its variant sets."""
+    if name in METHOD_VARIANTS:
+        method, fields = METHOD_VARIANTS[name]
+        return method, dict(fields)
+    if name not in METHODS:
+        raise SpecError(f"unknown method {name!r}; known: {', '.join(METHODS + tuple(METHOD_VARIANTS))}")
+    return name, {}
+
+
 
 @dataclass(frozen=True)
 class MethodSpec:
