@@ -147,6 +147,8 @@ def load_tokenizer(name: str):
         import ratplus_megatron.hf  # noqa: F401  (memory-model configs resolve without remote code)
     except ImportError:
         pass
+    if (os.path.isabs(name) or name.startswith(".")) and not os.path.exists(name):
+        raise SpecError(f"--model {name}: no such directory")  # not a hub id: say so, not the hub's rules
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - any failure is one line

@@ -536,6 +536,7 @@ def test_cli_shards_add_up_to_the_unsharded_run(tiny_model_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, msg", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     (["--tasks", "niah_bogus"], "unknown task"),
     (["--shard", "2/2"], "bad --shard"),
     (["--shard", "1"], "bad --shard"),
