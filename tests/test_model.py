@@ -1,11 +1,6 @@
 """The OLMo2 (+ RAT+ memory) megatron-core model against outside references, on CPU."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -13,8 +8,6 @@ from ratplus_megatron.config import ConfigError, MemoryConfig, PrecisionConfig, 
 from ratplus_megatron.convert.mapping import hf_to_mcore
 from ratplus_megatron.qkv_layout import copy_common_parts, qkv_parts_for, split_groups
 from reference_olmo2 import olmo2_forward, random_hf_weights
-
-from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

@@ -83,7 +83,7 @@ def test_fused_gate_adds_no_collective_and_init_from_reshards(tmp_path):
     bias keep the identity init."""
     from megatron.core import dist_checkpointing
 
-    from ratplus_megatron.config import MemoryConfig, preset
+    from ratplus_megatron.config import preset
     from ratplus_megatron.model import build_model, to_transformer_config
 
     cfg = preset("tiny", **GQA)

@@ -18,7 +18,7 @@ def main(case_dir: Path):
     import faulthandler
     faulthandler.dump_traceback_later(240, exit=True)  # a hang shows its stack, not a timeout
     case = json.loads((case_dir / "case.json").read_text())
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
     from ratplus_megatron.parallel import init_parallel, sum_tp_replicated_grads
 
     init_parallel(tp=case["tp"], pp=case.get("pp", 1))

@@ -24,7 +24,7 @@ K/V sources (the paper's two instantiations, ``KVSource``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 METHODS = ("dense", "dilated", "quest", "moba", "snapkv", "random")
