@@ -3,7 +3,8 @@
 Data: a small synthetic corpus tokenized with `python data_prep/tokenize.py` and the tiny tokenizer.
 Covers: overfitting with the memory on (+ W&B offline run dir), kill + resume giving the same
 per-step losses as an uninterrupted run, SIGTERM -> checkpoint + requeue marker + exit 0,
-TP=2 through torchrun (with RAT+ joint dense/dilated training), one-line config errors.
+TP=2 through torchrun (with RAT+ joint dense/dilated training), a TP=2 run resumed at TP=1 and at
+DP=2, one-line config and checkpoint errors.
 """
 import json
 import os
@@ -119,23 +120,73 @@ def test_tp2_torchrun_joint_dilated(tmp_path, data_prefix):
     assert all("loss_dilated" in r and r["loss"] > 0 for r in recs)
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
-    # the checkpoint records its layout; resuming it at TP=1 is refused in one line (the CPU
-    # trainer's per-rank torch optimizer does not reshard), and nothing is written
     state = json.loads((run / "iter_0000004" / "trainer_state.json").read_text())
-    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 1} and state["optimizer_sharding"] is None
-    proc = _train(_common(data_prefix, 6) + ["joint_dilated.enabled=true", "joint_dilated.chunk=8",
-                                             "joint_dilated.window=4", f"checkpoint.save={run}"], check=False)
+    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 1} and state["optimizer_sharding"] == "torch_per_parameter"
+
+
+def _torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "ratplus_megatron.train", "--config", RECIPE, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_resume_at_another_layout(tmp_path, data_prefix):
+    """A TP=2 run stopped after 4 of 8 steps resumes at TP=1 and at TP=1 x DP=2: model and AdamW
+    state reshard (the optimizer's moments are saved sharded like their parameters), and each
+    resumed curve follows the uninterrupted TP=2 run."""
+    import shutil
+
+    common = _common(data_prefix, 8)
+    _torchrun(common + ["parallel.tp=2", f"checkpoint.save={tmp_path / 'full'}"])
+    ref = _losses(tmp_path / "full" / "metrics.jsonl")
+    stop = tmp_path / "stop"
+    _torchrun(common + ["parallel.tp=2", "train.exit_at_iter=4", f"checkpoint.save={stop}"])
+    assert (stop / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    for name, run in (("tp1", lambda d: _train(common + [f"checkpoint.save={d}"])),
+                      ("dp2", lambda d: _torchrun(common + ["parallel.tp=1", f"checkpoint.save={d}"]))):
+        d = tmp_path / name
+        shutil.copytree(stop, d)
+        out = run(d).stdout
+        assert "resumed from" in out and "written at layout {'tp': 2, 'pp': 1, 'dp': 1}, RNG not restored" in out
+        resumed = _losses(d / "metrics.jsonl")
+        assert sorted(resumed) == list(range(1, 9))
+        rel = max(abs(resumed[i] / ref[i] - 1) for i in range(5, 9))
+        assert rel < 1e-5, (name, rel, resumed, ref)
+    # in this process, at TP=1: every parameter gets AdamW moments of step 4 back, not fresh zeros
+    from ratplus_megatron.train import checkpoint as ckpt
+    from ratplus_megatron.train.config import load_config
+    from ratplus_megatron.train.loop import build_cpu
+
+    cfg = load_config(RECIPE, common)
+    models, optimizer, _ = build_cpu(cfg, cfg.model.build())
+    ckpt.load(str(stop), 4, models, optimizer, megatron_optimizer=False, rank=0, layout={"tp": 1, "pp": 1, "dp": 1})
+    params = list(models[0].parameters())
+    assert len(optimizer.state) == len(params)
+    for p in params:
+        st = optimizer.state[p]
+        assert float(st["step"]) == 4.0 and st["exp_avg"].shape == p.shape and float(st["exp_avg_sq"].sum()) > 0
+
+    # refusals, one line each: a CPU checkpoint from before the per-parameter format at another
+    # layout; a CPU checkpoint on GPUs; on GPUs a dp_reshardable state (the default) at another TP / PP
+    from ratplus_megatron.train import TrainConfigError
+
+    state_file = stop / "iter_0000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    with pytest.raises(TrainConfigError, match="holds the CPU trainer's optimizer state"):
+        ckpt.load(str(stop), 4, [], None, megatron_optimizer=True, rank=0, layout={"tp": 2, "pp": 1, "dp": 1})
+    for fmt, gpu, msg in ((None, False, "per-rank files"), ("dp_reshardable", True, "optimizer_sharding=fully_reshardable")):
+        state_file.write_text(json.dumps({**state, "optimizer_sharding": fmt}))
+        with pytest.raises(TrainConfigError, match=msg):
+            ckpt.load(str(stop), 4, [], None, megatron_optimizer=gpu, rank=0, layout={"tp": 1, "pp": 1, "dp": 2})
+    state_file.write_text(json.dumps({**state, "optimizer_sharding": None}))  # the legacy format, via the CLI
+    proc = _train(common + [f"checkpoint.save={stop}"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint ") and "written at TP=2 PP=1 DP=1; this run is TP=1 PP=1 DP=1" in last
-    assert "does not reshard" in last
-    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert not (run / "iter_0000006").exists()
-    # on GPUs a dp_reshardable optimizer state (the default) cannot move to another TP / PP either
-    from ratplus_megatron.train import TrainConfigError
-    from ratplus_megatron.train import checkpoint as ckpt
-    with pytest.raises(TrainConfigError, match="optimizer_sharding=fully_reshardable"):
-        ckpt.load(str(run), 4, [], None, megatron_optimizer=True, rank=0, layout={"tp": 1, "pp": 1, "dp": 2})
+    assert not (stop / "iter_0000005").exists()
 
 
 @pytest.mark.parametrize("override,expect", [

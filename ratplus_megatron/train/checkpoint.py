@@ -1,18 +1,21 @@
-"""Checkpoints: megatron dist_checkpointing for model (+ optimizer on GPU), per-rank files for the rest.
+"""Checkpoints: megatron dist_checkpointing for model and optimizer, per-rank files for the RNG states.
 
 Layout of a run directory SAVE:
 
     SAVE/latest_checkpointed_iteration.txt   the last complete checkpoint's iteration (written last, atomically)
-    SAVE/iter_0000100/                       dist checkpoint: {"model": ..., ["optimizer": ...]}
+    SAVE/iter_0000100/                       dist checkpoint: {"model": ..., "optimizer": ...}
     SAVE/iter_0000100/trainer_state.json     iteration, consumed samples, config (human readable)
-    SAVE/iter_0000100/rank_00000.pt          per rank: RNG states (+ the torch optimizer on CPU)
+    SAVE/iter_0000100/rank_00000.pt          per rank: RNG states
 
-The distributed optimizer's state is saved "dp_reshardable" (each rank writes its own buffers, no
-gathering: the fast default, resumable at another data-parallel size only) or, with
+On GPUs the distributed optimizer's state is saved "dp_reshardable" (each rank writes its own
+buffers, no gathering: the fast default, resumable at another data-parallel size only) or, with
 checkpoint.optimizer_sharding=fully_reshardable, gathered into per-parameter tensors that a run at
-any TP / PP / DP layout can resume from (megatron's two formats). trainer_state.json records the
-format and the layout, so `load` asks for what was written and refuses a layout the format cannot
-serve. After a layout change the per-rank RNG files are not restored (they belong to other ranks).
+any TP / PP / DP layout can resume from (megatron's two formats). The CPU trainer's torch AdamW is
+saved "torch_per_parameter": each moment tensor keyed and sharded like its parameter, so it
+resumes at any TP / DP. (CPU checkpoints written before that kept the AdamW state in the per-rank
+files: they resume at their own layout only.) trainer_state.json records the format and the layout,
+so `load` asks for what was written and refuses a layout the format cannot serve. After a layout
+change the per-rank RNG files are not restored (they belong to other ranks).
 
 Model tensors keep megatron's global keys whatever the dict nesting, so a training checkpoint is
 also a valid `init_from` (model-only) source, and so is `convert hf-to-mcore`'s output. An
@@ -36,6 +39,7 @@ from ..qkv_layout import unfused_gate_error
 from .config import TrainConfigError
 
 LATEST = "latest_checkpointed_iteration.txt"
+TORCH_PER_PARAMETER = "torch_per_parameter"  # the CPU trainer's AdamW state in the dist checkpoint
 
 
 def iter_dir(save: str, iteration: int) -> str:
@@ -94,14 +98,14 @@ def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     if megatron_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, metadata={"distrib_optim_sharding_type": optimizer_sharding})
+    else:
+        state["optimizer"] = _torch_optimizer_sharded_state(optimizer, model_sd)
     dist_checkpointing.save(state, path)
-    local = {"rng": rng_state()}
-    if not megatron_optimizer:
-        local["optimizer"] = optimizer.state_dict()
-    torch.save(local, os.path.join(path, f"rank_{rank:05d}.pt"))
+    torch.save({"rng": rng_state()}, os.path.join(path, f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()
     if rank == 0:
-        trainer_state = {**trainer_state, "optimizer_sharding": optimizer_sharding if megatron_optimizer else None}
+        trainer_state = {**trainer_state,
+                         "optimizer_sharding": optimizer_sharding if megatron_optimizer else TORCH_PER_PARAMETER}
         state = json.dumps(trainer_state, indent=1, default=str)
         write_atomic(os.path.join(path, "trainer_state.json"), lambda f: f.write(state))
         write_atomic(os.path.join(save_dir, LATEST), lambda f: f.write(f"{iteration}\n"))
@@ -125,14 +129,22 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
         trainer_state = json.load(f)
     saved_layout = trainer_state.get("layout")  # absent in checkpoints written before it was recorded
     same_layout = layout is None or saved_layout is None or saved_layout == layout
-    sharding = trainer_state.get("optimizer_sharding") or "dp_reshardable"
+    # None: written before the format was recorded (on CPU: AdamW in the per-rank files)
+    sharding = trainer_state.get("optimizer_sharding")
+    if sharding is not None and (sharding == TORCH_PER_PARAMETER) == megatron_optimizer:
+        raise TrainConfigError(f"checkpoint {path} holds the {'GPU' if sharding != TORCH_PER_PARAMETER else 'CPU'} trainer's "
+                               f"optimizer state ({sharding}); this run is on {'GPUs' if megatron_optimizer else 'CPU'}"
+                               ": start from its weights with checkpoint.init_from")
+    if megatron_optimizer:
+        sharding = sharding or "dp_reshardable"
     if not same_layout:
         where = f"checkpoint {path} was written at {_layout_str(saved_layout)}; this run is {_layout_str(layout)}"
-        if not megatron_optimizer:
-            raise TrainConfigError(f"{where}: the CPU trainer's per-rank torch optimizer does not reshard; resume at "
-                               "the same layout, or start from its weights with checkpoint.init_from")
+        if not megatron_optimizer and sharding is None:
+            raise TrainConfigError(f"{where}: it keeps the torch optimizer in per-rank files (written before "
+                                   f"{TORCH_PER_PARAMETER}), which do not reshard; resume at the same layout, "
+                                   "or start from its weights with checkpoint.init_from")
         moved = (saved_layout["tp"], saved_layout["pp"]) != (layout["tp"], layout["pp"])
-        if moved and sharding != "fully_reshardable":
+        if megatron_optimizer and moved and sharding != "fully_reshardable":
             raise TrainConfigError(f"{where}: its optimizer state ({sharding}) reshards across data parallelism only; "
                                "save with checkpoint.optimizer_sharding=fully_reshardable to change TP or PP, "
                                "or start from its weights with checkpoint.init_from")
@@ -142,19 +154,23 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
         prime_torch_adam(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": sharding})
+    elif sharding == TORCH_PER_PARAMETER:
+        request["optimizer"] = _torch_optimizer_sharded_state(optimizer, model_sd)
     state = dist_checkpointing.load(request, path)
     _load_model_state(models, state["model"], strict=True)
     if megatron_optimizer:
         with _torch_adam_step_kept(optimizer, sharding):
             optimizer.load_state_dict(state["optimizer"])
         _unshare_torch_adam_steps(optimizer)
+    elif sharding == TORCH_PER_PARAMETER:
+        _load_torch_optimizer(optimizer, state["optimizer"])
     local_file = os.path.join(path, f"rank_{rank:05d}.pt")
     if same_layout:
         if not os.path.isfile(local_file):
-            raise TrainConfigError(f"{local_file} is missing: resume with the world size the checkpoint was written at "
-                               "(the per-rank RNG/optimizer files do not reshard)")
+            raise TrainConfigError(f"{local_file} is missing: the checkpoint is incomplete (each rank writes its "
+                                   "RNG states there); resume from an earlier iteration")
         local = torch.load(local_file, weights_only=False)
-        if not megatron_optimizer:
+        if sharding is None:  # a CPU checkpoint from before TORCH_PER_PARAMETER
             optimizer.load_state_dict(local["optimizer"])
         set_rng_state(local["rng"])
     trainer_state["rng_restored"] = same_layout
@@ -174,6 +190,42 @@ def _torch_adams(optimizer):
             yield opt, inner
 
 
+def _torch_optimizer_sharded_state(optimizer, model_sd) -> dict:
+    """The CPU trainer's torch AdamW as a sharded state dict: exp_avg / exp_avg_sq of each parameter
+    keyed and sharded like the parameter (megatron's helpers, as its non-distributed optimizers do),
+    so that any TP / DP layout loads its own pieces; the step count (one for all parameters: every
+    parameter is stepped every iteration) as one number. Parameters without state yet get the state
+    of step 0 first, so that a save and a load request have the same entries."""
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    _prime_adam_state(optimizer)
+    sd = optimizer.state_dict()
+    steps = {float(st["step"]) for st in sd["state"].values()}
+    if len(steps) > 1:
+        raise RuntimeError(f"torch optimizer: parameters at different steps {sorted(steps)}; cannot save one count")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
+    sd["step"] = steps.pop() if steps else 0.0
+    return sd
+
+
+def _load_torch_optimizer(optimizer, loaded: dict) -> None:
+    """Inverse of _torch_optimizer_sharded_state, after dist_checkpointing.load filled it."""
+    state = {i: {**st, "step": torch.tensor(float(loaded["step"]))} for i, st in loaded["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": loaded["param_groups"]})
+
+
+def _prime_adam_state(adam) -> None:
+    """Adam's state of step 0 for every parameter that has none yet (what its first step would make)."""
+    for group in adam.param_groups:
+        on_device = group.get("fused") or group.get("capturable")  # where Adam keeps its step
+        for p in group["params"]:
+            if p not in adam.state or not adam.state[p]:
+                step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                adam.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
 def prime_torch_adam(optimizer) -> None:
     """Give a torch Adam inside megatron's optimizer the state of step 0 where it has none yet.
 
@@ -184,14 +236,8 @@ def prime_torch_adam(optimizer) -> None:
     step would create; the load overwrites all of it. TE's and apex's FusedAdam are left alone.
     """
     for _, inner in _torch_adams(optimizer):
-        if inner.state:
-            continue
-        for group in inner.param_groups:
-            on_device = group.get("fused") or group.get("capturable")  # where Adam keeps its step
-            for p in group["params"]:
-                step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-                inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+        if not inner.state:
+            _prime_adam_state(inner)
 
 
 @contextlib.contextmanager
