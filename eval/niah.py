@@ -37,20 +37,22 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python eval/niah.py` puts eval/ first on sys.path, not the repo root
     sys.path.insert(0, str(REPO))
 
-from eval.engine.spec import (METHODS, QUEST_BOUNDS, KVSource, MethodSpec, SpecError, parse_budgets,  # noqa: E402
-                              parse_kv_source)
+from eval.engine.spec import (METHOD_VARIANTS, METHODS, KVSource, MethodSpec, SpecError,  # noqa: E402
+                              parse_budgets, parse_kv_source, parse_method_name)
 from eval.ruler.generate import LengthTooSmallError, check_fits, parse_lengths, write_task_file  # noqa: E402
 from eval.ruler.scoring import METRICS  # noqa: E402
 from eval.ruler.tasks import TOKENS_TO_GENERATE, resolve_tasks  # noqa: E402
 
 
 def parse_methods(spec: str) -> list[str]:
+    """Method names: METHODS, their variants (METHOD_VARIANTS: quest+int8), or all (the METHODS)."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
     if names == ["all"]:
         return list(METHODS)
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in METHODS and m not in METHOD_VARIANTS]
     if unknown:
-        raise SpecError(f"unknown method(s) {', '.join(unknown)}; known: all, {', '.join(METHODS)}")
+        raise SpecError(f"unknown method(s) {', '.join(unknown)}; known: all, "
+                        f"{', '.join(METHODS + tuple(METHOD_VARIANTS))}")
     if not names:
         raise SpecError("no method given")
     return list(dict.fromkeys(names))
@@ -63,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model dir or hub id (with its tokenizer)")
     p.add_argument("--tasks", default="all", help="'all' or a comma-separated list of RULER NIAH tasks")
     p.add_argument("--lengths", default="4096", help="comma-separated target lengths (4096,8k,...)")
-    p.add_argument("--methods", default="dense,quest", help=f"comma-separated: {', '.join(METHODS)} (or all)")
+    p.add_argument("--methods", default="dense,quest",
+                   help=f"comma-separated: {', '.join(METHODS)} (or all), or a variant: quest+int8 = Quest with its "
+                        "page bounds stored as int8 rounded outward, a step per page (the scores read half the "
+                        "bytes and stay an upper bound of q.k)")
     p.add_argument("--budgets", default="1/16", help="comma-separated fractions (1/16, 0.0625) or token counts (512)")
     p.add_argument("--samples", type=int, default=100, help="samples per task and length (RULER: 500)")
     p.add_argument("--out", required=True, help="output directory")
@@ -89,9 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quest-min-pages", type=int, default=0,
                    help="Quest: keep at least N pages (default 0: the budget alone). Quest's evaluation "
                         "variant: --quest-no-force-current --quest-min-pages 3")
-    g.add_argument("--quest-bounds", choices=QUEST_BOUNDS, default="exact",
-                   help="Quest page bounds: in the keys' dtype, or int8 rounded outward with a step per page "
-                        "(the scores read half the bytes; still an upper bound of q.k)")
     g.add_argument("--per-query-head", action="store_true",
                    help="Quest/MoBA/random/SnapKV: select per query head (default: per KV head, group queries "
                         "averaged; SnapKV then repeats K/V to the query heads, as the original)")
@@ -108,16 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 def make_specs(args, methods, budgets, sources) -> list[MethodSpec]:
     specs = []
     for source in sources:
-        for method in methods:
+        for name in methods:
+            method, variant = parse_method_name(name)
             base = MethodSpec(method=method, source=source, page_size=args.page_size,
                               quest_force_current=not args.quest_no_force_current,
                               quest_dense_layers=args.quest_dense_layers, quest_min_pages=args.quest_min_pages,
-                              quest_bounds=args.quest_bounds,
                               moba_block=args.moba_block,
                               random_block=args.random_block, random_dense_layers=args.quest_dense_layers,
                               snap_window=args.snap_window, snap_kernel=args.snap_kernel, snap_pool=args.snap_pool,
                               dilated_window=args.dilated_window, dilated_prefix=args.dilated_prefix,
-                              per_query_head=args.per_query_head, seed=args.seed)
+                              per_query_head=args.per_query_head, seed=args.seed, **variant)
             for b in budgets:
                 s = base.with_budget(b)
                 if s not in specs:

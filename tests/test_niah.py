@@ -591,7 +591,7 @@ def test_cli_subprocess_no_tokenizer(tmp_path):
 
 
 def test_cli_quest_eval_variant_flags():
-    from eval.niah import build_parser, make_specs
+    from eval.niah import build_parser, make_specs, parse_methods
     from eval.engine.spec import parse_budgets
 
     args = build_parser().parse_args(["--model", "x", "--out", "y"])
@@ -602,9 +602,13 @@ def test_cli_quest_eval_variant_flags():
     (e,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
     assert not e.quest_force_current and e.quest_min_pages == 3
     assert d.quest_bounds == "exact"
-    args = build_parser().parse_args(["--model", "x", "--out", "y", "--quest-bounds", "int8"])
-    (i,) = make_specs(args, ["quest"], parse_budgets("1/16"), [KVSource("plain", "plain")])
+    # a variant name: both Quest flavours from one call, each under its own label
+    args = build_parser().parse_args(["--model", "x", "--out", "y", "--methods", "quest,quest+int8"])
+    (e2, i) = make_specs(args, parse_methods(args.methods), parse_budgets("1/16"), [KVSource("plain", "plain")])
+    assert e2.quest_bounds == "exact" and e2.label == "quest_1-16_plain"
     assert i.quest_bounds == "int8" and i.label == "quest+int8_1-16_plain"
+    with pytest.raises(SpecError, match="unknown method"):
+        parse_methods("moba+int8")
     with pytest.raises(SpecError, match="bad quest_bounds 'fp8'"):
         MethodSpec("quest", quest_bounds="fp8")
 

@@ -42,18 +42,6 @@ def _driver():
     return mod
 
 
-def test_method_args_turn_variant_names_into_eval_flags():
-    from eval.engine.spec import SpecError
-
-    run = _driver()
-    assert run.method_args("dense,quest,moba") == ["--methods", "dense,quest,moba"]
-    assert run.method_args("dense,quest+int8") == ["--methods", "dense,quest", "--quest-bounds", "int8"]
-    with pytest.raises(SystemExit, match="separate jobs"):
-        run.method_args("quest,quest+int8")  # one eval/niah.py call has one --quest-bounds
-    with pytest.raises(SpecError, match="unknown method 'moba\\+int8'"):
-        run.method_args("moba+int8")
-
-
 def test_set_changes_one_recipe_field_and_refuses_unknown_ones(capsys):
     run = _driver()
     size = run.apply_sets(run.SIZES["full"], ["drill_weight=0", "blend=[0.9, 0.08, 0.02]",

@@ -457,22 +457,6 @@ def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
     return [(m, s, t, g) for g in groups for m, s in size["combos"] for t in tasks]
 
 
-def method_args(methods: str) -> list[str]:
-    """eval/niah.py's flags for a job's methods: a variant name ("quest+int8", spec.METHOD_VARIANTS)
-    becomes its method plus the flag of the option it sets (its rows come out labelled with it)."""
-    from eval.engine.spec import parse_method_name
-    flags = {"quest_bounds": "--quest-bounds"}  # MethodSpec field -> eval/niah.py flag
-    names, fields = [], {}
-    for name in methods.split(","):
-        base, f = parse_method_name(name)
-        if base in names and fields.get(base, {}) != f:
-            raise SystemExit(f"methods {methods!r}: {base} and its variants need separate jobs")
-        names.append(base)
-        fields.setdefault(base, f)
-    extra = [x for f in fields.values() for k, v in f.items() for x in (flags[k], v)]
-    return ["--methods", ",".join(dict.fromkeys(names)), *extra]
-
-
 def n_specs(size: dict, methods: str) -> int:
     return sum(1 if m == "dense" else len(size["budgets"].split(",")) for m in methods.split(","))
 
@@ -508,7 +492,7 @@ def stage_eval(work: Path, size: dict, clock: Clock, procs_per_gpu: int) -> bool
             if not (data / src.name).is_file():
                 shutil.copyfile(src, data / src.name)
             cmd = [sys.executable, "eval/niah.py", "--model", str(work / "hf" / job[0]), "--tasks", job[2],
-                   "--lengths", str(L), *method_args(job[3]), "--budgets", size["budgets"],
+                   "--lengths", str(L), "--methods", job[3], "--budgets", size["budgets"],
                    "--samples", str(size["test_samples"]), "--kv-source", job[1], "--out", str(d),
                    "--batch-size", str(size["eval_batch"]), "--max-new-tokens", str(size["max_new_tokens"]),
                    "--moba-block", str(size["moba_block"]), "--dtype", size["dtype"]]

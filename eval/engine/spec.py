@@ -157,8 +157,8 @@ def parse_kv_source(text: str) -> KVSource:
 
 # --------------------------------------------------------------------------------------- method
 
-# Benchmark and replication job names for a method with a non-default option: the name's tag is
-# the tag MethodSpec.label gives that option (eval/niah.py takes the option as a flag instead).
+# Method names that set an option of a method (eval/niah.py --methods, the benchmarks): the name's
+# tag is the tag MethodSpec.label gives that option, so results keep the name.
 METHOD_VARIANTS = {"quest+int8": ("quest", {"quest_bounds": "int8"})}
 
 
