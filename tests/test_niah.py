@@ -565,12 +565,12 @@ def test_cli_graph_decode_cuda(tmp_path, capsys):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     base = ["--model", d, "--tasks", "niah_single_1,niah_multikey_2", "--lengths", "1024", "--samples", 2,
-            "--methods", "dense,quest,moba,snapkv,dilated", "--budgets", "1/4", "--dtype", "fp32",
+            "--methods", "dense,quest,quest+int8,moba,snapkv,dilated", "--budgets", "1/4", "--dtype", "fp32",
             "--max-new-tokens", 12, "--page-size", 16, "--moba-block", 32]
     assert _cli(base + ["--out", tmp_path / "graph"]) == 0
     assert _cli(base + ["--out", tmp_path / "eager", "--decode", "eager"]) == 0
     runs = sorted((tmp_path / "graph" / "pred" / "1024").iterdir())
-    assert len(runs) == 5
+    assert len(runs) == 6
     for run in runs:
         for f in run.iterdir():
             other = tmp_path / "eager" / "pred" / "1024" / run.name / f.name
