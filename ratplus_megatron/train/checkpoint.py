@@ -193,26 +193,29 @@ def _torch_adams(optimizer):
 def _torch_optimizer_sharded_state(optimizer, model_sd) -> dict:
     """The CPU trainer's torch AdamW as a sharded state dict: exp_avg / exp_avg_sq of each parameter
     keyed and sharded like the parameter (megatron's helpers, as its non-distributed optimizers do),
-    so that any TP / DP layout loads its own pieces; the step count (one for all parameters: every
-    parameter is stepped every iteration) as one number. Parameters without state yet get the state
-    of step 0 first, so that a save and a load request have the same entries."""
+    so that any TP / DP layout loads its own pieces; each parameter's step count by its global key
+    (rank 0's copy: the CPU trainer has no pipeline stages, so every rank holds every key).
+    Parameters without state yet get the state of step 0 first, so that a save and a load request
+    have the same entries."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
 
     _prime_adam_state(optimizer)
     sd = optimizer.state_dict()
-    steps = {float(st["step"]) for st in sd["state"].values()}
-    if len(steps) > 1:
-        raise RuntimeError(f"torch optimizer: parameters at different steps {sorted(steps)}; cannot save one count")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
-    sd["step"] = steps.pop() if steps else 0.0
+    id_map = get_param_id_to_sharded_param_map(model_sd, params)
+    steps = {id_map[i].key: float(st["step"]) for i, st in sd["state"].items() if i in id_map}
+    optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
+    sd["steps"] = steps
+    sd["param_keys"] = LocalNonpersistentObject({i: t.key for i, t in id_map.items()})
     return sd
 
 
 def _load_torch_optimizer(optimizer, loaded: dict) -> None:
     """Inverse of _torch_optimizer_sharded_state, after dist_checkpointing.load filled it."""
-    state = {i: {**st, "step": torch.tensor(float(loaded["step"]))} for i, st in loaded["state"].items()}
+    keys, steps = loaded["param_keys"], loaded["steps"]
+    state = {i: {**st, "step": torch.tensor(steps[keys[i]])} for i, st in loaded["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": loaded["param_groups"]})
 
 
