@@ -168,6 +168,8 @@ def test_resume_at_another_layout(tmp_path, data_prefix):
     for p in params:
         st = optimizer.state[p]
         assert float(st["step"]) == 4.0 and st["exp_avg"].shape == p.shape and float(st["exp_avg_sq"].sum()) > 0
+    # weights only (init_from) from a training checkpoint: its optimizer tensors are not "ignored" weights
+    assert ckpt.load_model_only(str(stop), models)["ignored_from_checkpoint"] == []
 
     # refusals, one line each: a CPU checkpoint from before the per-parameter format at another
     # layout; a CPU checkpoint on GPUs; on GPUs a dp_reshardable state (the default) at another TP / PP
@@ -177,7 +179,10 @@ def test_resume_at_another_layout(tmp_path, data_prefix):
     state = json.loads(state_file.read_text())
     with pytest.raises(TrainConfigError, match="holds the CPU trainer's optimizer state"):
         ckpt.load(str(stop), 4, [], None, megatron_optimizer=True, rank=0, layout={"tp": 2, "pp": 1, "dp": 1})
-    for fmt, gpu, msg in ((None, False, "per-rank files"), ("dp_reshardable", True, "optimizer_sharding=fully_reshardable")):
+    for fmt, gpu, msg in ((None, False, "keeps the torch optimizer in per-rank files"),
+                          (None, True, r"holds the CPU trainer's optimizer state \(per-rank files\)"),
+                          ("dp_reshardable", False, r"holds the GPU trainer's optimizer state \(dp_reshardable\)"),
+                          ("dp_reshardable", True, "optimizer_sharding=fully_reshardable")):
         state_file.write_text(json.dumps({**state, "optimizer_sharding": fmt}))
         with pytest.raises(TrainConfigError, match=msg):
             ckpt.load(str(stop), 4, [], None, megatron_optimizer=gpu, rank=0, layout={"tp": 1, "pp": 1, "dp": 2})

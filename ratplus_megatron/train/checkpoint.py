@@ -99,7 +99,7 @@ def save(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, metadata={"distrib_optim_sharding_type": optimizer_sharding})
     else:
-        state["optimizer"] = _torch_optimizer_sharded_state(optimizer, model_sd)
+        state["optimizer"] = _torch_optimizer_sharded_state(optimizer, model_sd, models)
     dist_checkpointing.save(state, path)
     torch.save({"rng": rng_state()}, os.path.join(path, f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()
@@ -129,12 +129,16 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
         trainer_state = json.load(f)
     saved_layout = trainer_state.get("layout")  # absent in checkpoints written before it was recorded
     same_layout = layout is None or saved_layout is None or saved_layout == layout
-    # None: written before the format was recorded (on CPU: AdamW in the per-rank files)
+    # None: written before the format was recorded (on CPU: AdamW in the per-rank files). A recorded
+    # null is a CPU checkpoint (GPU runs recorded their format from the start of the record).
     sharding = trainer_state.get("optimizer_sharding")
-    if sharding is not None and (sharding == TORCH_PER_PARAMETER) == megatron_optimizer:
-        raise TrainConfigError(f"checkpoint {path} holds the {'GPU' if sharding != TORCH_PER_PARAMETER else 'CPU'} trainer's "
-                               f"optimizer state ({sharding}); this run is on {'GPUs' if megatron_optimizer else 'CPU'}"
-                               ": start from its weights with checkpoint.init_from")
+    cpu_state = sharding == TORCH_PER_PARAMETER or ("optimizer_sharding" in trainer_state and sharding is None)
+    gpu_state = sharding in ("dp_reshardable", "fully_reshardable")
+    if (cpu_state and megatron_optimizer) or (gpu_state and not megatron_optimizer):
+        raise TrainConfigError(f"checkpoint {path} holds the {'CPU' if cpu_state else 'GPU'} trainer's optimizer "
+                               f"state ({sharding or 'per-rank files'}); this run is on "
+                               f"{'GPUs' if megatron_optimizer else 'CPU'}: start from its weights with "
+                               "checkpoint.init_from")
     if megatron_optimizer:
         sharding = sharding or "dp_reshardable"
     if not same_layout:
@@ -155,7 +159,7 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
         request["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": sharding})
     elif sharding == TORCH_PER_PARAMETER:
-        request["optimizer"] = _torch_optimizer_sharded_state(optimizer, model_sd)
+        request["optimizer"] = _torch_optimizer_sharded_state(optimizer, model_sd, models)
     state = dist_checkpointing.load(request, path)
     _load_model_state(models, state["model"], strict=True)
     if megatron_optimizer:
@@ -167,10 +171,16 @@ def load(save_dir: str, iteration: int, models, optimizer, *, megatron_optimizer
     local_file = os.path.join(path, f"rank_{rank:05d}.pt")
     if same_layout:
         if not os.path.isfile(local_file):
-            raise TrainConfigError(f"{local_file} is missing: the checkpoint is incomplete (each rank writes its "
-                                   "RNG states there); resume from an earlier iteration")
+            raise TrainConfigError(f"{local_file} is missing: " + (
+                "resume with the world size the checkpoint was written at (its layout is not recorded)"
+                if saved_layout is None else
+                "the checkpoint is incomplete (each rank writes its RNG states there); resume from an "
+                "earlier iteration"))
         local = torch.load(local_file, weights_only=False)
         if sharding is None:  # a CPU checkpoint from before TORCH_PER_PARAMETER
+            if "optimizer" not in local:
+                raise TrainConfigError(f"checkpoint {path} holds no CPU optimizer state (a GPU run's?): start from "
+                                       "its weights with checkpoint.init_from")
             optimizer.load_state_dict(local["optimizer"])
         set_rng_state(local["rng"])
     trainer_state["rng_restored"] = same_layout
@@ -190,11 +200,12 @@ def _torch_adams(optimizer):
             yield opt, inner
 
 
-def _torch_optimizer_sharded_state(optimizer, model_sd) -> dict:
+def _torch_optimizer_sharded_state(optimizer, model_sd, models) -> dict:
     """The CPU trainer's torch AdamW as a sharded state dict: exp_avg / exp_avg_sq of each parameter
     keyed and sharded like the parameter (megatron's helpers, as its non-distributed optimizers do),
-    so that any TP / DP layout loads its own pieces; each parameter's step count by its global key
-    (rank 0's copy: the CPU trainer has no pipeline stages, so every rank holds every key).
+    so that any TP / DP layout loads its own pieces; each parameter's step count by its parameter
+    name (rank 0's copy: the CPU trainer has no pipeline stages, so every rank has every name; the
+    sharded keys would not do, megatron stacks the layers under one key).
     Parameters without state yet get the state of step 0 first, so that a save and a load request
     have the same entries."""
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
@@ -204,18 +215,18 @@ def _torch_optimizer_sharded_state(optimizer, model_sd) -> dict:
     _prime_adam_state(optimizer)
     sd = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    id_map = get_param_id_to_sharded_param_map(model_sd, params)
-    steps = {id_map[i].key: float(st["step"]) for i, st in sd["state"].items() if i in id_map}
-    optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
-    sd["steps"] = steps
-    sd["param_keys"] = LocalNonpersistentObject({i: t.key for i, t in id_map.items()})
+    names = {id(p): n for m in models for n, p in _unwrap(m).named_parameters()}
+    param_names = {i: names[id(p)] for i, p in enumerate(params)}
+    optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
+    sd["steps"] = {param_names[i]: float(st["step"]) for i, st in optimizer.state_dict()["state"].items()}
+    sd["param_names"] = LocalNonpersistentObject(param_names)
     return sd
 
 
 def _load_torch_optimizer(optimizer, loaded: dict) -> None:
     """Inverse of _torch_optimizer_sharded_state, after dist_checkpointing.load filled it."""
-    keys, steps = loaded["param_keys"], loaded["steps"]
-    state = {i: {**st, "step": torch.tensor(steps[keys[i]])} for i, st in loaded["state"].items()}
+    names, steps = loaded["param_names"], loaded["steps"]
+    state = {i: {**st, "step": torch.tensor(steps[names[i]])} for i, st in loaded["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": loaded["param_groups"]})
 
 
@@ -373,7 +384,8 @@ def load_model_only(path: str, models) -> dict:
     state, missing, unexpected = dist_checkpointing.load(model_sd, path, strict=StrictHandling.RETURN_ALL)
     # `missing` in megatron's wording are checkpoint keys this model does not ask for ("unexpected"
     # for us), and vice versa; we report in the model's terms.
-    fresh, ignored, partly_fresh = set(unexpected), set(missing), []
+    fresh, partly_fresh = set(unexpected), []
+    ignored = {k for k in missing if not k.startswith("optimizer.")}  # a training checkpoint's optimizer
     for name, (sh, theirs, mine) in adapted.items():
         merged = sh.data.detach().clone()  # this model's initialisation, for the rows the checkpoint lacks
         new_parts, unused_parts = copy_common_parts(merged, mine, state[name], theirs)
