@@ -99,9 +99,13 @@ def main() -> None:
     from eval.engine import Engine
     from eval.engine.spec import KVSource, MethodSpec, SpecError, parse_budgets, parse_method_name
 
+    try:  # bad names and budgets before the model is built
+        methods = {m: parse_method_name(m) for m in args.methods.split(",")}
+        budget = parse_budgets(args.budget)[0]
+    except SpecError as e:
+        ap.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: only for a small --config
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    budget = parse_budgets(args.budget)[0]
     result = dict(environment(), config=str(Path(args.config).resolve().relative_to(REPO))
                   if Path(args.config).resolve().is_relative_to(REPO) else args.config,
                   task=args.task, budget=args.budget, new_tokens=args.new_tokens,
@@ -127,8 +131,8 @@ def main() -> None:
         for length in lengths:
             ids = prompt_ids(args.task, length, tok, Path(work))
             log(f"length {length}: prompt of {len(ids)} tokens")
-            for method, decode in itertools.product(args.methods.split(","), args.decode.split(",")):
-                base, fields = parse_method_name(method)
+            for method, decode in itertools.product(methods, args.decode.split(",")):
+                base, fields = methods[method]
                 spec = MethodSpec(method=base, source=source, **fields)
                 if method != "dense":
                     spec = spec.with_budget(budget)

@@ -631,3 +631,26 @@ def test_report_orders_variants_after_their_method():
     methods = ["random", "quest+int8", "moba", "dense", "quest", "snapkv", "quest+nocur+min3", "other"]
     assert sorted(methods, key=_method_rank) == ["dense", "quest", "quest+int8", "quest+nocur+min3", "moba",
                                                  "snapkv", "random", "other"]
+
+
+def test_bench_niah_scale_runs_on_cpu(tmp_path):
+    """bench/niah_scale.py (the 7B x 128K cost benchmark, run on the H200) on a tiny shape on CPU:
+    method names incl. the quest+int8 variant, its rows and the decoding loops' agreement."""
+    cfg = json.loads((REPO / "tests" / "data" / "olmo2-7b-config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, "bench/niah_scale.py", "--config", str(tmp_path / "config.json"),
+                        "--lengths", "1024", "--methods", "dense,quest,quest+int8", "--new-tokens", "2",
+                        "--decode", "eager", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["label"] for x in rows] == ["dense_full_mem", "quest_1-16_mem", "quest+int8_1-16_mem"]
+    assert all(x["generated"] == 3 and "error" not in x for x in rows)
+    r = subprocess.run([sys.executable, "bench/niah_scale.py", "--config", str(tmp_path / "config.json"),
+                        "--lengths", "1024", "--methods", "moba+int8", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "error: unknown method 'moba+int8'; known: dense, dilated, quest, moba, snapkv, random, quest+int8")
