@@ -217,8 +217,9 @@ def _torch_optimizer_sharded_state(optimizer, model_sd, models) -> dict:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     names = {id(p): n for m in models for n, p in _unwrap(m).named_parameters()}
     param_names = {i: names[id(p)] for i, p in enumerate(params)}
+    steps = {param_names[i]: float(st["step"]) for i, st in sd["state"].items()}
     optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
-    sd["steps"] = {param_names[i]: float(st["step"]) for i, st in optimizer.state_dict()["state"].items()}
+    sd["steps"] = steps
     sd["param_names"] = LocalNonpersistentObject(param_names)
     return sd
 
