@@ -173,7 +173,6 @@ def parse_method_name(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-
 @dataclass(frozen=True)
 class MethodSpec:
     """One method at one budget with one K/V source, plus every method's hyper-parameters."""
