@@ -216,6 +216,8 @@ def test_page_minmax_refresh_equals_recompute(backend, dtype, quant):
         ref = naive.page_minmax_torch(k, page, pos + 1, quant)
         assert all(torch.equal(a, b) for a, b in zip(meta, ref)), step
     assert meta[0].dtype == (torch.int8 if quant else dtype)
+    with pytest.raises(ValueError, match="int8 page bounds need their scale"):  # bounds and step go together
+        sp.page_minmax_refresh(k, pos, page, *meta[:2], None if quant else meta[0][..., 0].float(), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

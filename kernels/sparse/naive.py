@@ -63,7 +63,8 @@ def check_quant(quant):
 
 def check_bounds_scale(kmin, scale):
     if (scale is None) != (kmin.dtype != torch.int8):
-        raise ValueError("quest_scores: int8 page bounds need their scale, and only they take one")
+        raise ValueError("int8 page bounds need their scale (page_minmax(..., quant='int8')'s third output), "
+                         "and only they take one")
 
 
 def quantize_bounds_torch(kmin, kmax):
@@ -160,6 +161,7 @@ def page_minmax_refresh_torch(k, pos, page_size, kmin, kmax, scale=None):
     k [B, Hkv, T, D] (keys up to and including pos; the page's later slots are not yet valid).
     With ``scale`` the bounds are int8 and quantized as page_minmax(..., quant="int8").
     Returns (kmin, kmax) or (kmin, kmax, scale)."""
+    check_bounds_scale(kmin, scale)
     rows, p, off = _update_rows(kmin, pos, page_size)
     T = k.shape[2]
     t = p[:, None] * page_size + torch.arange(page_size, device=k.device)  # [B, page]

@@ -184,6 +184,7 @@ def block_means(k, block_size, seq_len=None):
 
 
 def page_minmax_refresh(k, pos, page_size, kmin, kmax, scale=None):
+    check_bounds_scale(kmin, scale)
     B, H = kmin.shape[:2]
     if k.shape[:2] != (B, H) or k.shape[3] != kmin.shape[3]:
         raise ValueError(f"cache {tuple(k.shape)} does not match page bounds {tuple(kmin.shape)}")
