@@ -1,0 +1,189 @@
+"""Where the Quest top-k's time goes at batch 1 (32 rows of 8192 page scores, k = 512): the
+production kernel against copies of it with parts cut out or changed, all on the scores of one
+B=1 128K Quest step (int8 or exact bounds), CUDA-graph medians with a read flush.
+
+    python bench/topk_probe.py --out bench/results/reruns/topk_probe.json
+
+Variants (constexpr switches of _probe_kernel; the cut ones give wrong outputs and are timed only):
+* prod: kernels.sparse.select_topk as it is;
+* copy: the same code through this file's kernel (checks that the copy times like prod);
+* no_epilogue: load, min / max / count, the threshold passes; stores the threshold and pass count;
+* no_search: load, count, the epilogue from a threshold read from memory (no search passes);
+* load_only: load, one count, one store;
+* one_layout: loads addressed through a runtime stride, so the load and the scatter store share
+  one register layout (the compiler otherwise runs the rank scan twice, once per layout, and
+  converts the 8192-entry mask through shared memory);
+* fused_prologue: one tuple reduction for (count, min, max) instead of three; with one_layout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels.sparse as sp  # noqa: E402
+from kernels.sparse import naive  # noqa: E402
+from kernels.sparse import triton_ops as to  # noqa: E402
+from kernels.sparse.triton_ops import _key_value, _value_key  # noqa: E402
+from _runs import commit, write_json  # noqa: E402
+from _timing import time_ms  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(o_ptr):
+    tl.store(o_ptr + tl.program_id(0), 1)
+
+
+@triton.jit
+def _cmb3(c0, lo0, hi0, c1, lo1, hi1):
+    return c0 + c1, tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
+
+
+@triton.jit(do_not_specialize=["STRIDE"])
+def _probe_kernel(s_ptr, o_ptr, thr_ptr, N, K, STRIDE, BN: tl.constexpr, PROBE: tl.constexpr,
+                  FUSED: tl.constexpr, STRIDED: tl.constexpr):
+    row = tl.program_id(0)
+    n = tl.arange(0, BN)
+    nm = n < N
+    if STRIDED:  # the compiler cannot prove contiguity: scalar loads in the store's layout
+        x = tl.load(s_ptr + row.to(tl.int64) * N + n * STRIDE, mask=nm, other=float("-inf"))
+    else:
+        x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    valid = nm & (x > float("-inf"))
+    o_ptr += row.to(tl.int64) * K
+    key = tl.where(valid, _value_key(x), -2147483647 - 1)
+    if PROBE == 3:  # load_only
+        tl.store(o_ptr, tl.sum(valid.to(tl.int32), axis=0))
+        return
+    if FUSED:
+        n_valid, lo, hi = tl.reduce((valid.to(tl.int32), tl.where(valid, key, 2147483647), key), 0, _cmb3)
+    else:
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
+        hi = tl.max(key, axis=0)
+    need = tl.minimum(K, n_valid)
+    hi = tl.where((need > 0) & (need < n_valid), hi, lo)
+    passes = 0
+    if PROBE == 2:  # no_search
+        lo = tl.load(thr_ptr + row)
+    else:
+        while lo < hi:
+            t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
+            t = tl.where((t <= lo) | (t > hi),
+                         (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
+            cnt = tl.sum((key >= t).to(tl.int32), axis=0)
+            ok = cnt >= need
+            lo = tl.where(ok, t, lo)
+            hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
+            passes += 1
+    if PROBE == 1:  # no_epilogue
+        tl.store(thr_ptr + row, lo)
+        tl.store(o_ptr, passes)
+        return
+    thr32 = lo
+    sel = (key >= thr32) & valid
+    n_ge = tl.sum(sel.to(tl.int32), axis=0)
+    if n_ge > need:
+        gt = (key > thr32) & valid
+        eq_rank = tl.cumsum(((key == thr32) & valid).to(tl.int32), axis=0)
+        sel = gt | ((key == thr32) & valid & (eq_rank <= need - tl.sum(gt.to(tl.int32), axis=0)))
+    sel = sel & (need > 0)
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
+    for p0 in range(0, K, BN):
+        if STRIDED:
+            pad = p0 + n * STRIDE
+        else:
+            pad = p0 + n
+        tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
+
+
+def probe(s, k, probe_id, fused=False, strided=False, num_warps=8, thr=None):
+    R, N = s.shape
+    out = torch.empty(R, k, device=s.device, dtype=torch.int32)
+    thr = torch.empty(R, device=s.device, dtype=torch.int32) if thr is None else thr
+    _probe_kernel[(R,)](s, out, thr, N, k, 1, BN=triton.next_power_of_2(N), PROBE=probe_id,
+                        FUSED=fused, STRIDED=strided, num_warps=num_warps)
+    return out, thr
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results/reruns/topk_probe.json")
+    ap.add_argument("--bounds", default="int8,exact")
+    args = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, H, T, D, PAGE = 1, 32, 131072, 128, 16
+    k = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    n = T // 16 // PAGE
+    rows = []
+    for bounds in args.bounds.split(","):
+        bd = sp.page_minmax(k, PAGE, quant=None if bounds == "exact" else "int8")
+        s = sp.quest_scores(q, *bd[:2], scale=bd[2] if len(bd) == 3 else None).reshape(B * H, -1).contiguous()
+        ref = naive.select_topk_torch(s, n)
+        passes_t, thr = probe(s, n, 1)
+        passes = passes_t[:, 0].tolist()
+        variants = {
+            "prod": (lambda nw: to.select_topk(s, n, num_warps=nw), True),
+            "copy": (lambda nw: probe(s, n, 0, num_warps=nw)[0], True),
+            "no_epilogue": (lambda nw: probe(s, n, 1, num_warps=nw)[0], False),
+            "no_search": (lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True),
+            "load_only": (lambda nw: probe(s, n, 3, num_warps=nw)[0], False),
+            "one_layout": (lambda nw: probe(s, n, 0, strided=True, num_warps=nw)[0], True),
+            "fused_prologue": (lambda nw: probe(s, n, 0, fused=True, strided=True, num_warps=nw)[0], True),
+        }
+        for name, (fn, checked) in variants.items():
+            for nw in (4, 8, 16):
+                try:
+                    ok = None
+                    if checked:
+                        ok = bool(torch.equal(fn(nw), ref))
+                    ms = time_ms(lambda: fn(nw), graph=True, flush="read")
+                    row = dict(bounds=bounds, variant=name, num_warps=nw, us=round(ms * 1e3, 2), correct=ok)
+                except Exception as e:  # noqa: BLE001 - report and go on to the next variant
+                    row = dict(bounds=bounds, variant=name, num_warps=nw, error=str(e).splitlines()[-1][:200])
+                print(row, flush=True)
+                rows.append(row)
+        rows.append(dict(bounds=bounds, passes_min=min(passes), passes_max=max(passes),
+                         passes_mean=sum(passes) / len(passes)))
+        print(rows[-1], flush=True)
+    # the timing floor and the attention's fixed costs (B=1 128K 1/16, exact-bounds selection)
+    flag = torch.zeros(1024, device="cuda", dtype=torch.int32)
+    v = torch.randn_like(k)
+    bd = sp.page_minmax(k, PAGE)
+    idx = to.select_topk(to.quest_scores(q, *bd), n)
+    parts = to._decode_parts(q, k, v, n * PAGE, None, None, idx=idx, bs=PAGE)
+    m, l, acc, S = parts
+    ref = to._merge(q, *parts)
+    extra = {
+        "empty_1_program": lambda: _empty_kernel[(1,)](flag),
+        "empty_512_programs": lambda: _empty_kernel[(512,)](flag),
+        "decode_parts": lambda: to._decode_parts(q, k, v, n * PAGE, None, None, idx=idx, bs=PAGE),
+        "decode_parts_and_merge": lambda: to.block_sparse_decode(q, k, v, idx, PAGE),
+    }
+    for nw in (1, 2, 4, 8):
+        def merge(nw=nw):
+            out = torch.empty_like(q)
+            to._merge_kernel[(H,)](m, l, acc, out, S, D, *out.stride(), H, BS_=triton.next_power_of_2(S),
+                                   BD=D, num_warps=nw)
+            return out
+        assert torch.allclose(merge().float(), ref.float(), atol=1e-2), nw
+        extra[f"merge_nw{nw}"] = merge
+    for name, fn in extra.items():
+        for flush in ("read", "none"):
+            row = dict(variant=name, flush=flush, us=round(time_ms(fn, graph=True, flush=flush) * 1e3, 2))
+            print(row, flush=True)
+            rows.append(row)
+    write_json(args.out, dict(device=torch.cuda.get_device_name(), commit=commit(), torch=torch.__version__,
+                              triton=triton.__version__, command=" ".join(sys.argv), rows=rows))
+
+
+if __name__ == "__main__":
+    main()
