@@ -4,16 +4,17 @@ B=1 128K Quest step (int8 or exact bounds), CUDA-graph medians with a read flush
 
     python bench/topk_probe.py --out bench/results/reruns/topk_probe.json
 
-Variants (constexpr switches of _probe_kernel; the cut ones give wrong outputs and are timed only):
-* prod: kernels.sparse.select_topk as it is;
-* copy: the same code through this file's kernel (checks that the copy times like prod);
-* no_epilogue: load, min / max / count, the threshold passes; stores the threshold and pass count;
-* no_search: load, count, the epilogue from a threshold read from memory (no search passes);
-* load_only: load, one count, one store;
-* one_layout: loads addressed through a runtime stride, so the load and the scatter store share
-  one register layout (the compiler otherwise runs the rank scan twice, once per layout, and
-  converts the 8192-entry mask through shared memory);
-* fused_prologue: one tuple reduction for (count, min, max) instead of three; with one_layout.
+Variants:
+* prod: kernels.sparse's select_topk as it is (4 / 8 / 16 warps), and with 16 / 64 / 128 entries
+  per group of its [group, groups] register tile (32 is the default);
+* old_1d: the kernel before bench/NOTES-sparse.md's session 27 (one 1-D row of 8192), through
+  this file's _probe_kernel, whose constexpr switches also cut it into parts (timed only, wrong
+  outputs): old_no_epilogue (load, min / max / count, the threshold passes; stores the threshold
+  and the pass count), old_no_search (the epilogue from a threshold read from memory),
+  old_load_only (load, one count, one store); and old_one_layout (loads through a runtime stride,
+  so that they share the scattered stores' register layout).
+Then the timing floor (an empty kernel in a graph), the attention with and without its merge, and
+the merge at 1 / 2 / 4 / 8 warps, at B=1 128K 1/16.
 """
 from __future__ import annotations
 
@@ -130,17 +131,25 @@ def main():
         ref = naive.select_topk_torch(s, n)
         passes_t, thr = probe(s, n, 1)
         passes = passes_t[:, 0].tolist()
-        variants = {
-            "prod": (lambda nw: to.select_topk(s, n, num_warps=nw), True),
-            "copy": (lambda nw: probe(s, n, 0, num_warps=nw)[0], True),
-            "no_epilogue": (lambda nw: probe(s, n, 1, num_warps=nw)[0], False),
-            "no_search": (lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True),
-            "load_only": (lambda nw: probe(s, n, 3, num_warps=nw)[0], False),
-            "one_layout": (lambda nw: probe(s, n, 0, strided=True, num_warps=nw)[0], True),
-            "fused_prologue": (lambda nw: probe(s, n, 0, fused=True, strided=True, num_warps=nw)[0], True),
-        }
-        for name, (fn, checked) in variants.items():
-            for nw in (4, 8, 16):
+
+        def prod_bc(bc, nw):
+            out = torch.empty(s.shape[0], n, device=s.device, dtype=torch.int32)
+            to._topk_launch(s, out, None, s.shape[1], n, 1, 1, 0, s.shape[0], nw, bc=bc)
+            return out
+
+        variants = [  # name, function of num_warps, checked against the torch twin, warps timed
+            ("prod", lambda nw: to.select_topk(s, n, num_warps=nw), True, (4, 8, 16)),
+            ("prod_bc16", lambda nw: prod_bc(16, nw), True, (8,)),
+            ("prod_bc64", lambda nw: prod_bc(64, nw), True, (8,)),
+            ("prod_bc128", lambda nw: prod_bc(128, nw), True, (8,)),
+            ("old_1d", lambda nw: probe(s, n, 0, num_warps=nw)[0], True, (8,)),
+            ("old_no_epilogue", lambda nw: probe(s, n, 1, num_warps=nw)[0], False, (8,)),
+            ("old_no_search", lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True, (8,)),
+            ("old_load_only", lambda nw: probe(s, n, 3, num_warps=nw)[0], False, (8,)),
+            ("old_one_layout", lambda nw: probe(s, n, 0, strided=True, num_warps=nw)[0], True, (8,)),
+        ]
+        for name, fn, checked, warps in variants:
+            for nw in warps:
                 try:
                     ok = None
                     if checked:
@@ -177,10 +186,9 @@ def main():
         assert torch.allclose(merge().float(), ref.float(), atol=1e-2), nw
         extra[f"merge_nw{nw}"] = merge
     for name, fn in extra.items():
-        for flush in ("read", "none"):
-            row = dict(variant=name, flush=flush, us=round(time_ms(fn, graph=True, flush=flush) * 1e3, 2))
-            print(row, flush=True)
-            rows.append(row)
+        row = dict(variant=name, flush="read", us=round(time_ms(fn, graph=True, flush="read") * 1e3, 2))
+        print(row, flush=True)
+        rows.append(row)
     write_json(args.out, dict(device=torch.cuda.get_device_name(), commit=commit(), torch=torch.__version__,
                               triton=triton.__version__, command=" ".join(sys.argv), rows=rows))
 

@@ -536,3 +536,11 @@ def test_select_topk_search():
     for kk in (1, 63, 500, 999):
         ref = naive.select_topk_torch(c, kk)
         assert torch.equal(to.select_topk(c, kk).cpu(), ref.cpu()), kk
+    # a long row (8229 entries: 258 groups of 32, the last partial) with a tie run across groups
+    w = torch.randn(2, 8229, generator=g)
+    w[0, 20:300] = 0.0  # about the median: k = 4100 takes some of them
+    w[1, ::3] = float("-inf")
+    w = w.to(DEV)
+    for kk in (1, 600, 4100, 8229):
+        ref = naive.select_topk_torch(w, kk)
+        assert torch.equal(to.select_topk(w, kk).cpu(), ref.cpu()), kk
