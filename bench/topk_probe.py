@@ -5,8 +5,9 @@ B=1 128K Quest step (int8 or exact bounds), CUDA-graph medians with a read flush
     python bench/topk_probe.py --out bench/results/reruns/topk_probe.json
 
 Variants:
-* prod: kernels.sparse's select_topk as it is (4 / 8 / 16 warps), and with 16 / 64 / 128 entries
-  per group of its [group, groups] register tile (32 is the default);
+* prod: kernels.sparse's select_topk as it is (4 / 8 / 16 warps);
+* rowsC: a candidate holding the row as a row-major [N / C, C] tile in the loads' natural layout
+  (ranks: a scan along each C-row plus one over the row totals);
 * old_1d: the kernel before bench/NOTES-sparse.md's session 27 (one 1-D row of 8192), through
   this file's _probe_kernel, whose constexpr switches also cut it into parts (timed only, wrong
   outputs): old_no_epilogue (load, min / max / count, the threshold passes; stores the threshold
@@ -105,6 +106,57 @@ def _probe_kernel(s_ptr, o_ptr, thr_ptr, N, K, STRIDE, BN: tl.constexpr, PROBE: 
         tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
+@triton.jit
+def _rows_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr, C: tl.constexpr):
+    """Candidate: the row as a row-major [BN // C, C] tile in the loads' natural (vectorised)
+    layout; ranks = a scan along each C-row plus one over the row totals."""
+    row = tl.program_id(0)
+    n = tl.arange(0, BN // C)[:, None] * C + tl.arange(0, C)[None, :]
+    nm = n < N
+    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+    valid = nm & (x > float("-inf"))
+    o_ptr += row.to(tl.int64) * K
+    key = tl.where(valid, _value_key(x), -2147483647 - 1)
+    n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
+    need = tl.minimum(K, n_valid)
+    lo = tl.min(tl.min(tl.where(valid, key, 2147483647), axis=1), axis=0)
+    hi = tl.max(tl.max(key, axis=1), axis=0)
+    hi = tl.where((need > 0) & (need < n_valid), hi, lo)
+    n_ge = n_valid
+    while lo < hi:
+        t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
+        t = tl.where((t <= lo) | (t > hi),
+                     (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
+        cnt = tl.sum(tl.sum((key >= t).to(tl.int32), axis=1), axis=0)
+        ok = cnt >= need
+        lo = tl.where(ok, t, lo)
+        n_ge = tl.where(ok, cnt, n_ge)
+        hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
+    sel = key >= lo
+    if n_ge > need:
+        gt = key > lo
+        eq = (key == lo).to(tl.int32)
+        n_gt = tl.sum(tl.sum(gt.to(tl.int32), axis=1), axis=0)
+        eq_row = tl.sum(eq, axis=1)
+        eq_rank = (tl.cumsum(eq_row, axis=0) - eq_row)[:, None] + tl.cumsum(eq, axis=1)
+        sel = gt | ((eq > 0) & (eq_rank <= need - n_gt))
+    sel = sel & valid & (need > 0)
+    m = sel.to(tl.int32)
+    per_row = tl.sum(m, axis=1)
+    rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(m, axis=1) - 1
+    tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
+    for p0 in range(0, K, BN):
+        pad = p0 + n
+        tl.store(o_ptr + pad, tl.full([BN // C, C], -1, tl.int32), mask=(pad >= need) & (pad < K))
+
+
+def rows(s, k, c, num_warps=8):
+    out = torch.empty(s.shape[0], k, device=s.device, dtype=torch.int32)
+    _rows_kernel[(s.shape[0],)](s, out, s.shape[1], k, BN=triton.next_power_of_2(s.shape[1]), C=c,
+                                num_warps=num_warps)
+    return out
+
+
 def probe(s, k, probe_id, fused=False, strided=False, num_warps=8, thr=None):
     R, N = s.shape
     out = torch.empty(R, k, device=s.device, dtype=torch.int32)
@@ -132,16 +184,12 @@ def main():
         passes_t, thr = probe(s, n, 1)
         passes = passes_t[:, 0].tolist()
 
-        def prod_bc(bc, nw):
-            out = torch.empty(s.shape[0], n, device=s.device, dtype=torch.int32)
-            to._topk_launch(s, out, None, s.shape[1], n, 1, 1, 0, s.shape[0], nw, bc=bc)
-            return out
-
         variants = [  # name, function of num_warps, checked against the torch twin, warps timed
             ("prod", lambda nw: to.select_topk(s, n, num_warps=nw), True, (4, 8, 16)),
-            ("prod_bc16", lambda nw: prod_bc(16, nw), True, (8,)),
-            ("prod_bc64", lambda nw: prod_bc(64, nw), True, (8,)),
-            ("prod_bc128", lambda nw: prod_bc(128, nw), True, (8,)),
+            ("rows32", lambda nw: rows(s, n, 32, nw), True, (8,)),
+            ("rows64", lambda nw: rows(s, n, 64, nw), True, (8,)),
+            ("rows128", lambda nw: rows(s, n, 128, nw), True, (8, 16)),
+            ("rows256", lambda nw: rows(s, n, 256, nw), True, (8,)),
             ("old_1d", lambda nw: probe(s, n, 0, num_warps=nw)[0], True, (8,)),
             ("old_no_epilogue", lambda nw: probe(s, n, 1, num_warps=nw)[0], False, (8,)),
             ("old_no_search", lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True, (8,)),

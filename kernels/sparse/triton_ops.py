@@ -424,58 +424,47 @@ def _key_value(key):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _rank_2d(m):
-    """Inclusive running count of a [C, G] int32 0/1 tensor in column-major order (G groups of C
-    consecutive entries): a scan down each group plus the groups' exclusive offsets."""
-    per_group = tl.sum(m, axis=0)
-    return (tl.cumsum(per_group, axis=0) - per_group)[None, :] + tl.cumsum(m, axis=0)
-
-
-@triton.jit(do_not_specialize=["SN"])
-def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, SR, SN, K, HQ, TC, OWN_T, BN: tl.constexpr,
-                        BC: tl.constexpr, HAS_OWN: tl.constexpr = False):
+@triton.jit(do_not_specialize=["SN", "SO"])
+def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, SR, SN, SO, K, HQ, TC, OWN_T, BN: tl.constexpr,
+                        HAS_OWN: tl.constexpr = False):
     """Top-k of one row, ascending, -1 padded, ties to the lower index. The threshold (the k-th
     largest key of the scores' order-preserving int32 image) is bisected for inside the row's
     finite [min, max], one count (one block reduction) per pass, at the midpoint in value (in key
     when that does not split the bracket: -0/+0, or a range past float32), and the search stops
     as soon as the keys at or above the threshold are exactly the k needed (continuous scores:
-    about a dozen passes).
-
-    The row is held as [BN // BC, BC] (row-major), so that the output slots come from scans
-    along BC inside a warp plus one short scan over the BN // BC sub-rows: a 1-D cumsum of 8192
-    entries cost about 4 us of the ~15 at batch 1 (bench/topk_probe.py). Rows are SR apart and
-    entries SN; SN is never specialised (it is 1 in practice), so the loads are not vectorised and
-    take the scattered stores' register layout: no 8192-entry tensor is converted between layouts
-    (1.6 us).
+    about a dozen passes). Score rows are SR apart and their entries SN; output slots are SO
+    apart. SN and SO are never specialised (both are 1 in practice): the loads and the -1 fill
+    are then not vectorised and share the scattered stores' register layout, so the rank scan
+    runs once instead of once per layout, with no 8192-entry layout conversion
+    (bench/topk_probe.py: 1 us of 20 at batch 1).
 
     HAS_OWN (MoBA's gate; rows [B, HQ, TC] = a chunk of TC query positions, own blocks [B, OWN_T]
     int64, output [B, HQ, OWN_T, K + 1] from the chunk's first position): only entries below the
     row's own block compete, and the own block (-1 if it is N or more) takes the slot after the
     chosen ones."""
     row = tl.program_id(0)
-    n = tl.arange(0, BC)[:, None] + tl.arange(0, BN // BC)[None, :] * BC
+    n = tl.arange(0, BN)
     nm = n < N
     x = tl.load(s_ptr + row.to(tl.int64) * SR + n * SN, mask=nm, other=float("-inf"))
     valid = nm & (x > float("-inf"))
     if HAS_OWN:
-        o_ptr += ((row // TC).to(tl.int64) * OWN_T + row % TC) * (K + 1)
+        o_ptr += ((row // TC).to(tl.int64) * OWN_T + row % TC) * (K + 1) * SO
         own = tl.load(own_ptr + (row // (HQ * TC)).to(tl.int64) * OWN_T + row % TC)
         valid = valid & (n < own)
     else:
-        o_ptr += row.to(tl.int64) * K
+        o_ptr += row.to(tl.int64) * K * SO
     key = tl.where(valid, _value_key(x), -2147483647 - 1)
-    n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=0), axis=0)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
     need = tl.minimum(K, n_valid)
-    lo = tl.min(tl.min(tl.where(valid, key, 2147483647), axis=0), axis=0)
-    hi = tl.max(tl.max(key, axis=0), axis=0)
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
+    hi = tl.max(key, axis=0)
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)  # everything valid is kept: lo = min
     n_ge = n_valid  # count(key >= lo); an invalid key is below every valid one
     while lo < hi:  # invariant: count(key >= lo) = n_ge >= need > count(key > hi)
         t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
         t = tl.where((t <= lo) | (t > hi),
                      (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
-        cnt = tl.sum(tl.sum((key >= t).to(tl.int32), axis=0), axis=0)
+        cnt = tl.sum((key >= t).to(tl.int32), axis=0)
         ok = cnt >= need
         lo = tl.where(ok, t, lo)
         n_ge = tl.where(ok, cnt, n_ge)
@@ -484,26 +473,26 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, SR, SN, K, HQ, TC, OWN_T, BN: 
     if n_ge > need:  # ties at the threshold: the lower indices first
         gt = key > lo
         eq = key == lo
-        n_gt = tl.sum(tl.sum(gt.to(tl.int32), axis=0), axis=0)
-        sel = gt | (eq & (_rank_2d(eq.to(tl.int32)) <= need - n_gt))
+        n_gt = tl.sum(gt.to(tl.int32), axis=0)
+        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need - n_gt))
     sel = sel & valid & (need > 0)
-    rank = _rank_2d(sel.to(tl.int32)) - 1
-    tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(o_ptr + rank * SO, n.to(tl.int32), mask=sel & (rank < K))
     if HAS_OWN:  # the own block at slot need, then -1 (one store per slot: no two threads race)
-        tl.store(o_ptr + need, tl.where(own < N, own, -1).to(tl.int32))
+        tl.store(o_ptr + need * SO, tl.where(own < N, own, -1).to(tl.int32))
         pad_lo, slots = need + 1, K + 1
     else:
         pad_lo, slots = need, K
     for p0 in range(0, slots, BN):  # the -1 padding
         pad = p0 + n
-        tl.store(o_ptr + pad * SN, tl.full([BC, BN // BC], -1, tl.int32), mask=(pad >= pad_lo) & (pad < slots))
+        tl.store(o_ptr + pad * SO, tl.full([BN], -1, tl.int32), mask=(pad >= pad_lo) & (pad < slots))
 
 
-def _topk_launch(s, out, own, N, K, HQ, TC, OWN_T, rows, num_warps=None, bc=32):
-    """rows x N scores: s contiguous but for its last two strides. bc: entries per group of the
-    [bc, BN // bc] register tile (32: one warp's threads down a group)."""
+def _topk_launch(s, out, own, N, K, HQ, TC, OWN_T, rows, num_warps=None):
+    """rows x N scores (s contiguous but for its last two strides) -> rows x K slots (out
+    contiguous but for its last stride)."""
     BN = _p2(N)
-    _select_topk_kernel[(rows,)](s, out, own, N, s.stride(-2), s.stride(-1), K, HQ, TC, OWN_T, BN=BN, BC=min(BN, bc),
+    _select_topk_kernel[(rows,)](s, out, own, N, s.stride(-2), s.stride(-1), out.stride(-1), K, HQ, TC, OWN_T, BN=BN,
                                  HAS_OWN=own is not None, num_warps=num_warps or (8 if BN >= 2048 else 4))
 
 
