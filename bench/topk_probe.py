@@ -150,7 +150,7 @@ def _rows_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr, C: tl.constexpr):
         tl.store(o_ptr + pad, tl.full([BN // C, C], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
-def rows(s, k, c, num_warps=8):
+def rows_topk(s, k, c, num_warps=8):
     out = torch.empty(s.shape[0], k, device=s.device, dtype=torch.int32)
     _rows_kernel[(s.shape[0],)](s, out, s.shape[1], k, BN=triton.next_power_of_2(s.shape[1]), C=c,
                                 num_warps=num_warps)
@@ -186,10 +186,10 @@ def main():
 
         variants = [  # name, function of num_warps, checked against the torch twin, warps timed
             ("prod", lambda nw: to.select_topk(s, n, num_warps=nw), True, (4, 8, 16)),
-            ("rows32", lambda nw: rows(s, n, 32, nw), True, (8,)),
-            ("rows64", lambda nw: rows(s, n, 64, nw), True, (8,)),
-            ("rows128", lambda nw: rows(s, n, 128, nw), True, (8, 16)),
-            ("rows256", lambda nw: rows(s, n, 256, nw), True, (8,)),
+            ("rows32", lambda nw: rows_topk(s, n, 32, nw), True, (8,)),
+            ("rows64", lambda nw: rows_topk(s, n, 64, nw), True, (8,)),
+            ("rows128", lambda nw: rows_topk(s, n, 128, nw), True, (8, 16)),
+            ("rows256", lambda nw: rows_topk(s, n, 256, nw), True, (8,)),
             ("old_1d", lambda nw: probe(s, n, 0, num_warps=nw)[0], True, (8,)),
             ("old_no_epilogue", lambda nw: probe(s, n, 1, num_warps=nw)[0], False, (8,)),
             ("old_no_search", lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True, (8,)),
