@@ -4,18 +4,19 @@ B=1 128K Quest step (int8 or exact bounds), CUDA-graph medians with a read flush
 
     python bench/topk_probe.py --out bench/results/reruns/topk_probe.json
 
-Variants:
+Variants (constexpr switches of this file's _probe_kernel, which follows select_topk's kernel
+with its search pass shared; the cut ones give wrong outputs and are timed only):
 * prod: kernels.sparse's select_topk as it is (4 / 8 / 16 warps);
-* rowsC: a candidate holding the row as a row-major [N / C, C] tile in the loads' natural layout
-  (ranks: a scan along each C-row plus one over the row totals);
-* old_1d: the kernel before bench/NOTES-sparse.md's session 27 (one 1-D row of 8192), through
-  this file's _probe_kernel, whose constexpr switches also cut it into parts (timed only, wrong
-  outputs): old_no_epilogue (load, min / max / count, the threshold passes; stores the threshold
-  and the pass count), old_no_search (the epilogue from a threshold read from memory),
-  old_load_only (load, one count, one store); and old_one_layout (loads through a runtime stride,
-  so that they share the scattered stores' register layout).
+* copy: _probe_kernel whole (checks that it times like prod);
+* vectorised: its loads and -1 fill through specialised strides, so vectorised: the kernel
+  before session 27 (bench/NOTES-sparse.md), which ran the rank scan twice, once per layout;
+* no_epilogue: load, min / max / count, the threshold passes; stores the threshold and passes;
+* no_search: load, min / max / count, the epilogue from a threshold read from memory;
+* load_only: load, one count, one store.
 Then the timing floor (an empty kernel in a graph), the attention with and without its merge, and
 the merge at 1 / 2 / 4 / 8 warps, at B=1 128K 1/16.
+Session 27's runs of earlier versions of this file (bench/results/reruns/topk_probe_*.json) also
+time a [32, N/32] register tile and row-major [N/C, C] tiles, which lost.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels.sparse as sp  # noqa: E402
 from kernels.sparse import naive  # noqa: E402
 from kernels.sparse import triton_ops as to  # noqa: E402
-from kernels.sparse.triton_ops import _key_value, _value_key  # noqa: E402
+from kernels.sparse.triton_ops import _topk_search_pass, _value_key  # noqa: E402
 from _runs import commit, write_json  # noqa: E402
 from _timing import time_ms  # noqa: E402
 
@@ -42,127 +43,66 @@ def _empty_kernel(o_ptr):
     tl.store(o_ptr + tl.program_id(0), 1)
 
 
-@triton.jit
-def _cmb3(c0, lo0, hi0, c1, lo1, hi1):
-    return c0 + c1, tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
-
-
-@triton.jit(do_not_specialize=["STRIDE"])
-def _probe_kernel(s_ptr, o_ptr, thr_ptr, N, K, STRIDE, BN: tl.constexpr, PROBE: tl.constexpr,
-                  FUSED: tl.constexpr, STRIDED: tl.constexpr):
+@triton.jit(do_not_specialize=["SN", "SO"])
+def _probe_kernel(s_ptr, o_ptr, thr_ptr, N, SN, SO, K, BN: tl.constexpr, PROBE: tl.constexpr,
+                  VECTORISED: tl.constexpr):
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
-    if STRIDED:  # the compiler cannot prove contiguity: scalar loads in the store's layout
-        x = tl.load(s_ptr + row.to(tl.int64) * N + n * STRIDE, mask=nm, other=float("-inf"))
-    else:
+    if VECTORISED:
         x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
+        o_ptr += row.to(tl.int64) * K
+    else:
+        x = tl.load(s_ptr + row.to(tl.int64) * N * SN + n * SN, mask=nm, other=float("-inf"))
+        o_ptr += row.to(tl.int64) * K * SO
     valid = nm & (x > float("-inf"))
-    o_ptr += row.to(tl.int64) * K
     key = tl.where(valid, _value_key(x), -2147483647 - 1)
     if PROBE == 3:  # load_only
         tl.store(o_ptr, tl.sum(valid.to(tl.int32), axis=0))
         return
-    if FUSED:
-        n_valid, lo, hi = tl.reduce((valid.to(tl.int32), tl.where(valid, key, 2147483647), key), 0, _cmb3)
-    else:
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
-        hi = tl.max(key, axis=0)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
     need = tl.minimum(K, n_valid)
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
+    hi = tl.max(key, axis=0)
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)
+    n_ge = n_valid
     passes = 0
-    if PROBE == 2:  # no_search
+    if PROBE == 2:  # no_search: the threshold from memory, its count by one reduction
         lo = tl.load(thr_ptr + row)
+        n_ge = tl.sum((key >= lo).to(tl.int32), axis=0)
     else:
         while lo < hi:
-            t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
-            t = tl.where((t <= lo) | (t > hi),
-                         (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
-            cnt = tl.sum((key >= t).to(tl.int32), axis=0)
-            ok = cnt >= need
-            lo = tl.where(ok, t, lo)
-            hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
+            lo, hi, n_ge = _topk_search_pass(key, lo, hi, n_ge, need)
             passes += 1
     if PROBE == 1:  # no_epilogue
         tl.store(thr_ptr + row, lo)
         tl.store(o_ptr, passes)
         return
-    thr32 = lo
-    sel = (key >= thr32) & valid
-    n_ge = tl.sum(sel.to(tl.int32), axis=0)
-    if n_ge > need:
-        gt = (key > thr32) & valid
-        eq_rank = tl.cumsum(((key == thr32) & valid).to(tl.int32), axis=0)
-        sel = gt | ((key == thr32) & valid & (eq_rank <= need - tl.sum(gt.to(tl.int32), axis=0)))
-    sel = sel & (need > 0)
-    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
-    for p0 in range(0, K, BN):
-        if STRIDED:
-            pad = p0 + n * STRIDE
-        else:
-            pad = p0 + n
-        tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
-
-
-@triton.jit
-def _rows_kernel(s_ptr, o_ptr, N, K, BN: tl.constexpr, C: tl.constexpr):
-    """Candidate: the row as a row-major [BN // C, C] tile in the loads' natural (vectorised)
-    layout; ranks = a scan along each C-row plus one over the row totals."""
-    row = tl.program_id(0)
-    n = tl.arange(0, BN // C)[:, None] * C + tl.arange(0, C)[None, :]
-    nm = n < N
-    x = tl.load(s_ptr + row.to(tl.int64) * N + n, mask=nm, other=float("-inf"))
-    valid = nm & (x > float("-inf"))
-    o_ptr += row.to(tl.int64) * K
-    key = tl.where(valid, _value_key(x), -2147483647 - 1)
-    n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
-    need = tl.minimum(K, n_valid)
-    lo = tl.min(tl.min(tl.where(valid, key, 2147483647), axis=1), axis=0)
-    hi = tl.max(tl.max(key, axis=1), axis=0)
-    hi = tl.where((need > 0) & (need < n_valid), hi, lo)
-    n_ge = n_valid
-    while lo < hi:
-        t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
-        t = tl.where((t <= lo) | (t > hi),
-                     (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
-        cnt = tl.sum(tl.sum((key >= t).to(tl.int32), axis=1), axis=0)
-        ok = cnt >= need
-        lo = tl.where(ok, t, lo)
-        n_ge = tl.where(ok, cnt, n_ge)
-        hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
     sel = key >= lo
     if n_ge > need:
         gt = key > lo
-        eq = (key == lo).to(tl.int32)
-        n_gt = tl.sum(tl.sum(gt.to(tl.int32), axis=1), axis=0)
-        eq_row = tl.sum(eq, axis=1)
-        eq_rank = (tl.cumsum(eq_row, axis=0) - eq_row)[:, None] + tl.cumsum(eq, axis=1)
-        sel = gt | ((eq > 0) & (eq_rank <= need - n_gt))
+        eq = key == lo
+        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need - tl.sum(gt.to(tl.int32), axis=0)))
     sel = sel & valid & (need > 0)
-    m = sel.to(tl.int32)
-    per_row = tl.sum(m, axis=1)
-    rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(m, axis=1) - 1
-    tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    if VECTORISED:
+        tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
+    else:
+        tl.store(o_ptr + rank * SO, n.to(tl.int32), mask=sel & (rank < K))
     for p0 in range(0, K, BN):
         pad = p0 + n
-        tl.store(o_ptr + pad, tl.full([BN // C, C], -1, tl.int32), mask=(pad >= need) & (pad < K))
+        if VECTORISED:
+            tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
+        else:
+            tl.store(o_ptr + pad * SO, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
-def rows_topk(s, k, c, num_warps=8):
-    out = torch.empty(s.shape[0], k, device=s.device, dtype=torch.int32)
-    _rows_kernel[(s.shape[0],)](s, out, s.shape[1], k, BN=triton.next_power_of_2(s.shape[1]), C=c,
-                                num_warps=num_warps)
-    return out
-
-
-def probe(s, k, probe_id, fused=False, strided=False, num_warps=8, thr=None):
+def probe(s, k, probe_id, vectorised=False, num_warps=8, thr=None):
     R, N = s.shape
     out = torch.empty(R, k, device=s.device, dtype=torch.int32)
     thr = torch.empty(R, device=s.device, dtype=torch.int32) if thr is None else thr
-    _probe_kernel[(R,)](s, out, thr, N, k, 1, BN=triton.next_power_of_2(N), PROBE=probe_id,
-                        FUSED=fused, STRIDED=strided, num_warps=num_warps)
+    _probe_kernel[(R,)](s, out, thr, N, s.stride(1), out.stride(1), k, BN=triton.next_power_of_2(N),
+                        PROBE=probe_id, VECTORISED=vectorised, num_warps=num_warps)
     return out, thr
 
 
@@ -186,15 +126,11 @@ def main():
 
         variants = [  # name, function of num_warps, checked against the torch twin, warps timed
             ("prod", lambda nw: to.select_topk(s, n, num_warps=nw), True, (4, 8, 16)),
-            ("rows32", lambda nw: rows_topk(s, n, 32, nw), True, (8,)),
-            ("rows64", lambda nw: rows_topk(s, n, 64, nw), True, (8,)),
-            ("rows128", lambda nw: rows_topk(s, n, 128, nw), True, (8, 16)),
-            ("rows256", lambda nw: rows_topk(s, n, 256, nw), True, (8,)),
-            ("old_1d", lambda nw: probe(s, n, 0, num_warps=nw)[0], True, (8,)),
-            ("old_no_epilogue", lambda nw: probe(s, n, 1, num_warps=nw)[0], False, (8,)),
-            ("old_no_search", lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True, (8,)),
-            ("old_load_only", lambda nw: probe(s, n, 3, num_warps=nw)[0], False, (8,)),
-            ("old_one_layout", lambda nw: probe(s, n, 0, strided=True, num_warps=nw)[0], True, (8,)),
+            ("copy", lambda nw: probe(s, n, 0, num_warps=nw)[0], True, (8,)),
+            ("vectorised", lambda nw: probe(s, n, 0, vectorised=True, num_warps=nw)[0], True, (8,)),
+            ("no_epilogue", lambda nw: probe(s, n, 1, num_warps=nw)[0], False, (8,)),
+            ("no_search", lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True, (8,)),
+            ("load_only", lambda nw: probe(s, n, 3, num_warps=nw)[0], False, (8,)),
         ]
         for name, fn, checked, warps in variants:
             for nw in warps:

@@ -424,6 +424,18 @@ def _key_value(key):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _topk_search_pass(key, lo, hi, n_ge, need):
+    """One pass of the threshold search: count the keys at or above the bracket's midpoint (in
+    value; in key when that does not split it) and keep the half that holds the k-th largest."""
+    t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
+    t = tl.where((t <= lo) | (t > hi),
+                 (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
+    cnt = tl.sum((key >= t).to(tl.int32), axis=0)
+    ok = cnt >= need
+    return tl.where(ok, t, lo), tl.where(ok, tl.where(cnt == need, t, hi), t - 1), tl.where(ok, cnt, n_ge)
+
+
 @triton.jit(do_not_specialize=["SN", "SO"])
 def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, SR, SN, SO, K, HQ, TC, OWN_T, BN: tl.constexpr,
                         HAS_OWN: tl.constexpr = False):
@@ -461,14 +473,7 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, SR, SN, SO, K, HQ, TC, OWN_T, 
     hi = tl.where((need > 0) & (need < n_valid), hi, lo)  # everything valid is kept: lo = min
     n_ge = n_valid  # count(key >= lo); an invalid key is below every valid one
     while lo < hi:  # invariant: count(key >= lo) = n_ge >= need > count(key > hi)
-        t = _value_key(_key_value(lo) * 0.5 + _key_value(hi) * 0.5)
-        t = tl.where((t <= lo) | (t > hi),
-                     (lo.to(tl.int64) + ((hi.to(tl.int64) - lo) >> 1) + 1).to(tl.int32), t)
-        cnt = tl.sum((key >= t).to(tl.int32), axis=0)
-        ok = cnt >= need
-        lo = tl.where(ok, t, lo)
-        n_ge = tl.where(ok, cnt, n_ge)
-        hi = tl.where(ok, tl.where(cnt == need, t, hi), t - 1)
+        lo, hi, n_ge = _topk_search_pass(key, lo, hi, n_ge, need)
     sel = key >= lo
     if n_ge > need:  # ties at the threshold: the lower indices first
         gt = key > lo
