@@ -447,8 +447,9 @@ def _select_topk_kernel(s_ptr, o_ptr, own_ptr, N, SR, SN, SO, K, HQ, TC, OWN_T, 
     about a dozen passes). Score rows are SR apart and their entries SN; output slots are SO
     apart. SN and SO are never specialised (both are 1 in practice): the loads and the -1 fill
     are then not vectorised and share the scattered stores' register layout, so the rank scan
-    runs once instead of once per layout, with no 8192-entry layout conversion
-    (bench/topk_probe.py: 1 us of 20 at batch 1).
+    runs once instead of once per layout, with no 8192-entry layout conversion. With the count
+    at the threshold carried out of the search: 17.4 us against 20.1 for 32 rows of 8192 on the
+    H200 (bench/topk_probe.py, graph floor of ~4 us included).
 
     HAS_OWN (MoBA's gate; rows [B, HQ, TC] = a chunk of TC query positions, own blocks [B, OWN_T]
     int64, output [B, HQ, OWN_T, K + 1] from the chunk's first position): only entries below the
