@@ -137,6 +137,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+# files transformers loads tokenizers from: a directory with none of them gets a plain message
+# (transformers' own starts "Couldn't instantiate the backend tokenizer from one of:")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
@@ -154,6 +160,9 @@ def load_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - any failure is one line
+        if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in TOKENIZER_FILES):
+            raise SpecError(f"--model {name}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)}); "
+                            "save the model's tokenizer beside it") from None
         raise SpecError(f"model {name!r} has no usable tokenizer: {_first_line(e)}") from None
     if tok is None or not hasattr(tok, "encode"):
         raise SpecError(f"model {name!r} has no tokenizer")

@@ -225,6 +225,14 @@ def main(argv=None) -> int:
         return 2
     if len(a.outs) > 1 and not labels:
         labels = [Path(o).name for o in a.outs]
+    for o in a.outs:  # a typo would otherwise give an empty report
+        if not Path(o).is_dir():
+            print(f"error: {o}: no such directory", file=sys.stderr)
+            return 2
+        if not any((Path(o) / "pred").glob("*/*/*.jsonl")):
+            print(f"error: {o}: no predictions under {Path(o) / 'pred'} (eval/niah.py --out writes them)",
+                  file=sys.stderr)
+            return 2
     s = write_reports(a.outs, labels, a.out, a.metric)
     print(f"{len(s['runs'])} rows -> {Path(a.out or a.outs[0]) / 'summary.md'}")
     return 0

@@ -587,7 +587,20 @@ def test_cli_subprocess_no_tokenizer(tmp_path):
     r = subprocess.run([sys.executable, "eval/niah.py", "--model", str(d), "--out", str(tmp_path / "o"),
                         "--lengths", "512"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
-    assert "tokenizer" in r.stderr and r.stderr.strip().startswith("error:")
+    assert "no tokenizer in it" in r.stderr and r.stderr.strip().startswith("error:")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_report_refuses_missing_runs(tmp_path, capsys):
+    """eval/report.py on a mistyped or empty run directory: one line and exit 2, no empty report."""
+    from eval.report import main
+
+    (tmp_path / "empty").mkdir()
+    for run, msg in ((tmp_path / "nope", "no such directory"), (tmp_path / "empty", "no predictions")):
+        assert main([str(run), "--out", str(tmp_path / "rep")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "rep").exists()
 
 
 def test_cli_quest_eval_variant_flags():
