@@ -498,13 +498,15 @@ def _topk_launch(s, out, own, N, K, HQ, TC, OWN_T, rows, num_warps=None):
     """rows x N scores (s contiguous but for its last two strides) -> rows x K slots (out
     contiguous but for its last stride)."""
     BN = _p2(N)
-    _select_topk_kernel[(rows,)](s, out, own, N, s.stride(-2), s.stride(-1), out.stride(-1), K, HQ, TC, OWN_T, BN=BN,
-                                 HAS_OWN=own is not None, num_warps=num_warps or (8 if BN >= 2048 else 4))
+    _select_topk_kernel[(rows,)](s, out, own, N, s.stride(-2), s.stride(-1), out.stride(-1), K, HQ, TC,
+                                 OWN_T, BN=BN, HAS_OWN=own is not None,
+                                 num_warps=num_warps or (8 if BN >= 2048 else 4))
 
 
 # 8 warps: the fastest of 4 / 8 / 16 in the H200 sweeps (bench/NOTES-sparse.md): 17.4 us for 32
-# rows of 8192 pages (int8-bound scores; CUDA graph, ~4 us of it the graph's own floor). Lost there: several thresholds per pass (WAYS 4 / 8, up to 27 us) and
-# histogram passes (2 passes, but tl.histogram made each about 10x a count: 31 us).
+# rows of 8192 pages (int8-bound scores; CUDA graph, ~4 us of it the graph's own floor). Lost
+# there: several thresholds per pass (WAYS 4 / 8, up to 27 us) and histogram passes (2 passes,
+# but tl.histogram made each about 10x a count: 31 us).
 def select_topk(scores, k, *, num_warps=None):
     """[..., N] fp32 -> [..., k] int32: the k best finite entries ascending, -1 padded."""
     shape = scores.shape
@@ -726,11 +728,12 @@ def _resident_programs(kernel, args, meta, device):
     return _RESIDENT[key]
 
 
-def _merge(q, m, l, acc, S):
+def _merge(q, m, l, acc, S, num_warps=2):
+    """num_warps 2: 0.5 us under 4 at B=1 128K (one latency-bound program per head; topk_probe.py)."""
     B, Hq, D = q.shape
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    # 2 warps: 0.5 us under 4 at B=1 128K (one latency-bound program per head; topk_probe.py)
-    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D), num_warps=2)
+    _merge_kernel[(B * Hq,)](m, l, acc, out, S, D, *out.stride(), Hq, BS_=_p2(S), BD=_p2(D),
+                             num_warps=num_warps)
     return out
 
 
