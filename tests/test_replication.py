@@ -49,6 +49,12 @@ def test_set_changes_one_recipe_field_and_refuses_unknown_ones(capsys):
     assert size["drill_weight"] == 0.0 and size["blend"] == (0.9, 0.08, 0.02)
     assert size["combos"] == (("attention", "plain"),)
     assert run.SIZES["full"]["drill_weight"] == 6.0  # the recipe itself is untouched
+    # the combos choose the models: the memory model alone is one GPU's work
+    assert run.kinds(run.apply_sets(run.SIZES["full"], ["combos=[[memory, mem]]"])) == ("memory",)
+    assert run.kinds(run.SIZES["full"]) == ("attention", "memory")
+    for bad in ("combos=[[memroy, mem]]", "combos=[[memory, kv]]", "combos=[]", "combos=[memory]"):
+        with pytest.raises(ValueError, match="combos takes"):
+            run.apply_sets(run.SIZES["full"], [bad])
     for bad in ("blend=[1, 2]", "blend=[0, 0, 0, 0]", "blend=[0.5, -0.1, 0.3, 0.3]"):
         with pytest.raises(ValueError, match="blend takes"):
             run.apply_sets(run.SIZES["full"], [bad])

@@ -375,11 +375,17 @@ def pretrain_overrides(size: dict, work: Path, kind: str, short: bool = True) ->
             *size["overrides"]]
 
 
+def kinds(size: dict) -> tuple[str, ...]:
+    """The models the evaluation combos name: `--set combos=[[memory,mem]]` trains, converts and
+    evaluates the memory model alone (one GPU's worth of work)."""
+    return tuple(k for k in KINDS if any(m == k for m, _ in size["combos"]))
+
+
 def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
-    """Train both kinds (concurrently when there are 2 GPUs). True when both reached their last iteration."""
+    """Train the kinds (concurrently when there are 2 GPUs). True when all reached their last iteration."""
     gpus = cuda_count()
     jobs = []
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(kinds(size)):
         ov = phase_overrides(size, work, kind, phase)
         run = work / "runs" / f"{kind}-{phase}"
         if latest(run) >= total_iters(kind, ov):
@@ -419,7 +425,7 @@ def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
                 log(f"{phase}: {kind} saved at iteration {latest(run)}")
             return False
     return all(latest(work / "runs" / f"{k}-{phase}") >= total_iters(k, phase_overrides(size, work, k, phase))
-               for k in KINDS)
+               for k in kinds(size))
 
 
 def phase_overrides(size: dict, work: Path, kind: str, phase: str) -> list[str]:
@@ -431,7 +437,7 @@ def phase_overrides(size: dict, work: Path, kind: str, phase: str) -> list[str]:
 
 
 def stage_convert(work: Path, size: dict, clock: Clock) -> bool:
-    for kind in KINDS:
+    for kind in kinds(size):
         out = work / "hf" / kind
         if (out / "config.json").is_file():
             continue
@@ -560,7 +566,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
         if (report / name).is_file():
             shutil.copyfile(report / name, results / name)
     info = {**environment(), "size": size,  # device, versions, commit (COMMIT wins), command
-            "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k in KINDS
+            "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k in kinds(size)
                          for p in ("short", "pretrain", "sft") if (work / "runs" / f"{k}-{p}").is_dir()},
             "data": {k: json.loads((work / "data" / f"{k}_text_document.json").read_text())
                      for k in CORPORA
@@ -610,6 +616,10 @@ def apply_sets(size: dict, sets: list[str]) -> dict:
                                or min(value) < 0 or sum(value) <= 0):
             raise ValueError(f"{item!r}: blend takes 3-{len(CORPORA)} weights >= 0 ({', '.join(CORPORA)}), "
                              "not all zero")
+        if key == "combos" and (not value or not all(
+                isinstance(c, tuple) and len(c) == 2 and c[0] in KINDS and c[1] in ("plain", "mem") for c in value)):
+            raise ValueError(f"{item!r}: combos takes [MODEL, SOURCE] pairs, MODEL one of {', '.join(KINDS)}, "
+                             "SOURCE plain or mem")
         size[key] = value
     return size
 
