@@ -10,17 +10,14 @@ with its search pass shared; the cut ones give wrong outputs and are timed only)
 * copy: _probe_kernel whole (checks that it times like prod);
 * vectorised: its loads and -1 fill through specialised strides, so vectorised: the kernel
   before session 27 (bench/NOTES-sparse.md), which ran the rank scan twice, once per layout;
-* slot, vectorised_slot: the scattered store's address and mask as one int32 tensor (-1 = not
-  stored) and the -1 fill skipped when every slot is taken. With vectorised loads the compiler then
-  runs the scan once and converts the addresses instead (offline sm_90 build: about 4,100
-  instructions per thread on the common path against 5,070 for prod; not yet timed);
 * no_epilogue: load, min / max / count, the threshold passes; stores the threshold and passes;
 * no_search: load, min / max / count, the epilogue from a threshold read from memory;
 * load_only: load, one count, one store.
 Then the timing floor (an empty kernel in a graph), the attention with and without its merge, and
 the merge at 1 / 2 / 4 / 8 warps, at B=1 128K 1/16.
 Session 27's runs of earlier versions of this file (bench/results/reruns/topk_probe_*.json) also
-time a [32, N/32] register tile and row-major [N/C, C] tiles, which lost.
+time a [32, N/32] register tile and row-major [N/C, C] tiles, which lost; topk_probe_f6e492f.json
+times "slot" variants (the store's address and mask as one int32 tensor), which gained nothing.
 """
 from __future__ import annotations
 
@@ -49,7 +46,7 @@ def _empty_kernel(o_ptr):
 
 @triton.jit(do_not_specialize=["SN", "SO"])
 def _probe_kernel(s_ptr, o_ptr, thr_ptr, N, SN, SO, K, BN: tl.constexpr, PROBE: tl.constexpr,
-                  VECTORISED: tl.constexpr, SLOT: tl.constexpr = False):
+                  VECTORISED: tl.constexpr):
     row = tl.program_id(0)
     n = tl.arange(0, BN)
     nm = n < N
@@ -89,31 +86,24 @@ def _probe_kernel(s_ptr, o_ptr, thr_ptr, N, SN, SO, K, BN: tl.constexpr, PROBE: 
         sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need - tl.sum(gt.to(tl.int32), axis=0)))
     sel = sel & valid & (need > 0)
     rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    if SLOT:  # rank and mask as one tensor: one scan, one layout change, even when vectorised
-        slot = tl.where(sel & (rank < K), rank, -1)
-        if VECTORISED:
-            tl.store(o_ptr + slot, n.to(tl.int32), mask=slot >= 0)
-        else:
-            tl.store(o_ptr + slot * SO, n.to(tl.int32), mask=slot >= 0)
-    elif VECTORISED:
+    if VECTORISED:
         tl.store(o_ptr + rank, n.to(tl.int32), mask=sel & (rank < K))
     else:
         tl.store(o_ptr + rank * SO, n.to(tl.int32), mask=sel & (rank < K))
-    if (not SLOT) or (need < K):  # SLOT: the -1 fill only when it has slots to fill
-        for p0 in range(0, K, BN):
-            pad = p0 + n
-            if VECTORISED:
-                tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
-            else:
-                tl.store(o_ptr + pad * SO, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
+    for p0 in range(0, K, BN):
+        pad = p0 + n
+        if VECTORISED:
+            tl.store(o_ptr + pad, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
+        else:
+            tl.store(o_ptr + pad * SO, tl.full([BN], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
-def probe(s, k, probe_id, vectorised=False, slot=False, num_warps=8, thr=None):
+def probe(s, k, probe_id, vectorised=False, num_warps=8, thr=None):
     R, N = s.shape
     out = torch.empty(R, k, device=s.device, dtype=torch.int32)
     thr = torch.empty(R, device=s.device, dtype=torch.int32) if thr is None else thr
     _probe_kernel[(R,)](s, out, thr, N, s.stride(1), out.stride(1), k, BN=triton.next_power_of_2(N),
-                        PROBE=probe_id, VECTORISED=vectorised, SLOT=slot, num_warps=num_warps)
+                        PROBE=probe_id, VECTORISED=vectorised, num_warps=num_warps)
     return out, thr
 
 
@@ -139,8 +129,6 @@ def main():
             ("prod", lambda nw: to.select_topk(s, n, num_warps=nw), True, (4, 8, 16)),
             ("copy", lambda nw: probe(s, n, 0, num_warps=nw)[0], True, (8,)),
             ("vectorised", lambda nw: probe(s, n, 0, vectorised=True, num_warps=nw)[0], True, (8,)),
-            ("slot", lambda nw: probe(s, n, 0, slot=True, num_warps=nw)[0], True, (8,)),
-            ("vectorised_slot", lambda nw: probe(s, n, 0, vectorised=True, slot=True, num_warps=nw)[0], True, (8, 16)),
             ("no_epilogue", lambda nw: probe(s, n, 1, num_warps=nw)[0], False, (8,)),
             ("no_search", lambda nw: probe(s, n, 2, thr=thr.clone(), num_warps=nw)[0], True, (8,)),
             ("load_only", lambda nw: probe(s, n, 3, num_warps=nw)[0], False, (8,)),
