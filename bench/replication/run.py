@@ -19,6 +19,9 @@ Stages (each resumable and skipped when done; see bench/replication/README.md fo
             accuracy_vs_budget.png when matplotlib is there, run.json with training numbers)
   all       every stage in order
 
+The models are those the evaluation combos name (`size["combos"]`): `--set 'combos=[[memory, mem]]'`
+trains, converts and evaluates the memory model alone, one GPU's work.
+
 --deadline S: stop starting work after S seconds from the start of this command and stop a running
 trainer (SIGTERM: it saves a checkpoint) or eval workers (their finished samples are kept), so one
 call stays inside a 10-minute limit; the next call continues. Exit status 3 means "not finished,
