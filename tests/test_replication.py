@@ -52,6 +52,8 @@ def test_set_changes_one_recipe_field_and_refuses_unknown_ones(capsys):
     # the combos choose the models: the memory model alone is one GPU's work
     assert run.kinds(run.apply_sets(run.SIZES["full"], ["combos=[[memory, mem]]"])) == ("memory",)
     assert run.kinds(run.SIZES["full"]) == ("attention", "memory")
+    mixed = run.apply_sets(run.SIZES["full"], ['combos=[[memory, "selection=mem,compute=plain"]]'])
+    assert mixed["combos"] == (("memory", "selection=mem,compute=plain"),)  # any source eval/niah.py takes
     for bad in ("combos=[[memroy, mem]]", "combos=[[memory, kv]]", "combos=[]", "combos=[memory]"):
         with pytest.raises(ValueError, match="combos takes"):
             run.apply_sets(run.SIZES["full"], [bad])

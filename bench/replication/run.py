@@ -592,6 +592,19 @@ def replot(results: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def _is_combo(c) -> bool:
+    """(model, K/V source) as eval/niah.py takes the source: its own parser decides."""
+    from eval.engine.spec import SpecError, parse_kv_source
+
+    if not (isinstance(c, tuple) and len(c) == 2 and c[0] in KINDS and isinstance(c[1], str)):
+        return False
+    try:
+        parse_kv_source(c[1])
+    except SpecError:
+        return False
+    return True
+
+
 def apply_sets(size: dict, sets: list[str]) -> dict:
     """size with --set KEY=VALUE applied (VALUE parsed as YAML, lists become tuples like the defaults)."""
     import yaml
@@ -619,10 +632,9 @@ def apply_sets(size: dict, sets: list[str]) -> dict:
                                or min(value) < 0 or sum(value) <= 0):
             raise ValueError(f"{item!r}: blend takes 3-{len(CORPORA)} weights >= 0 ({', '.join(CORPORA)}), "
                              "not all zero")
-        if key == "combos" and (not value or not all(
-                isinstance(c, tuple) and len(c) == 2 and c[0] in KINDS and c[1] in ("plain", "mem") for c in value)):
+        if key == "combos" and not (value and all(_is_combo(c) for c in value)):
             raise ValueError(f"{item!r}: combos takes [MODEL, SOURCE] pairs, MODEL one of {', '.join(KINDS)}, "
-                             "SOURCE plain or mem")
+                             "SOURCE an eval/niah.py --kv-source (mem, plain, selection=...,compute=...)")
         size[key] = value
     return size
 
