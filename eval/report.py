@@ -190,15 +190,24 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra=None) -> dict:
-    """Score the predictions of one or more runs and write summary.json / .md / the plot into dest."""
+class NoPredictions(ValueError):
+    pass
+
+
+def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra=None,
+                  require_predictions=False) -> dict:
+    """Score the predictions of one or more runs and write summary.json / .md / the plot into dest.
+    require_predictions: a run without predictions raises NoPredictions before anything is written."""
     outs = [Path(o) for o in outs]
     labels = list(labels) if labels else [None] * len(outs)
     dest = Path(dest) if dest else outs[0]
-    dest.mkdir(parents=True, exist_ok=True)
     rows = []
     for o, lab in zip(outs, labels):
-        rows += collect(o, lab if len(outs) > 1 else None, metric)
+        found = collect(o, lab if len(outs) > 1 else None, metric)
+        if require_predictions and not found:
+            raise NoPredictions(f"{o}: no predictions under {o / 'pred'} (eval/niah.py --out writes them)")
+        rows += found
+    dest.mkdir(parents=True, exist_ok=True)
     runs = group_runs(rows)
     summary = {"metric": metric, **(extra or {}), "runs": runs}
     write_atomic(dest / "summary.json", lambda f: f.write(json.dumps(summary, indent=1) + "\n"))
@@ -229,11 +238,11 @@ def main(argv=None) -> int:
         if not Path(o).is_dir():
             print(f"error: {o}: no such directory", file=sys.stderr)
             return 2
-        if not any((Path(o) / "pred").glob("*/*/*.jsonl")):
-            print(f"error: {o}: no predictions under {Path(o) / 'pred'} (eval/niah.py --out writes them)",
-                  file=sys.stderr)
-            return 2
-    s = write_reports(a.outs, labels, a.out, a.metric)
+    try:
+        s = write_reports(a.outs, labels, a.out, a.metric, require_predictions=True)
+    except NoPredictions as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{len(s['runs'])} rows -> {Path(a.out or a.outs[0]) / 'summary.md'}")
     return 0
 
