@@ -536,7 +536,7 @@ def test_select_topk_search():
     for kk in (1, 63, 500, 999):
         ref = naive.select_topk_torch(c, kk)
         assert torch.equal(to.select_topk(c, kk).cpu(), ref.cpu()), kk
-    # a long row (8229 entries: 258 groups of 32, the last partial) with a tie run across groups
+    # a long row (8229 entries: past 8192, so a 16384-wide block mostly masked) with a long tie run
     w = torch.randn(2, 8229, generator=g)
     w[0, 20:300] = 0.0  # about the median: k = 4100 takes some of them
     w[1, ::3] = float("-inf")
