@@ -42,6 +42,25 @@ def _driver():
     return mod
 
 
+def test_seeds_name_the_models(tmp_path):
+    run = _driver()
+    size = run.apply_sets(run.SIZES["full"], ["seeds=[1234, 1235]"])
+    assert run.models(size) == [("attention", "attention", None), ("attention-s1235", "attention", 1235),
+                                ("memory", "memory", None), ("memory-s1235", "memory", 1235)]
+    assert run.models(run.SIZES["full"]) == [("attention", "attention", None), ("memory", "memory", None)]
+    ov = run.phase_overrides(size, tmp_path, "memory", "pretrain", "memory-s1235", 1235)
+    assert ov[-1] == "train.seed=1235" and f"checkpoint.save={tmp_path}/runs/memory-s1235-pretrain" in ov
+    assert f"checkpoint.init_from={tmp_path}/runs/memory-s1235-short" in ov
+    sft = run.phase_overrides(size, tmp_path, "memory", "sft", "memory-s1235", 1235)
+    assert f"checkpoint.init_from={tmp_path}/runs/memory-s1235-pretrain" in sft and sft[-1] == "train.seed=1235"
+    jobs = run.eval_jobs(tmp_path, run.apply_sets(size, ["tasks=niah_single_1", "methods=dense,quest"]))
+    assert [j[:2] for j in jobs] == [("attention", "plain"), ("attention-s1235", "plain"), ("memory", "mem"),
+                                     ("memory-s1235", "mem")]
+    for bad in ("seeds=[1, 1]", "seeds=[-1]", "seeds=3", "seeds=[true]"):
+        with pytest.raises(ValueError, match="seeds takes"):
+            run.apply_sets(run.SIZES["full"], [bad])
+
+
 def test_set_changes_one_recipe_field_and_refuses_unknown_ones(capsys):
     run = _driver()
     size = run.apply_sets(run.SIZES["full"], ["drill_weight=0", "blend=[0.9, 0.08, 0.02]",
@@ -104,6 +123,27 @@ def test_driver_toy_end_to_end(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("already done") == 4 and "0 (model, K/V source, task, methods) jobs" in proc.stdout
+
+    # a second seed of the attention model: trained, converted and evaluated beside the first (whose
+    # stages are all found done), each cell's spread over the seeds in seeds.json / seeds.md
+    seeds = ["--set", "seeds=[1234, 7]", "--set", "combos=[[attention, plain]]", "--set", "methods=dense,quest",
+             "--trainers-per-gpu", "2"]
+    proc = subprocess.run(cmd + seeds, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pretrain: attention already done" in proc.stdout and "pretrain: attention-s7 on CPU" in proc.stdout
+    assert (work / "hf" / "attention-s7" / "config.json").is_file()
+    summary = json.loads((results / "summary.json").read_text())
+    rows = {(r["model"], r["method"], r["budget"]) for r in summary["runs"]}
+    assert rows == {(m, "dense", "full") for m in ("attention", "attention-s7")} | \
+        {(m, "quest", "1-4") for m in ("attention", "attention-s7")}
+    spread = json.loads((results / "seeds.json").read_text())
+    assert [(c["method"], sorted(c["averages"])) for c in spread] == [
+        ("dense", ["attention", "attention-s7"]), ("quest", ["attention", "attention-s7"])]
+    assert all(c["min"] <= c["mean"] <= c["max"] for c in spread)
+    assert "| attention | quest | 1-4 | plain | 2 |" in (results / "seeds.md").read_text()
+    train = json.loads((results / "run.json").read_text())["training"]
+    # another seed, another initialisation: the first logged losses differ
+    assert train["attention-s7-pretrain"]["first_logged_loss"] != train["attention-pretrain"]["first_logged_loss"]
 
 
 def test_retrieval_documents_are_seeded_and_answered():

@@ -20,7 +20,10 @@ Stages (each resumable and skipped when done; see bench/replication/README.md fo
   all       every stage in order
 
 The models are those the evaluation combos name (`size["combos"]`): `--set 'combos=[[memory, mem]]'`
-trains, converts and evaluates the memory model alone, one GPU's work.
+trains, converts and evaluates the memory model alone, one GPU's work. `--set 'seeds=[1234, 1235]'`
+trains each of them once per seed (the recipe's seed keeps the plain name, others are KIND-sSEED
+in runs/, hf/ and the report); collect then also writes seeds.md / seeds.json (each cell's average
+per seed, mean, min, max). `--trainers-per-gpu N` runs N trainers at a time on each GPU.
 
 --deadline S: stop starting work after S seconds from the start of this command and stop a running
 trainer (SIGTERM: it saves a checkpoint) or eval workers (their finished samples are kept), so one
@@ -64,6 +67,7 @@ SIZES = {
         combos=(("attention", "plain"), ("memory", "mem")), probe_interval=250, probe_docs=256,
         methods="dense,quest,quest+int8,moba,snapkv,random", budgets="1/4,1/8,1/16,1/32", moba_block=64,
         max_new_tokens=48, eval_batch=16, dtype="bf16", overrides=[],
+        seeds=(),  # training seeds per model; () = the recipe's own (train.seed), see models()
     ),
     "toy": dict(
         length=512, retrieval_docs=24, synthetic_docs=24, copy_docs=24, retrieval_chars=1200, drill_weight=6.0,
@@ -71,7 +75,7 @@ SIZES = {
         sft_iters=3, sft_batch=2, sft_micro=1, sft_lr=1e-4, sft_min_lr=1e-5, sft_warmup=1,
         combos=(("attention", "plain"), ("memory", "mem"), ("memory", "plain")), probe_interval=2, probe_docs=16,
         methods="dense,quest,quest+int8,moba,snapkv,random", budgets="1/4", moba_block=16,
-        max_new_tokens=8, eval_batch=2, dtype="fp32",
+        max_new_tokens=8, eval_batch=2, dtype="fp32", seeds=(),
         overrides=["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
                    "model.num_kv_heads=4", "model.head_dim=16", "model.ffn_hidden_size=128",
                    "model.max_position_embeddings=512", "data.seq_length=512", "precision.bf16=false",
@@ -85,11 +89,12 @@ SIZES["smoke"] = dict(SIZES["toy"], dtype="bf16",
                       overrides=[o for o in SIZES["toy"]["overrides"] if o != "precision.bf16=false"])
 
 
-def sft_overrides(size: dict, work: Path, kind: str) -> list[str]:
-    """The SFT recipe: the pretraining YAML plus these (RAT+: SFT on the NIAH train split, answers comma-joined)."""
+def sft_overrides(size: dict, work: Path, name: str) -> list[str]:
+    """The SFT recipe: the pretraining YAML plus these (RAT+: SFT on the NIAH train split, answers
+    comma-joined). `name`: the model's runs/ name (its kind, or KIND-sSEED: models())."""
     return ["data.sft=true", f"data.prefixes=[{work / 'data' / 'sft_sft'}]", "data.weights=null",
-            "data.split=98,2,0", f"checkpoint.init_from={work / 'runs' / (kind + '-pretrain')}",
-            f"checkpoint.save={work / 'runs' / (kind + '-sft')}", "train.train_tokens=null",
+            "data.split=98,2,0", f"checkpoint.init_from={work / 'runs' / (name + '-pretrain')}",
+            f"checkpoint.save={work / 'runs' / (name + '-sft')}", "train.train_tokens=null",
             f"train.train_iters={size['sft_iters']}", f"batch.global_batch_size={size['sft_batch']}",
             f"batch.micro_batch_size={size['sft_micro']}", f"optimizer.lr={size['sft_lr']}",
             f"optimizer.min_lr={size['sft_min_lr']}", f"schedule.warmup_iters={size['sft_warmup']}",
@@ -348,33 +353,36 @@ def probe_overrides(work: Path, seq: int | None = None) -> list[str]:
     return [f"train.probe={recall or 'null'}", f"train.probes={{{f'copy: {copy}' if copy else ''}}}"]
 
 
-def short_overrides(size: dict, work: Path, kind: str) -> list[str]:
+def short_overrides(size: dict, work: Path, kind: str, name: str | None = None) -> list[str]:
     """The optional first phase: the pretraining recipe at size["short_length"] tokens per sequence
     for size["short_iters"] steps, with as many tokens per step, rounded down (a copying circuit forms sooner in
-    short contexts: README, "Context length delays copying"); pretraining then starts from it."""
+    short contexts: README, "Context length delays copying"); pretraining then starts from it.
+    `name`: the model's runs/ name (default: kind)."""
     from ratplus_megatron.train.config import load_config
 
+    name = name or kind
     L, S = size["length"], size["short_length"]
     b = load_config(recipe(kind), list(size["overrides"])).batch
-    return pretrain_overrides(size, work, kind, short=False) + [
+    return pretrain_overrides(size, work, kind, short=False, name=name) + [
         f"data.seq_length={S}", f"batch.global_batch_size={b.global_batch_size * L // S}",
         f"batch.micro_batch_size={b.micro_batch_size * L // S}", "train.train_tokens=null",
         f"train.train_iters={size['short_iters']}", *probe_overrides(work, S),
         *([f"optimizer.lr={size['short_lr']}"] if size["short_lr"] else []),
         *([f"optimizer.min_lr={size['short_min_lr']}"] if size["short_min_lr"] else []),
-        f"checkpoint.save={work / 'runs' / (kind + '-short')}"]
+        f"checkpoint.save={work / 'runs' / (name + '-short')}"]
 
 
-def pretrain_overrides(size: dict, work: Path, kind: str, short: bool = True) -> list[str]:
+def pretrain_overrides(size: dict, work: Path, kind: str, short: bool = True, name: str | None = None) -> list[str]:
+    name = name or kind
     d = work / "data"
     parts = [(k, w) for k, w in zip(CORPORA, size["blend"]) if w > 0]  # a zero weight leaves its corpus out
     prefixes = ",".join(str(d / f"{k}_text_document") for k, _ in parts)
     weights = ",".join(str(w) for _, w in parts)
     # the probes: answer-only loss on held-out retrieval documents (recall) and copy documents
     return [f"data.prefixes=[{prefixes}]", f"data.weights=[{weights}]",
-            f"checkpoint.save={work / 'runs' / (kind + '-pretrain')}", *probe_overrides(work),
+            f"checkpoint.save={work / 'runs' / (name + '-pretrain')}", *probe_overrides(work),
             f"train.eval_interval={size['probe_interval']}", "train.eval_iters=2",
-            *([f"checkpoint.init_from={work / 'runs' / (kind + '-short')}"] if short and size["short_length"] else []),
+            *([f"checkpoint.init_from={work / 'runs' / (name + '-short')}"] if short and size["short_length"] else []),
             *size["overrides"]]
 
 
@@ -384,77 +392,103 @@ def kinds(size: dict) -> tuple[str, ...]:
     return tuple(k for k in KINDS if any(m == k for m, _ in size["combos"]))
 
 
-def run_trainers(work: Path, size: dict, clock: Clock, phase: str) -> bool:
-    """Train the kinds (concurrently when there are 2 GPUs). True when all reached their last iteration."""
+def models(size: dict) -> list[tuple[str, str, int | None]]:
+    """(name, kind, seed) of every model to train: each kind the combos name, once per seed in
+    size["seeds"] (empty: the recipe's own train.seed). A model at its recipe's seed is named by its
+    kind (runs/KIND-PHASE, hf/KIND, the report's model column); another seed is KIND-sSEED (seed None
+    means: leave the recipe's seed alone)."""
+    from ratplus_megatron.train.config import load_config
+
+    out = []
+    for kind in kinds(size):
+        own = load_config(recipe(kind), list(size["overrides"])).train.seed
+        for seed in size["seeds"] or (own,):
+            out.append((kind, kind, None) if seed == own else (f"{kind}-s{seed}", kind, seed))
+    return out
+
+
+def model_names(size: dict, kind: str) -> list[str]:
+    return [name for name, k, _ in models(size) if k == kind]
+
+
+def run_trainers(work: Path, size: dict, clock: Clock, phase: str, per_gpu: int = 1) -> bool:
+    """Train the models, `per_gpu` at a time on each GPU (one at a time on CPU). True when all
+    reached their last iteration."""
     gpus = cuda_count()
-    jobs = []
-    for i, kind in enumerate(kinds(size)):
-        ov = phase_overrides(size, work, kind, phase)
-        run = work / "runs" / f"{kind}-{phase}"
+    pending = []
+    for name, kind, seed in models(size):
+        ov = phase_overrides(size, work, kind, phase, name, seed)
+        run = work / "runs" / f"{name}-{phase}"
         if latest(run) >= total_iters(kind, ov):
-            log(f"{phase}: {kind} already done ({latest(run)} iterations)")
+            log(f"{phase}: {name} already done ({latest(run)} iterations)")
             continue
-        gpu = (i % gpus) if gpus else None
-        jobs.append((kind, run, ov, gpu))
-    concurrent = gpus >= 2
-    pending = list(jobs)
+        pending.append((name, kind, run, ov))
+    free = [g for _ in range(per_gpu) for g in range(gpus)] if gpus else [None]  # GPUs filled in turn
     running: list = []
     while pending or running:
-        while pending and (concurrent or not running):
-            kind, run, ov, gpu = pending.pop(0)
+        while pending and free:
+            name, kind, run, ov = pending.pop(0)
+            gpu = free.pop(0)
             run.mkdir(parents=True, exist_ok=True)
             out = open(run / f"{phase}.log", "a")
             cmd = trainer_command(recipe(kind), ov, nproc=1)
-            log(f"{phase}: {kind} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'} (log {run / (phase + '.log')})")
-            running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env_for(gpu), stdout=out, stderr=subprocess.STDOUT),
-                            out, run))
+            log(f"{phase}: {name} on {'GPU ' + str(gpu) if gpu is not None else 'CPU'} (log {run / (phase + '.log')})")
+            running.append((name, subprocess.Popen(cmd, cwd=REPO, env=env_for(gpu), stdout=out, stderr=subprocess.STDOUT),
+                            out, run, gpu))
         time.sleep(1)
         for item in list(running):
-            kind, proc, out, run = item
+            name, proc, out, run, gpu = item
             if proc.poll() is not None:
                 running.remove(item)
                 out.close()
+                free.append(gpu)
                 if proc.returncode != 0:
                     tail = (run / f"{phase}.log").read_text()[-3000:]
-                    raise SystemExit(f"{phase}: {kind} failed (exit {proc.returncode}); log tail:\n{tail}")
-                log(f"{phase}: {kind} stopped at iteration {latest(run)}")
+                    raise SystemExit(f"{phase}: {name} failed (exit {proc.returncode}); log tail:\n{tail}")
+                log(f"{phase}: {name} stopped at iteration {latest(run)}")
         if clock.left() < 45 and running:
             log(f"{phase}: deadline: asking the trainers to checkpoint and stop (SIGTERM)")
-            for _, proc, _, _ in running:
+            for _, proc, _, _, _ in running:
                 proc.send_signal(signal.SIGTERM)
-            for kind, proc, out, run in running:
+            for name, proc, out, run, _ in running:
                 proc.wait()
                 out.close()
-                log(f"{phase}: {kind} saved at iteration {latest(run)}")
+                log(f"{phase}: {name} saved at iteration {latest(run)}")
             return False
-    return all(latest(work / "runs" / f"{k}-{phase}") >= total_iters(k, phase_overrides(size, work, k, phase))
-               for k in kinds(size))
+    return all(latest(work / "runs" / f"{name}-{phase}") >= total_iters(kind, phase_overrides(size, work, kind, phase, name, seed))
+               for name, kind, seed in models(size))
 
 
-def phase_overrides(size: dict, work: Path, kind: str, phase: str) -> list[str]:
+def phase_overrides(size: dict, work: Path, kind: str, phase: str, name: str | None = None,
+                    seed: int | None = None) -> list[str]:
+    """The trainer overrides of one model's phase; `name` its runs/ name (default: kind), `seed`
+    its train.seed when not the recipe's (last, so that it wins)."""
+    name = name or kind
     if phase == "short":
-        return short_overrides(size, work, kind)
-    if phase == "pretrain":
-        return pretrain_overrides(size, work, kind)
-    return list(size["overrides"]) + sft_overrides(size, work, kind)
+        ov = short_overrides(size, work, kind, name)
+    elif phase == "pretrain":
+        ov = pretrain_overrides(size, work, kind, name=name)
+    else:
+        ov = list(size["overrides"]) + sft_overrides(size, work, name)
+    return ov + ([f"train.seed={seed}"] if seed is not None else [])
 
 
 def stage_convert(work: Path, size: dict, clock: Clock) -> bool:
-    for kind in kinds(size):
-        out = work / "hf" / kind
+    for name, _, _ in models(size):
+        out = work / "hf" / name
         if (out / "config.json").is_file():
             continue
         cmd = [sys.executable, "-m", "ratplus_megatron.convert", "mcore-to-hf", "--ckpt-dir",
-               str(work / "runs" / f"{kind}-sft"), "--out-dir", str(out), "--tokenizer", str(REPO / TOKENIZER)]
+               str(work / "runs" / f"{name}-sft"), "--out-dir", str(out), "--tokenizer", str(REPO / TOKENIZER)]
         subprocess.run(cmd, cwd=REPO, env=env_for(None if not cuda_count() else 0), check=True)
-        log(f"convert: {kind} -> {out}")
+        log(f"convert: {name} -> {out}")
     return True
 
 
 # ---------------------------------------------------------------------------------------------- eval
 
 def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
-    """(model, K/V source, task, methods) jobs: each method but dense (one spec, added to quest) is
+    """(model name, K/V source, task, methods) jobs: each method but dense (one spec, added to quest) is
     a job of its own, so that the workers finish together (per-task jobs ran 150-350 s on the H200)."""
     from eval.ruler.tasks import resolve_tasks
 
@@ -463,7 +497,8 @@ def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
     groups = [m for m in methods if m != "dense"] or ["dense"]
     if "dense" in methods and groups != ["dense"]:
         groups[0] = "dense," + groups[0]
-    return [(m, s, t, g) for g in groups for m, s in size["combos"] for t in tasks]
+    return [(name, s, t, g) for g in groups for m, s in size["combos"] for name in model_names(size, m)
+            for t in tasks]
 
 
 def n_specs(size: dict, methods: str) -> int:
@@ -569,7 +604,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
         if (report / name).is_file():
             shutil.copyfile(report / name, results / name)
     info = {**environment(), "size": size,  # device, versions, commit (COMMIT wins), command
-            "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k in kinds(size)
+            "training": {f"{k}-{p}": _train_numbers(work / "runs" / f"{k}-{p}") for k, _, _ in models(size)
                          for p in ("short", "pretrain", "sft") if (work / "runs" / f"{k}-{p}").is_dir()},
             "data": {k: json.loads((work / "data" / f"{k}_text_document.json").read_text())
                      for k in CORPORA
@@ -577,8 +612,39 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
             "sft_data": json.loads((work / "data" / "sft_sft.json").read_text())
             if (work / "data" / "sft_sft.json").is_file() else None}
     write_json(results / "run.json", info)
-    log(f"collect: {len(summary['runs'])} table rows -> {results}")
+    spread = seed_spread(summary["runs"], size)
+    if spread:
+        write_json(results / "seeds.json", spread, quiet=True)
+        (results / "seeds.md").write_text(seeds_table(spread))
+    log(f"collect: {len(summary['runs'])} table rows -> {results}" + (" (+ seeds.md)" if spread else ""))
     return True
+
+
+def seed_spread(runs: list[dict], size: dict) -> list[dict]:
+    """Per (kind, method, budget, K/V source) with 2+ seeds: each seed's average and their mean,
+    min and max (empty when no kind has two seeds)."""
+    kind_of = {name: kind for name, kind, _ in models(size)}
+    cells: dict = {}
+    for r in runs:
+        if r["model"] in kind_of:
+            cells.setdefault((kind_of[r["model"]], r["method"], r["budget"], r["source"]), {})[r["model"]] = r["average"]
+    out = []
+    for (kind, method, budget, source), by in sorted(cells.items()):
+        if len(by) >= 2:
+            v = list(by.values())
+            out.append({"kind": kind, "method": method, "budget": budget, "source": source, "averages": by,
+                        "mean": round(sum(v) / len(v), 2), "min": min(v), "max": max(v)})
+    return out
+
+
+def seeds_table(spread: list[dict]) -> str:
+    lines = ["# Average over the tasks, per seed (string_match_all, x100)", "",
+             "| model | method | budget | K/V | seeds | mean | min | max | per model |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in spread:
+        per = ", ".join(f"{m} {a:.1f}" for m, a in c["averages"].items())
+        lines.append(f"| {c['kind']} | {c['method']} | {c['budget']} | {c['source']} | {len(c['averages'])} | "
+                     f"{c['mean']:.1f} | {c['min']:.1f} | {c['max']:.1f} | {per} |")
+    return "\n".join(lines) + "\n"
 
 
 def replot(results: Path) -> None:
@@ -632,6 +698,10 @@ def apply_sets(size: dict, sets: list[str]) -> dict:
                                or min(value) < 0 or sum(value) <= 0):
             raise ValueError(f"{item!r}: blend takes 3-{len(CORPORA)} weights >= 0 ({', '.join(CORPORA)}), "
                              "not all zero")
+        if key == "seeds" and not (isinstance(value, tuple) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                   and x >= 0 for x in value)
+                                   and len(set(value)) == len(value)):
+            raise ValueError(f"{item!r}: seeds takes a list of distinct integers >= 0, e.g. [1234, 1235]")
         if key == "combos" and not (value and all(_is_combo(c) for c in value)):
             raise ValueError(f"{item!r}: combos takes [MODEL, SOURCE] pairs, MODEL one of {', '.join(KINDS)}, "
                              "SOURCE an eval/niah.py --kv-source (mem, plain, selection=...,compute=...)")
@@ -656,6 +726,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one field of the size's recipe (e.g. drill_weight=0, blend=[0.6,0.13,0.02,0.25]: retrieval, synthetic, essays, copy); "
                         "YAML values; recorded in run.json")
+    p.add_argument("--trainers-per-gpu", type=int, default=1,
+                   help="trainers run together on each GPU (small models leave a GPU mostly idle; default 1)")
     p.add_argument("--train-set", action="append", default=[], metavar="OVERRIDE",
                    help="extra trainer override for pretraining and SFT (e.g. optimizer.lr=2e-3, model.num_layers=6)")
     a = p.parse_args(argv)
@@ -669,6 +741,9 @@ def main(argv=None) -> int:
     if bad or not names:
         print(f"error: unknown stage(s) {', '.join(bad) or '(none)'}; known: {', '.join(STAGES)}, all, replot",
               file=sys.stderr)
+        return 2
+    if a.trainers_per_gpu < 1:
+        print(f"error: --trainers-per-gpu must be at least 1, got {a.trainers_per_gpu}", file=sys.stderr)
         return 2
     work = Path(a.work).resolve()
     size = dict(SIZES[a.size])
@@ -687,10 +762,10 @@ def main(argv=None) -> int:
         if stage == "prep":
             ok = stage_prep(work, size, clock, a.workers)
         elif stage == "pretrain":
-            ok = (not size["short_length"] or run_trainers(work, size, clock, "short")) and \
-                run_trainers(work, size, clock, "pretrain")
+            ok = (not size["short_length"] or run_trainers(work, size, clock, "short", a.trainers_per_gpu)) and \
+                run_trainers(work, size, clock, "pretrain", a.trainers_per_gpu)
         elif stage == "sft":
-            ok = run_trainers(work, size, clock, stage)
+            ok = run_trainers(work, size, clock, stage, a.trainers_per_gpu)
         elif stage == "convert":
             ok = stage_convert(work, size, clock)
         elif stage == "eval":
