@@ -614,8 +614,13 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
     write_json(results / "run.json", info)
     spread = seed_spread(summary["runs"], size)
     if spread:
+        from ratplus_megatron.files import write_atomic
+
         write_json(results / "seeds.json", spread, quiet=True)
-        (results / "seeds.md").write_text(seeds_table(spread))
+        write_atomic(results / "seeds.md", lambda f: f.write(seeds_table(spread)))
+    else:  # an earlier collect's spread would describe other models
+        for name in ("seeds.json", "seeds.md"):
+            (results / name).unlink(missing_ok=True)
     log(f"collect: {len(summary['runs'])} table rows -> {results}" + (" (+ seeds.md)" if spread else ""))
     return True
 
