@@ -303,3 +303,32 @@ def test_short_phase_overrides(tmp_path):
     assert f"checkpoint.init_from={tmp_path}/runs/memory-short" in run.phase_overrides(size, tmp_path, "memory", "pretrain")
     no_short = run.apply_sets(run.SIZES["full"], ["short_length=0"])
     assert not any("init_from" in o for o in run.phase_overrides(no_short, tmp_path, "memory", "pretrain"))
+
+
+def test_compare_pools_runs_of_one_kind(tmp_path, capsys):
+    """bench/replication/compare.py: collect outputs of several sessions in one table, the spread
+    per kind (a seed's -sSEED suffix and the folder tag both pooled), refusals in one line."""
+    sys.path.insert(0, str(HERE))
+    import compare
+
+    def summary(folder, rows):
+        folder.mkdir(parents=True)
+        runs = [{"model": m, "length": 4096, "method": meth, "budget": b, "budget_value": bv, "source": "plain",
+                 "tasks": {"niah_single_1": avg}, "n": {"niah_single_1": 100}, "average": avg}
+                for m, meth, b, bv, avg in rows]
+        (folder / "summary.json").write_text(json.dumps({"runs": runs}))
+
+    summary(tmp_path / "a", [("attention", "dense", "full", 1.0, 60.0), ("attention", "quest", "1-4", 0.25, 50.0),
+                             ("attention", "moba", "1-4", 0.25, 10.0)])
+    summary(tmp_path / "b", [("attention-s7", "dense", "full", 1.0, 80.0), ("attention-s7", "quest", "1-4", 0.25, 70.0)])
+    out = tmp_path / "cmp"
+    assert compare.main([f"{tmp_path / 'a'}=one", str(tmp_path / "b"), "--methods", "dense,quest", "--out", str(out)]) == 0
+    spread = json.loads((out / "spread.json").read_text())
+    assert [(c["method"], c["averages"], c["mean"]) for c in spread] == [
+        ("dense", {"attention (one)": 60.0, "attention-s7 (b)": 80.0}, 70.0),
+        ("quest", {"attention (one)": 50.0, "attention-s7 (b)": 70.0}, 60.0)]
+    md = (out / "summary.md").read_text()
+    assert "| attention (one) | quest | 1/4 |" in md and "moba" not in md
+    assert "| attention | quest | 1-4 | plain | 2 | 60.0 | 50.0 | 70.0 |" in (out / "spread.md").read_text()
+    with pytest.raises(SystemExit, match="summary.json: no such file"):
+        compare.main([str(tmp_path / "missing"), "--out", str(out)])

@@ -612,7 +612,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
             "sft_data": json.loads((work / "data" / "sft_sft.json").read_text())
             if (work / "data" / "sft_sft.json").is_file() else None}
     write_json(results / "run.json", info)
-    spread = seed_spread(summary["runs"], size)
+    spread = seed_spread(summary["runs"], {name: kind for name, kind, _ in models(size)})
     if spread:
         from ratplus_megatron.files import write_atomic
 
@@ -625,16 +625,19 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
     return True
 
 
-def seed_spread(runs: list[dict], size: dict) -> list[dict]:
-    """Per (kind, method, budget, K/V source) with 2+ seeds: each seed's average and their mean,
-    min and max (empty when no kind has two seeds)."""
-    kind_of = {name: kind for name, kind, _ in models(size)}
+def seed_spread(runs: list[dict], kind_of: dict[str, str]) -> list[dict]:
+    """Per (kind, method, budget, K/V source) with 2+ models of that kind (kind_of: model name ->
+    kind; other models are left out): each model's average and their mean, min and max (empty
+    when no kind has two models)."""
+    from eval.report import _method_rank
+
     cells: dict = {}
     for r in runs:
         if r["model"] in kind_of:
-            cells.setdefault((kind_of[r["model"]], r["method"], r["budget"], r["source"]), {})[r["model"]] = r["average"]
+            key = (kind_of[r["model"]], _method_rank(r["method"]), -r["budget_value"], r["method"], r["budget"], r["source"])
+            cells.setdefault(key, {})[r["model"]] = r["average"]
     out = []
-    for (kind, method, budget, source), by in sorted(cells.items()):
+    for (kind, _, _, method, budget, source), by in sorted(cells.items()):
         if len(by) >= 2:
             v = list(by.values())
             out.append({"kind": kind, "method": method, "budget": budget, "source": source, "averages": by,
@@ -642,9 +645,9 @@ def seed_spread(runs: list[dict], size: dict) -> list[dict]:
     return out
 
 
-def seeds_table(spread: list[dict]) -> str:
-    lines = ["# Average over the tasks, per seed (string_match_all, x100)", "",
-             "| model | method | budget | K/V | seeds | mean | min | max | per model |", "|---|---|---|---|---|---|---|---|---|"]
+def seeds_table(spread: list[dict], title: str = "per seed", count: str = "seeds") -> str:
+    lines = [f"# Average over the tasks, {title} (string_match_all, x100)", "",
+             f"| model | method | budget | K/V | {count} | mean | min | max | per model |", "|---|---|---|---|---|---|---|---|---|"]
     for c in spread:
         per = ", ".join(f"{m} {a:.1f}" for m, a in c["averages"].items())
         lines.append(f"| {c['kind']} | {c['method']} | {c['budget']} | {c['source']} | {len(c['averages'])} | "

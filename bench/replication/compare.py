@@ -1,0 +1,73 @@
+"""Replication results side by side: several `run.py collect` outputs (one per session, seed or
+retraining) in one table, one plot, and each cell's spread over the models of one kind.
+
+    python bench/replication/compare.py DIR[=TAG] [DIR[=TAG] ...] --out OUT [--methods dense,quest]
+
+Each DIR holds the summary.json that collect wrote; its models are renamed "MODEL (TAG)" (TAG:
+the folder's name unless given). Writes OUT/summary.md, OUT/accuracy_vs_budget.png (when
+matplotlib is there), OUT/spread.md and OUT/spread.json (per kind, method, budget and K/V source:
+every model's average over the tasks, their mean, min and max). A model's kind is its name
+before any -sSEED: the seeds of one run and the reruns of several sessions pool together.
+
+    python bench/replication/compare.py bench/results/replication=run4 \\
+        bench/results/replication/int8=retrained bench/results/replication/int8_attention=retrained \\
+        --methods dense,quest --out bench/results/replication/compare_run4_retrained
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as rp  # noqa: E402  (seed_spread, seeds_table; puts the repo and bench/ on the path)
+from _runs import write_json  # noqa: E402
+from ratplus_megatron.files import write_atomic  # noqa: E402
+
+
+def load(specs: list[str], methods: set[str] | None) -> tuple[list[dict], dict[str, str]]:
+    """The runs of every DIR[=TAG], models renamed "MODEL (TAG)"; and each new name's kind."""
+    runs, kind_of = [], {}
+    for spec in specs:
+        folder, _, tag = spec.partition("=")
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file (give folders that run.py collect wrote)")
+        tag = tag or Path(folder).resolve().name
+        for r in json.loads(path.read_text())["runs"]:
+            if methods and r["method"] not in methods:
+                continue
+            name = f"{r['model']} ({tag})"
+            kind_of[name] = re.sub(r"-s\d+$", "", r["model"])
+            runs.append({**r, "model": name})
+    if not runs:
+        raise SystemExit("error: no rows (check --methods)")
+    return runs, kind_of
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/replication/compare.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", metavar="DIR[=TAG]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", help="comma-separated methods to keep (default: all)")
+    a = p.parse_args(argv)
+    runs, kind_of = load(a.dirs, set(a.methods.split(",")) if a.methods else None)
+    out = Path(a.out)
+    from eval.report import markdown, plot
+
+    write_atomic(out / "summary.md", lambda f: f.write(markdown(runs, "string_match_all")))
+    spread = rp.seed_spread(runs, kind_of)
+    write_json(out / "spread.json", spread, quiet=True)
+    write_atomic(out / "spread.md", lambda f: f.write(rp.seeds_table(spread, "per model of each kind", "models")))
+    try:
+        plot(runs, out / "accuracy_vs_budget.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(f"wrote {out}/summary.md, spread.md ({len(spread)} cells), accuracy_vs_budget.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
