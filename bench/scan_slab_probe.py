@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from kernels.memory_scan.fused import scan_fwd  # noqa: E402
 from _runs import environment, write_json  # noqa: E402
-from _timing import time_ms  # noqa: E402
+from _timing import _flush_fn, time_ms  # noqa: E402
 
 H, D = 32, 128
 CONFIGS = {
@@ -55,10 +55,10 @@ def slab_forward(z, k, v, S, opts):
 
 def kernel_times(fn):
     """GPU microseconds per role, summed over one call of fn (eager, after a read flush)."""
-    buf = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda")
+    flush = _flush_fn("read", torch.device("cuda", torch.cuda.current_device()))
     fn()
     torch.cuda.synchronize()
-    buf.sum()
+    flush()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()

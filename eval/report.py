@@ -207,8 +207,13 @@ def write_reports(outs, labels=None, dest=None, metric="string_match_all", extra
         if require_predictions and not found:
             raise NoPredictions(f"{o}: no predictions under {o / 'pred'} (eval/niah.py --out writes them)")
         rows += found
+    return write_tables(group_runs(rows), dest, metric, extra)
+
+
+def write_tables(runs: list[dict], dest, metric="string_match_all", extra=None) -> dict:
+    """summary.json, summary.md and the plot (when matplotlib is there) of table rows into dest."""
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    runs = group_runs(rows)
     summary = {"metric": metric, **(extra or {}), "runs": runs}
     write_atomic(dest / "summary.json", lambda f: f.write(json.dumps(summary, indent=1) + "\n"))
     write_atomic(dest / "summary.md", lambda f: f.write(markdown(runs, metric) if runs else "no predictions\n"))

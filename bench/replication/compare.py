@@ -4,9 +4,10 @@ retraining) in one table, one plot, and each cell's spread over the models of on
     python bench/replication/compare.py DIR[=TAG] [DIR[=TAG] ...] --out OUT [--methods dense,quest]
 
 Each DIR holds the summary.json that collect wrote; its models are renamed "MODEL (TAG)" (TAG:
-the folder's name unless given). Writes OUT/summary.md, OUT/accuracy_vs_budget.png (when
-matplotlib is there), OUT/spread.md and OUT/spread.json (per kind, method, budget and K/V source:
-every model's average over the tasks, their mean, min and max). A model's kind is its name
+the folder's name unless given). Writes OUT/summary.json, OUT/summary.md,
+OUT/accuracy_vs_budget.png (when matplotlib is there), OUT/spread.md and OUT/spread.json (per
+kind, method, budget and K/V source: every model's average over the tasks, their mean, min and
+max). A model's kind is its name
 before any -sSEED: the seeds of one run and the reruns of several sessions pool together.
 
     python bench/replication/compare.py bench/results/replication=run4 \\
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -40,7 +40,7 @@ def load(specs: list[str], methods: set[str] | None) -> tuple[list[dict], dict[s
             if methods and r["method"] not in methods:
                 continue
             name = f"{r['model']} ({tag})"
-            kind_of[name] = re.sub(r"-s\d+$", "", r["model"])
+            kind_of[name] = rp.model_kind(r["model"])
             runs.append({**r, "model": name})
     if not runs:
         raise SystemExit("error: no rows (check --methods)")
@@ -55,17 +55,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     runs, kind_of = load(a.dirs, set(a.methods.split(",")) if a.methods else None)
     out = Path(a.out)
-    from eval.report import markdown, plot
+    from eval.report import write_tables
 
-    write_atomic(out / "summary.md", lambda f: f.write(markdown(runs, "string_match_all")))
+    write_tables(runs, out, extra={"from": a.dirs})
     spread = rp.seed_spread(runs, kind_of)
     write_json(out / "spread.json", spread, quiet=True)
     write_atomic(out / "spread.md", lambda f: f.write(rp.seeds_table(spread, "per model of each kind", "models")))
-    try:
-        plot(runs, out / "accuracy_vs_budget.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-    print(f"wrote {out}/summary.md, spread.md ({len(spread)} cells), accuracy_vs_budget.png")
+    print(f"wrote {out}: summary.json/.md, spread.json/.md ({len(spread)} cells), the plot")
     return 0
 
 

@@ -36,6 +36,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -407,8 +408,9 @@ def models(size: dict) -> list[tuple[str, str, int | None]]:
     return out
 
 
-def model_names(size: dict, kind: str) -> list[str]:
-    return [name for name, k, _ in models(size) if k == kind]
+def model_kind(name: str) -> str:
+    """The kind of a model name that models() gives (KIND or KIND-sSEED)."""
+    return re.sub(r"-s\d+$", "", name)
 
 
 def run_trainers(work: Path, size: dict, clock: Clock, phase: str, per_gpu: int = 1) -> bool:
@@ -497,7 +499,8 @@ def eval_jobs(work: Path, size: dict) -> list[tuple[str, str, str, str]]:
     groups = [m for m in methods if m != "dense"] or ["dense"]
     if "dense" in methods and groups != ["dense"]:
         groups[0] = "dense," + groups[0]
-    return [(name, s, t, g) for g in groups for m, s in size["combos"] for name in model_names(size, m)
+    names = [name for name, _, _ in models(size)]
+    return [(name, s, t, g) for g in groups for m, s in size["combos"] for name in names if model_kind(name) == m
             for t in tasks]
 
 
