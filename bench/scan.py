@@ -109,8 +109,6 @@ def fname(c):
             n += "-nopf"
     if g["stages"]:
         n += f"-S{g['stages']}"
-    if g["kernel"] == "slabs":
-        n += f"-slab{g['slab']}-ahead{g['ahead']}"
     return n
 
 
@@ -236,7 +234,7 @@ def run_checks(fwd_vs, bwd_vs):
                                                            with_h0=False)
         log(f"check fwd {name}: {e:.1e}")
         assert e < 1e-2, (name, e)
-        if c.get("kernel") in ("seq", "slabs") or c.get("stages"):  # own code paths for h0, packed sequences
+        if c.get("kernel") == "seq" or c.get("stages"):  # own code paths for h0 and packed sequences
             checks[f"fwd/{name}/float32+h0"] = e = check_variant(dict(fwd=c), torch.float32)
             assert e < 1e-5, (name, e)
             checks[f"fwd-varlen/{name}/float32+h0"] = e = check_variant(
@@ -336,8 +334,6 @@ def main():
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
     ap.add_argument("--no-assoc", action="store_true")
-    ap.add_argument("--graph-all", action="store_true",
-                    help="CUDA-graph rows at every length (default: T=4096 only)")
     ap.add_argument("--flush", default="write", choices=FLUSHES,
                     help="L2 state before each timed call (bench/_timing.py)")
     ap.add_argument("--chained-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -420,7 +416,7 @@ def main():
             name = fname(var) if var else "default-plan"
             fwd[name] = bench(lambda: scan_fwd(z, k, v, **var))
             add(B, T, "fwd", "fused", fwd[name], 5, name)
-        if T == 4096 or args.graph_all:  # launch overhead out: the same calls replayed from a CUDA graph
+        if T == 4096:  # launch overhead out: the same calls replayed from a CUDA graph
             for var in [{}] + fwd_vs:
                 try:
                     ms = bench(lambda: scan_fwd(z, k, v, **var), graph=True)

@@ -34,9 +34,7 @@ FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=4, num_warps=2)),
              "seq-W8": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=8)),
              # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
-             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3)),
-             # the chunk launches slab by slab (3 chunks of 4 steps per slab; streams on a GPU)
-             "slabs": dict(fwd=dict(kernel="slabs", BT=2, CT=4, BH=2, BD=8, slab=12))}
+             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):
@@ -364,8 +362,6 @@ def test_unknown_options_are_refused():
         memory_scan_fused(z, z, z, fwd=dict(lbw=2))
     with pytest.raises(ValueError, match="forward kernel must be"):
         memory_scan_fused(z, z, z, fwd=dict(kernel="chunklb"))
-    with pytest.raises(ValueError, match="slab=0 and ahead=1 must be >= 1"):
-        memory_scan_fused(z, z, z, fwd=dict(kernel="slabs", slab=0))
     with pytest.raises(ValueError, match="stages=3 is for kernel='chunk' only"):
         memory_scan_fused(z, z, z, fwd=dict(kernel="seq", stages=3))
     with pytest.raises(ValueError, match="backward options"):

@@ -248,18 +248,18 @@ def _fwd_chunk(z, k, v, ok, ov, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sov
 
 @triton.jit
 def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
-                           T, H, D, NDB, NHG, NCHB, NC, C0,
+                           T, H, D, NDB, NHG, NCHB, NC,
                            szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
                            sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
                            BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                            NSUB: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
                            PREFETCH: tl.constexpr, STAGES: tl.constexpr, OFF64: tl.constexpr,
                            WRITE: tl.constexpr):
-    """Launches 1 and 3, grid (channel blocks, chunks C0, C0 + 1, ...). WRITE=False (chunks
-    0..NC-2): the aggregates into ws[3, NC, NCHB, L]. WRITE=True (every chunk): chunk c from chunk
-    c-1's inclusive state, which launch 2 left in ws's two state planes."""
+    """Launches 1 and 3, grid (channel blocks, chunks). WRITE=False (chunks 0..NC-2): the
+    aggregates into ws[3, NC, NCHB, L]. WRITE=True (every chunk): chunk c from chunk c-1's
+    inclusive state, which launch 2 left in ws's two state planes."""
     j = tl.program_id(0)
-    c = C0 + tl.program_id(1)
+    c = tl.program_id(1)
     L: tl.constexpr = BH * BD
     b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
     b64 = b.to(tl.int64)
@@ -292,22 +292,20 @@ def _fwd_chunk_scan_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, ws,
 
 
 @triton.jit
-def _fwd_carry_scan_kernel(ws, M, NC, C0, C1, NCB: tl.constexpr, CH: tl.constexpr):
-    """Launch 2: per lane, the inclusive states of chunks C0..C1-1 (C1 <= NC-1) in place of the
-    aggregates' state planes, continuing from chunk C0-1's inclusive state (already there).
-    M = lanes per chunk; blocks of NCB chunks, scanned in order."""
+def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
+    """Launch 2: per lane, the inclusive states of chunks 0..NC-2 (in place of the aggregates'
+    state planes). M = lanes per chunk; blocks of NCB chunks, scanned in order."""
     col = tl.program_id(0) * CH + tl.arange(0, CH)
     cm = col < M
     plane = tl.cast(NC, tl.int64) * M
     rr = tl.arange(0, NCB)
-    o0 = tl.cast(C0 - 1, tl.int64) * M + col
-    hk = tl.load(ws + plane + o0, mask=cm & (C0 > 0), other=0.)
-    hv = tl.load(ws + 2 * plane + o0, mask=cm & (C0 > 0), other=0.)
-    nblk = tl.cdiv(C1 - C0, NCB)
+    hk = tl.zeros([CH], tl.float32)
+    hv = tl.zeros([CH], tl.float32)
+    nblk = tl.cdiv(NC - 1, NCB)
     i = 0
     while i < nblk:
-        cc = (C0 + i * NCB + rr).to(tl.int64)
-        m = (cc < C1)[:, None] & cm[None, :]
+        cc = (i * NCB + rr).to(tl.int64)
+        m = (cc < NC - 1)[:, None] & cm[None, :]
         o = cc[:, None] * M + col[None, :]
         a = tl.load(ws + o, mask=m, other=1.)
         bk = tl.load(ws + plane + o, mask=m, other=0.)
@@ -723,12 +721,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "stages": 0, "kernel": "auto", "W": 8, "slab": 512, "ahead": 1}
-# "slabs" (opt-in): the chunk plan's launches cut into time slabs of `slab` steps on three CUDA
-# streams (launch 1 / launch 2 / launch 3), launch 1 of slab s + 1 .. s + ahead beside launch 3
-# of slab s, so that launch 3 re-reads a slab's inputs from L2 while the other stream's launches
-# fill its ramp and tail (bench/NOTES-scan.md, session 30). Chunks of 16 steps unless CT is given.
-_SLAB_CT = 16
+                 "stages": 0, "kernel": "auto", "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01, session 22):
@@ -783,13 +776,8 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     derived sizes (NSUB tiles per chunk, NC chunks, NCHB channel blocks of BH heads x BD)."""
     cfg = _options(opts, _FWD_DEFAULTS, "forward")
     given = {k for k, x in (opts or {}).items() if x is not None}
-    if cfg["kernel"] not in ("auto", "chunk", "seq", "slabs"):
-        raise ValueError(f"forward kernel must be 'auto', 'chunk', 'seq' or 'slabs', got {cfg['kernel']!r}")
-    if cfg["kernel"] == "slabs":
-        if int(cfg["slab"]) < 1 or int(cfg["ahead"]) < 1:
-            raise ValueError(f"forward options slab={cfg['slab']} and ahead={cfg['ahead']} must be >= 1")
-        if cfg["CT"] == "auto":
-            cfg["CT"] = _SLAB_CT
+    if cfg["kernel"] not in ("auto", "chunk", "seq"):
+        raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq" and cfg["stages"]:
         raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
     auto = cfg["kernel"] == "auto"
@@ -813,11 +801,10 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
             and NCHB * triton.cdiv(T, CT) < _FEW_PROGRAMS_PER_SM * _num_sms(device)):
         BT, cfg["stages"] = _FEW_PROGRAMS_TILE  # more loads in flight per program (see above)
     CT = max(BT, (CT // BT) * BT)
-    SC = max(1, int(cfg["slab"]) // CT)  # "slabs": chunks per slab
     L = BH * BD
     S = max(1, L * cfg["W"] // 256)  # seq: sub-blocks of 256 / W lanes, one warp each
     warps = S if cfg["kernel"] == "seq" else max(1, min(4, L // 256))
-    return dict(cfg, S=S, SC=SC, BT=BT, BD=BD, BH=BH, CT=CT, NSUB=CT // BT, NC=max(1, triton.cdiv(T, CT)),
+    return dict(cfg, S=S, BT=BT, BD=BD, BH=BH, CT=CT, NSUB=CT // BT, NC=max(1, triton.cdiv(T, CT)),
                 NDB=NDB, NHG=NHG, NCHB=NCHB, num_warps=cfg["num_warps"] or warps)
 
 
@@ -879,9 +866,8 @@ def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
 
 def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
     """Launch the forward (``opts`` over _FWD_DEFAULTS: kernel 'chunk' (three launches; BH, BT,
-    BD, CT (int or 'auto'), num_warps, prefetch, stages), 'slabs' (chunk's options, plus slab
-    and ahead) or 'seq' (one launch; BH, BD, W, num_warps)); chunk's stages > 0 pipelines its
-    tile loads through shared memory.
+    BD, CT (int or 'auto'), num_warps, prefetch, stages) or 'seq' (one launch; BH, BD, W,
+    num_warps)); chunk's stages > 0 pipelines its tile loads through shared memory.
     Returns (k~, v~, final_k, final_v, aux for the backward)."""
     B, T, H, D = k.shape
     dev = k.device
@@ -916,71 +902,16 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
             meta = dict(BT=p["BT"], BD=p["BD"], BH=p["BH"], NSUB=p["NSUB"], HAS_H0=has_h0,
                         VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]), STAGES=p["stages"],
                         OFF64=span >= 2**31, num_warps=p["num_warps"])
-            M = NCHB * p["BH"] * p["BD"]
-            ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev) if NC > 1 else _dummy(dev, torch.float32)
-
-            def launch(c0: int, c1: int, write: bool):  # launch 1 or 3 over chunks c0..c1-1
-                if c1 > c0:
-                    _fwd_chunk_scan_kernel[(NCHB, c1 - c0)](*args, ws, *sizes, c0, *strides, WRITE=write, **meta)
-
-            def carry(c0: int, c1: int):  # launch 2 over chunks c0..c1-1
-                if c1 > c0:
-                    NCB = min(64, triton.next_power_of_2(c1 - c0))
-                    _fwd_carry_scan_kernel[(triton.cdiv(M, 64),)](ws, M, NC, c0, c1, NCB=NCB, CH=64, num_warps=4)
-
-            if p["kernel"] == "slabs":
-                _slab_launches(NC, p["SC"], int(p["ahead"]), launch, carry, dev)
-            else:
-                launch(0, NC - 1, False)
-                carry(0, NC - 1)
-                launch(0, NC, True)
+            ws = _dummy(dev, torch.float32)
+            if NC > 1:
+                M = NCHB * p["BH"] * p["BD"]
+                ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
+                _fwd_chunk_scan_kernel[(NCHB, NC - 1)](*args, ws, *sizes, *strides, WRITE=False, **meta)
+                CH = 64
+                NCB = min(64, triton.next_power_of_2(NC - 1))
+                _fwd_carry_scan_kernel[(triton.cdiv(M, CH),)](ws, M, NC, NCB=NCB, CH=CH, num_warps=4)
+            _fwd_chunk_scan_kernel[(NCHB, NC)](*args, ws, *sizes, *strides, WRITE=True, **meta)
     return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
-
-
-_SLAB_STREAMS: dict = {}
-
-
-def _slab_launches(NC: int, SC: int, ahead: int, launch, carry, dev):
-    """The "slabs" schedule: slab s covers chunks s*SC .. s*SC+SC-1. Launch 1 of every slab runs
-    on one stream, launch 2 (the carry, chained slab to slab) on a second, launch 3 on a third;
-    launch 1 of slab s waits for launch 3 of slab s - ahead - 1, so that at most ahead + 1 slabs
-    of inputs are live in L2. On the CPU (interpreter) the same launches run in order."""
-    slabs = [(c0, min(NC, c0 + SC)) for c0 in range(0, NC, SC)]
-    if dev.type != "cuda":
-        for c0, c1 in slabs:
-            launch(c0, min(c1, NC - 1), False)
-            carry(c0, min(c1, NC - 1))
-            launch(c0, c1, True)
-        return
-    key = str(dev)
-    if key not in _SLAB_STREAMS:
-        _SLAB_STREAMS[key] = tuple(torch.cuda.Stream(dev) for _ in range(3))
-    s1, s2, s3 = _SLAB_STREAMS[key]
-    main = torch.cuda.current_stream(dev)
-    start = torch.cuda.Event()
-    start.record(main)
-    for st in (s1, s2, s3):
-        st.wait_event(start)
-    done1, done3 = [], []
-    for s, (c0, c1) in enumerate(slabs):
-        e1, e2, e3 = torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event()
-        with torch.cuda.stream(s1):
-            if s > ahead:
-                s1.wait_event(done3[s - ahead - 1])
-            launch(c0, min(c1, NC - 1), False)
-            e1.record(s1)
-        with torch.cuda.stream(s2):
-            s2.wait_event(e1)
-            carry(c0, min(c1, NC - 1))
-            e2.record(s2)
-        with torch.cuda.stream(s3):
-            s3.wait_event(e2)
-            launch(c0, c1, True)
-            e3.record(s3)
-        done1.append(e1)
-        done3.append(e3)
-    for e in (done1[-1], e2, done3[-1]):
-        main.wait_event(e)
 
 
 def scan_bwd(z, k, v, ok, ov, dok, dov, dhTk, dhTv, has_h0, aux, cu_seqlens=None, **opts):
