@@ -334,6 +334,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop timing new work after this (default 480; 170 with --sweep)")
     ap.add_argument("--no-assoc", action="store_true")
+    ap.add_argument("--graph-all", action="store_true",
+                    help="CUDA-graph rows at every length (default: T=4096 only)")
     ap.add_argument("--flush", default="write", choices=FLUSHES,
                     help="L2 state before each timed call (bench/_timing.py)")
     ap.add_argument("--chained-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -416,7 +418,7 @@ def main():
             name = fname(var) if var else "default-plan"
             fwd[name] = bench(lambda: scan_fwd(z, k, v, **var))
             add(B, T, "fwd", "fused", fwd[name], 5, name)
-        if T == 4096:  # launch overhead out: the same calls replayed from a CUDA graph
+        if T == 4096 or args.graph_all:  # launch overhead out: the same calls replayed from a CUDA graph
             for var in [{}] + fwd_vs:
                 try:
                     ms = bench(lambda: scan_fwd(z, k, v, **var), graph=True)
