@@ -5,6 +5,7 @@ pretrain both models -> SFT from the pretrained checkpoints -> mcore-to-hf -> ev
 the attention model and on the memory model with both K/V sources -> collect. Then a rerun of
 every stage finds everything done. Also: the two GPU recipes differ only in model.memory.enabled.
 """
+import gzip
 import json
 from pathlib import Path
 import os
@@ -332,3 +333,38 @@ def test_compare_pools_runs_of_one_kind(tmp_path, capsys):
     assert "| attention | quest | 1-4 | plain | 2 | 60.0 | 50.0 | 70.0 |" in (out / "spread.md").read_text()
     with pytest.raises(SystemExit, match="summary.json: no such file"):
         compare.main([str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_retention_conditions_on_dense_correct_samples(tmp_path):
+    """bench/replication/retention.py: per model, the sparse score kept on its own dense-correct
+    samples and on the samples every model answers densely; refusals in one line."""
+    sys.path.insert(0, str(HERE))
+    import retention
+
+    def preds(folder, model, source, table):
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "predictions.jsonl.gz", "wt") as f:
+            for config, answers in table.items():
+                for i, ok in enumerate(answers):  # samples 0..3 of one task, answer "7" or "7,8"
+                    outputs = ["7", "8"] if i == 3 else ["7"]
+                    pred = {1.0: " 7, 8", 0.5: " 7", 0.0: " 9"}[ok] if i == 3 else (" 7" if ok else " 9")
+                    f.write(json.dumps({"model": model, "config": f"{config}_{source}", "task": "niah_single_1",
+                                        "index": i, "pred": pred, "outputs": outputs}) + "\n")
+
+    # attention: dense right on 0, 1, 3; quest keeps 0 and half of 3
+    preds(tmp_path / "a", "attention", "plain", {"dense_full": [1, 1, 0, 1.0], "quest_1-16": [1, 0, 1, 0.5]})
+    # memory: dense right on 0, 1, 2; quest keeps 0, 1
+    preds(tmp_path / "m", "memory-s5", "mem", {"dense_full": [1, 1, 1, 0.5], "quest_1-16": [1, 1, 0, 0.0]})
+    out = tmp_path / "ret"
+    assert retention.main([str(tmp_path / "a"), f"{tmp_path / 'm'}=x", "--out", str(out)]) == 0
+    res = json.loads((out / "retention.json").read_text())
+    assert res["common_samples"] == 2  # samples 0 and 1
+    got = {r["model"]: (r["kind"], r["own"]["n"], r["own"]["kept"], r["common"]["kept"]) for r in res["rows"]}
+    assert got == {"attention (a)": ("attention", 3, 50.0, 50.0), "memory-s5 (x)": ("memory", 3, 66.7, 100.0)}
+    assert "| quest | 1/16 | mem | memory-s5 (x) | 3 | 66.7 | 100.0 |" in (out / "retention.md").read_text()
+    assert [(k["kind"], k["own"]) for k in res["kinds"]] == [("attention", 50.0), ("memory", 66.7)]
+    with pytest.raises(SystemExit, match="predictions.jsonl.gz: no such file"):
+        retention.main([str(tmp_path / "missing"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no sparse predictions"):
+        retention.main([str(tmp_path / "a"), "--methods", "moba", "--out", str(out)])
+    assert retention.parse_config("quest+int8_1-16_mem") == ("quest+int8", "1-16", "mem")

@@ -1,0 +1,163 @@
+"""Robustness to sparsity sample by sample: of the samples a model answers fully with dense
+attention, how much of their score it keeps under each sparse method and budget.
+
+    python bench/replication/retention.py DIR[=TAG] [DIR[=TAG] ...] --out OUT [--methods quest,moba]
+
+A table of averages mixes two things: how many samples a model gets right densely, and how many of
+those it still gets right when attention is sparse. The paper's claim is about the second, so this
+conditions on the first. Each DIR holds the predictions.jsonl.gz that the replication folders keep
+(one record per generation: model, config METHOD_BUDGET_SOURCE, task, index, pred, outputs); models
+are renamed "MODEL (TAG)" as in compare.py (TAG: the folder's name unless given). Per model, sparse
+configuration and K/V source:
+
+* own:    over the samples this model scores 1.0 densely (same K/V source), the mean sparse score
+          x 100, and how many samples that is;
+* common: the same over the samples that *every* model read here scores 1.0 densely: the same
+          prompts for all models, so the numbers compare across models directly.
+
+Samples are pooled over the tasks (a task with more dense-correct samples weighs more); the JSON
+also has each task's numbers. Writes OUT/retention.json and OUT/retention.md (with each kind's mean,
+a kind being the model name before any -sSEED).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as rp  # noqa: E402  (model_kind; puts the repo and bench/ on the path)
+from _runs import write_json  # noqa: E402
+from eval.ruler.scoring import SAMPLE_METRICS, postprocess_pred  # noqa: E402
+from ratplus_megatron.files import write_atomic  # noqa: E402
+
+_score = SAMPLE_METRICS["string_match_all"]
+
+
+def parse_config(config: str) -> tuple[str, str, str]:
+    """'quest+int8_1-16_mem' -> ('quest+int8', '1-16', 'mem')."""
+    parts = config.rsplit("_", 2)
+    if len(parts) != 3:
+        raise SystemExit(f"error: prediction config {config!r} is not METHOD_BUDGET_SOURCE")
+    return parts[0], parts[1], parts[2]
+
+
+def load(specs: list[str]) -> dict:
+    """{model: {(method, budget, source): {(task, index): score}}} over every DIR[=TAG]."""
+    scores: dict = {}
+    for spec in specs:
+        folder, _, tag = spec.partition("=")
+        path = Path(folder) / "predictions.jsonl.gz"
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file (give folders that keep predictions.jsonl.gz)")
+        tag = tag or Path(folder).resolve().name
+        with gzip.open(path, "rt") as f:
+            for line in f:
+                r = json.loads(line)
+                cell = scores.setdefault(f"{r['model']} ({tag})", {}).setdefault(parse_config(r["config"]), {})
+                cell[(r["task"], int(r["index"]))] = _score(postprocess_pred(r["pred"]), r["outputs"])
+    if not scores:
+        raise SystemExit("error: no predictions read")
+    return scores
+
+
+def _dense(cells: dict, source: str, model: str) -> dict:
+    """The model's dense scores on this K/V source, else its only dense configuration."""
+    dense = {k: v for k, v in cells.items() if k[0] == "dense"}
+    same = [v for k, v in dense.items() if k[2] == source]
+    if same:
+        return same[0]
+    if len(dense) == 1:
+        return next(iter(dense.values()))
+    raise SystemExit(f"error: {model}: no dense predictions on K/V source {source!r} to condition on")
+
+
+def _kept(sparse: dict, keys: set) -> dict:
+    """Mean sparse score x 100 over `keys`, overall and per task."""
+    by_task: dict = {}
+    for key in keys:
+        by_task.setdefault(key[0], []).append(sparse.get(key, 0.0))
+    every = [x for xs in by_task.values() for x in xs]
+    mean = lambda xs: round(100.0 * sum(xs) / len(xs), 1) if xs else None  # noqa: E731
+    return {"n": len(every), "kept": mean(every),
+            "tasks": {t: {"n": len(xs), "kept": mean(xs)} for t, xs in sorted(by_task.items())}}
+
+
+def retention(scores: dict, methods: set[str] | None = None) -> list[dict]:
+    """One row per (model, sparse method, budget, source): 'own' and 'common' (see the docstring)."""
+    correct = {}
+    for model, cells in scores.items():
+        for source in {k[2] for k in cells}:
+            dense = _dense(cells, source, model)
+            correct[(model, source)] = {key for key, s in dense.items() if s >= 1.0}
+    common = set.intersection(*correct.values())
+    rows = []
+    for model, cells in sorted(scores.items()):
+        for (method, budget, source), sparse in cells.items():
+            if method == "dense" or (methods and method not in methods):
+                continue
+            rows.append({"model": model, "kind": rp.model_kind(model.rsplit(" (", 1)[0]), "method": method,
+                         "budget": budget, "source": source,
+                         "own": _kept(sparse, correct[(model, source)]), "common": _kept(sparse, common)})
+    if not rows:
+        raise SystemExit("error: no sparse predictions (check --methods)")
+    rows.sort(key=lambda r: (r["method"], -_fraction(r["budget"]), r["kind"], r["model"], r["source"]))
+    return rows
+
+
+def _fraction(budget: str) -> float:
+    num, _, den = budget.partition("-")
+    return float(num) / float(den) if den else float("inf")
+
+
+def kind_means(rows: list[dict]) -> list[dict]:
+    """Per (kind, method, budget, source): the mean of its models' 'own' and 'common' numbers."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["method"], -_fraction(r["budget"]), r["kind"], r["budget"], r["source"]), []).append(r)
+    out = []
+    for (method, _, kind, budget, source), rs in sorted(cells.items()):
+        avg = lambda xs: round(sum(xs) / len(xs), 1)  # noqa: E731
+        out.append({"kind": kind, "method": method, "budget": budget, "source": source, "models": len(rs),
+                    "own": avg([r["own"]["kept"] for r in rs]), "common": avg([r["common"]["kept"] for r in rs])})
+    return out
+
+
+def table(rows: list[dict], means: list[dict]) -> str:
+    n_common = rows[0]["common"]["n"]
+    lines = ["# Share of the dense score kept under sparsity, on dense-correct samples (string_match_all, x100)", "",
+             f"own: the model's own dense-correct samples (n); common: the {n_common} samples every model "
+             "here answers fully densely (the same prompts for all).", "",
+             "| method | budget | K/V | model | own n | own kept | common kept |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget'].replace('-', '/')} | {r['source']} | {r['model']} | "
+                     f"{r['own']['n']} | {r['own']['kept']} | {r['common']['kept']} |")
+    lines += ["", "## Mean per kind", "", "| method | budget | K/V | kind | models | own kept | common kept |",
+              "|---|---|---|---|---|---|---|"]
+    for m in means:
+        lines.append(f"| {m['method']} | {m['budget'].replace('-', '/')} | {m['source']} | {m['kind']} | "
+                     f"{m['models']} | {m['own']} | {m['common']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/replication/retention.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", metavar="DIR[=TAG]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", help="comma-separated sparse methods to keep (default: all)")
+    a = p.parse_args(argv)
+    rows = retention(load(a.dirs), set(a.methods.split(",")) if a.methods else None)
+    means = kind_means(rows)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "retention.json", {"from": a.dirs, "common_samples": rows[0]["common"]["n"],
+                                        "rows": rows, "kinds": means}, quiet=True)
+    write_atomic(out / "retention.md", lambda f: f.write(table(rows, means)))
+    print(f"wrote {out}: retention.json/.md ({len(rows)} rows, {rows[0]['common']['n']} common samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
