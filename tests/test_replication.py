@@ -368,3 +368,6 @@ def test_retention_conditions_on_dense_correct_samples(tmp_path):
     with pytest.raises(SystemExit, match="no sparse predictions"):
         retention.main([str(tmp_path / "a"), "--methods", "moba", "--out", str(out)])
     assert retention.parse_config("quest+int8_1-16_mem") == ("quest+int8", "1-16", "mem")
+    preds(tmp_path / "short", "attention", "plain", {"dense_full": [1, 1, 1, 1.0], "quest_1-4": [1, 1]})
+    with pytest.raises(SystemExit, match=r"attention \(short\) quest_1-4_plain: no prediction for 2 dense-correct"):
+        retention.main([str(tmp_path / "short"), "--out", str(out)])

@@ -74,11 +74,16 @@ def _dense(cells: dict, source: str, model: str) -> dict:
     raise SystemExit(f"error: {model}: no dense predictions on K/V source {source!r} to condition on")
 
 
-def _kept(sparse: dict, keys: set) -> dict:
+def _kept(sparse: dict, keys: set, what: str) -> dict:
     """Mean sparse score x 100 over `keys`, overall and per task."""
+    missing = keys - sparse.keys()
+    if missing:
+        task, index = min(missing)
+        raise SystemExit(f"error: {what}: no prediction for {len(missing)} dense-correct samples "
+                         f"(e.g. {task} #{index}); finish that evaluation first")
     by_task: dict = {}
     for key in keys:
-        by_task.setdefault(key[0], []).append(sparse.get(key, 0.0))
+        by_task.setdefault(key[0], []).append(sparse[key])
     every = [x for xs in by_task.values() for x in xs]
     mean = lambda xs: round(100.0 * sum(xs) / len(xs), 1) if xs else None  # noqa: E731
     return {"n": len(every), "kept": mean(every),
@@ -98,9 +103,10 @@ def retention(scores: dict, methods: set[str] | None = None) -> list[dict]:
         for (method, budget, source), sparse in cells.items():
             if method == "dense" or (methods and method not in methods):
                 continue
+            what = f"{model} {method}_{budget}_{source}"
             rows.append({"model": model, "kind": rp.model_kind(model.rsplit(" (", 1)[0]), "method": method,
                          "budget": budget, "source": source,
-                         "own": _kept(sparse, correct[(model, source)]), "common": _kept(sparse, common)})
+                         "own": _kept(sparse, correct[(model, source)], what), "common": _kept(sparse, common, what)})
     if not rows:
         raise SystemExit("error: no sparse predictions (check --methods)")
     rows.sort(key=lambda r: (r["method"], -_fraction(r["budget"]), r["kind"], r["model"], r["source"]))
