@@ -30,25 +30,28 @@ def _flush_fn(flush: str, device):
     return buf.zero_ if flush == "write" else (lambda: buf.sum())
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn() captured as a CUDA graph, after one eager call and one on a side stream (compiles,
+    allocator warm-up)."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
 def time_ms(fn, *, graph: bool = False, flush: str = "write", warmup: int = 10, rep: int = 50,
             grad_to_none=None) -> float:
     """Median milliseconds of fn() on the current CUDA device (grad_to_none: tensors whose .grad
     is reset before each call, so that backward never accumulates)."""
-    if graph:
-        fn()
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        torch.cuda.synchronize()
-        call = g.replay
-    else:
-        call = fn
+    call = capture_graph(fn).replay if graph else fn
     flush_l2 = _flush_fn(flush, torch.device("cuda", torch.cuda.current_device()))
 
     def clear():

@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from kernels.memory_scan.fused import scan_fwd  # noqa: E402
 from _runs import environment, write_json  # noqa: E402
-from _timing import _flush_fn, time_ms  # noqa: E402
+from _timing import _flush_fn, capture_graph, time_ms  # noqa: E402
 
 H, D = 32, 128
 CONFIGS = {
@@ -86,20 +86,7 @@ def summarize(kernels: list[dict]) -> dict:
 def trace_replays(fn, reps: int, graph: bool = True) -> list[dict]:
     """Profile `reps` replays of fn captured as a CUDA graph (or eager calls); the scan kernels of
     each replay."""
-    call = fn
-    if graph:
-        fn()
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        call = g.replay
-    torch.cuda.synchronize()
+    call = capture_graph(fn).replay if graph else fn
     flush = _flush_fn("read", torch.device("cuda", torch.cuda.current_device()))
     for _ in range(3):
         flush()

@@ -27,15 +27,20 @@ from _runs import write_json  # noqa: E402
 from ratplus_megatron.files import write_atomic  # noqa: E402
 
 
+def folder_file(spec: str, name: str, hint: str) -> tuple[Path, str]:
+    """DIR[=TAG] -> (DIR/name, TAG or DIR's own name); a missing file is refused in one line."""
+    folder, _, tag = spec.partition("=")
+    path = Path(folder) / name
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such file (give folders that {hint})")
+    return path, tag or Path(folder).resolve().name
+
+
 def load(specs: list[str], methods: set[str] | None) -> tuple[list[dict], dict[str, str]]:
     """The runs of every DIR[=TAG], models renamed "MODEL (TAG)"; and each new name's kind."""
     runs, kind_of = [], {}
     for spec in specs:
-        folder, _, tag = spec.partition("=")
-        path = Path(folder) / "summary.json"
-        if not path.is_file():
-            raise SystemExit(f"error: {path}: no such file (give folders that run.py collect wrote)")
-        tag = tag or Path(folder).resolve().name
+        path, tag = folder_file(spec, "summary.json", "run.py collect wrote")
         for r in json.loads(path.read_text())["runs"]:
             if methods and r["method"] not in methods:
                 continue

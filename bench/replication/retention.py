@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as rp  # noqa: E402  (model_kind; puts the repo and bench/ on the path)
+from compare import folder_file  # noqa: E402
 from _runs import write_json  # noqa: E402
 from eval.ruler.scoring import SAMPLE_METRICS, postprocess_pred  # noqa: E402
 from ratplus_megatron.files import write_atomic  # noqa: E402
@@ -48,11 +49,7 @@ def load(specs: list[str]) -> dict:
     """{model: {(method, budget, source): {(task, index): score}}} over every DIR[=TAG]."""
     scores: dict = {}
     for spec in specs:
-        folder, _, tag = spec.partition("=")
-        path = Path(folder) / "predictions.jsonl.gz"
-        if not path.is_file():
-            raise SystemExit(f"error: {path}: no such file (give folders that keep predictions.jsonl.gz)")
-        tag = tag or Path(folder).resolve().name
+        path, tag = folder_file(spec, "predictions.jsonl.gz", "keep predictions.jsonl.gz")
         with gzip.open(path, "rt") as f:
             for line in f:
                 r = json.loads(line)
