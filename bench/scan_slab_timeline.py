@@ -1,7 +1,9 @@
 """Where the streamed slab forward loses its time (NOTES-scan session 30): per-kernel GPU start and
 end times of CUDA-graph replays from torch.profiler's trace, for the whole-sequence chunk plan and
-slab configs. The "slabs" plan exists only at commit 545d83c (reverted on main; run this script
-there, or pass --configs with chunk plans only). Inside a graph replay the trace's stream ids are
+slab configs. The "slabs" plan exists only at commit 545d83c (reverted on main), so the default
+configs are the two chunk plans; the recorded run (bench/results/reruns/scan_slab_timeline_545d83c.json)
+ran on a tree with the slabs plan, when the defaults were the chunk plans plus SLAB_CONFIGS (to repeat it
+there: --configs with both as JSON). Inside a graph replay the trace's stream ids are
 not the capture streams, so for slab configs the launch1 / launch3 split below is wrong (the
 first_replay rows show the real order; NOTES-scan reads it by hand); spans, busy and idle times
 and the whole-plan roles are right.
@@ -37,9 +39,11 @@ from _timing import _flush_fn, capture_graph, time_ms  # noqa: E402
 H, D = 32, 128
 CONFIGS = {
     "whole (default plan)": {},
+    "whole CT16 (slab tile)": dict(kernel="chunk", BH=4, BT=4, stages=3, CT=16),
+}
+SLAB_CONFIGS = {  # needs the "slabs" plan of 545d83c
     "slabs CT16 slab1024": dict(kernel="slabs", BH=4, BT=4, stages=3, CT=16, slab=1024),
     "slabs CT16 slab512": dict(kernel="slabs", BH=4, BT=4, stages=3, CT=16, slab=512),
-    "whole CT16 (slab tile)": dict(kernel="chunk", BH=4, BT=4, stages=3, CT=16),
 }
 
 

@@ -45,19 +45,23 @@ def parse_config(config: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-def load(specs: list[str]) -> dict:
-    """{model: {(method, budget, source): {(task, index): score}}} over every DIR[=TAG]."""
+def load(specs: list[str]) -> tuple[dict, dict[str, str]]:
+    """{model: {(method, budget, source): {(task, index): score}}} over every DIR[=TAG], models
+    renamed "MODEL (TAG)"; and each new name's kind."""
     scores: dict = {}
+    kind_of: dict = {}
     for spec in specs:
         path, tag = folder_file(spec, "predictions.jsonl.gz", "keep predictions.jsonl.gz")
         with gzip.open(path, "rt") as f:
             for line in f:
                 r = json.loads(line)
-                cell = scores.setdefault(f"{r['model']} ({tag})", {}).setdefault(parse_config(r["config"]), {})
+                name = f"{r['model']} ({tag})"
+                kind_of[name] = rp.model_kind(r["model"])
+                cell = scores.setdefault(name, {}).setdefault(parse_config(r["config"]), {})
                 cell[(r["task"], int(r["index"]))] = _score(postprocess_pred(r["pred"]), r["outputs"])
     if not scores:
         raise SystemExit("error: no predictions read")
-    return scores
+    return scores, kind_of
 
 
 def _dense(cells: dict, source: str, model: str) -> dict:
@@ -87,7 +91,7 @@ def _kept(sparse: dict, keys: set, what: str) -> dict:
             "tasks": {t: {"n": len(xs), "kept": mean(xs)} for t, xs in sorted(by_task.items())}}
 
 
-def retention(scores: dict, methods: set[str] | None = None) -> list[dict]:
+def retention(scores: dict, kind_of: dict[str, str], methods: set[str] | None = None) -> list[dict]:
     """One row per (model, sparse method, budget, source): 'own' and 'common' (see the docstring)."""
     correct = {}
     for model, cells in scores.items():
@@ -101,7 +105,7 @@ def retention(scores: dict, methods: set[str] | None = None) -> list[dict]:
             if method == "dense" or (methods and method not in methods):
                 continue
             what = f"{model} {method}_{budget}_{source}"
-            rows.append({"model": model, "kind": rp.model_kind(model.rsplit(" (", 1)[0]), "method": method,
+            rows.append({"model": model, "kind": kind_of[model], "method": method,
                          "budget": budget, "source": source,
                          "own": _kept(sparse, correct[(model, source)], what), "common": _kept(sparse, common, what)})
     if not rows:
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--methods", help="comma-separated sparse methods to keep (default: all)")
     a = p.parse_args(argv)
-    rows = retention(load(a.dirs), set(a.methods.split(",")) if a.methods else None)
+    rows = retention(*load(a.dirs), set(a.methods.split(",")) if a.methods else None)
     means = kind_means(rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
