@@ -336,6 +336,8 @@ def main():
     ap.add_argument("--no-assoc", action="store_true")
     ap.add_argument("--graph-all", action="store_true",
                     help="CUDA-graph rows at every length (default: T=4096 only)")
+    ap.add_argument("--heads", type=int, default=32,
+                    help="heads per GPU (default 32; the 7B recipe's TP=2 gives 16)")
     ap.add_argument("--flush", default="write", choices=FLUSHES,
                     help="L2 state before each timed call (bench/_timing.py)")
     ap.add_argument("--chained-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -343,8 +345,9 @@ def main():
     ap.add_argument("--dry-run", action="store_true",
                     help="sweep on CPU through the Triton interpreter, tiny shapes (logic test)")
     args = ap.parse_args()
-    global FLUSH
+    global FLUSH, H  # noqa: PLW0603 (the module's shape constants)
     FLUSH = args.flush
+    H = args.heads
     if args.chained_smoke:
         chained_smoke()
         return
