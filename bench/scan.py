@@ -345,7 +345,7 @@ def main():
     ap.add_argument("--dry-run", action="store_true",
                     help="sweep on CPU through the Triton interpreter, tiny shapes (logic test)")
     args = ap.parse_args()
-    global FLUSH, H  # noqa: PLW0603 (the module's shape constants)
+    global FLUSH, H
     FLUSH = args.flush
     H = args.heads
     if args.chained_smoke:
