@@ -350,6 +350,16 @@ def test_default_forward_plan_follows_the_sweep():
             assert (p["kernel"], p["BH"], p["W"], p["S"], p["num_warps"]) == ("seq", 1, 8, 4, 4)
         forced = _fwd_plan(B, T, 32, 128, torch.device("cpu"), dict(kernel="chunk"))
         assert (forced["kernel"], forced["BH"], forced["CT"]) == ("chunk", 4, ct)
+    # 0.8-1.5 single-head blocks per SM (104-197 heads x 128 on 132 SMs): seq over half-width
+    # blocks with 16-segment tiles won on the H200 (2026-12-02); below that the chunk plan
+    for (B, H), want in {(3, 32): "chunk", (6, 16): "chunk", (13, 8): "chunk", (4, 32): "seq",
+                         (8, 16): "seq", (6, 32): "seq", (15, 8): "seq"}.items():
+        p = _fwd_plan(B, 4096, H, 128, torch.device("cpu"))
+        assert p["kernel"] == want, (B, H)
+        if want == "seq":
+            assert (p["BH"], p["BD"], p["W"], p["S"], p["num_warps"]) == (1, 64, 16, 4, 4)
+    p = _fwd_plan(4, 4096, 32, 128, torch.device("cpu"), dict(W=8))  # options given stay
+    assert (p["kernel"], p["BD"], p["W"]) == ("seq", 64, 8)
     # small shapes: tiles shrink to the heads and channels there are
     p = _fwd_plan(2, 37, 2, 8, torch.device("cpu"))
     assert (p["BH"], p["BD"], p["CT"], p["NC"], p["num_warps"]) == (2, 8, 64, 1, 1)

@@ -18,13 +18,13 @@ scan (prefetch). Three launches, no atomics:
 8 tensors of traffic instead of 5; measured 59-60 % of copy bandwidth at batch 8 (the
 one-launch decoupled look-back variant, "chunklb", lost at every measured shape and is gone).
 
-Forward ("seq", the default when batch x heads gives at least 1.5 single-head channel blocks
-per SM, e.g. batch 8 x 32 heads): one launch, one program per channel block walks the whole
+Forward ("seq", the default when batch x heads gives at least 0.8 single-head channel blocks
+per SM, e.g. batch 4-8 x 32 heads; below 1.5 per SM over 64-channel blocks): one launch, one program per channel block walks the whole
 sequence, so inputs are read once (5 tensors of traffic). A tile is W segments of 2 steps; a
 segment's two steps compose in registers, the segments' maps are scanned inside one warp with
 the exclusive prefix carried along (_pair_combine), and every step's output comes from its
 segment's entering state. 69-73 % of copy bandwidth at batch 8 on the H200 (1.07-1.10x the
-earlier cross-warp layout, 1.2-1.3x the chunk plan); too few programs at batch 1-4, where chunk
+earlier cross-warp layout, 1.2-1.3x the chunk plan); too few programs at batch 1-3, where chunk
 stays.
 
 Backward ("scan" kernel): a channel block is one (batch, head, BD channels) column of the input,
@@ -729,6 +729,15 @@ _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # 16384 / 32768 (69-73 % of copy) against 0.474 / 0.946 / 1.87 / 3.72 ms for the chunk plan; at
 # batch 4 (0.97 per SM) 0.290 against 0.282 ms (CUDA graphs), at batch 2 0.269 against 0.153.
 _SEQ_BLOCKS_PER_SM = 1.5
+# Between 0.8 and 1.5 blocks per SM "seq" still wins over 64-channel blocks with 16-segment tiles
+# (BH1 BD64 W16: twice the programs, one wave up to 1.5 per SM). H200 CUDA graphs, bf16 x 128
+# (bench/results/reruns/scan_seq_narrow_855269b.json, NOTES-scan.md session 31), ms chunk -> seq:
+# 128 heads (4 x 32, 8 x 16 at T 4096) 0.281 -> 0.251, 0.288 -> 0.253; 4 x 32 at T 8192 / 16384
+# 0.541 -> 0.493, 1.070 -> 0.971; 160 heads 0.389 -> 0.342; 192 heads 0.421 -> 0.353; 112 and 120
+# heads 4 and 7 % faster; 104 heads equal; 96 heads (3 x 32, 6 x 16) chunk ahead by 8 %; at 4 x
+# 32768 within run-to-run noise (2.06-2.11 against 2.11). At 256 heads (2 per SM) the W16 tiles
+# take two waves and lose (0.572 against 0.435 ms), hence the upper bound.
+_SEQ_NARROW_BLOCKS_PER_SM, _SEQ_NARROW_TILE = 0.8, {"BD": 64, "W": 16}
 # With fewer chunk programs than this per SM (1 x 4096 at 32 heads x 128: 3.9), the default chunk
 # plan takes BT 4 with its loads pipelined 3 stages deep. H200 CUDA graphs (NOTES-scan.md,
 # 2026-12-01): 1 x 4096 0.0884 / 0.0888 / 0.0879 ms in three runs against 0.100 for BT 2
@@ -781,12 +790,15 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     if cfg["kernel"] == "seq" and cfg["stages"]:
         raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
     auto = cfg["kernel"] == "auto"
-    if auto:  # "seq" once single-head channel blocks fill the GPU (see above)
-        blocks = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D)))
-        seq = blocks >= _SEQ_BLOCKS_PER_SM * _num_sms(device)
+    if auto:  # "seq" once single-head channel blocks (nearly) fill the GPU (see above)
+        per_sm = B * H * triton.cdiv(D, min(cfg["BD"], triton.next_power_of_2(D))) / _num_sms(device)
+        narrow = _SEQ_NARROW_BLOCKS_PER_SM <= per_sm < _SEQ_BLOCKS_PER_SM
+        seq = narrow or per_sm >= _SEQ_BLOCKS_PER_SM
         cfg["kernel"] = "seq" if seq else "chunk"
         if seq and "BH" not in given:
             cfg["BH"] = 1
+        if narrow:  # half-width blocks, 16-segment tiles: twice the programs (see above)
+            cfg.update({k: x for k, x in _SEQ_NARROW_TILE.items() if k not in given})
     BD = min(cfg["BD"], triton.next_power_of_2(D))
     BH = max(1, min(cfg["BH"], triton.next_power_of_2(H)))
     BT = cfg["BT"]
