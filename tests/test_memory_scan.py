@@ -33,6 +33,7 @@ FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              # one launch: 2 sub-blocks of 8 lanes x 4 segments, and one block x 8 segments
              "seq": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=4, num_warps=2)),
              "seq-W8": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=8)),
+             "seq-W16": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=16)),  # the narrow default's tile
              # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
              "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
