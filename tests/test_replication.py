@@ -112,6 +112,20 @@ def test_driver_toy_end_to_end(tmp_path):
     assert ("attention", "dense", "full", "plain") in rows and ("memory", "dense", "full", "mem") in rows
     assert all(set(r["n"].values()) == {2} for r in summary["runs"])
     assert (results / "summary.md").is_file()
+    # every generation kept: rescoring them reproduces each cell of the summary
+    from eval.ruler.scoring import score
+
+    with gzip.open(results / "predictions.jsonl.gz", "rt") as f:
+        preds = [json.loads(line) for line in f]
+    cells = {}
+    for p in preds:
+        cells.setdefault((p["model"], p["config"], p["task"]), []).append(p)
+    for r in summary["runs"]:
+        config = f"{r['method']}_{r['budget']}_{r['source']}"
+        for task, value in r["tasks"].items():
+            got = cells.pop((r["model"], config, task))
+            assert score([p["pred"] for p in got], [p["outputs"] for p in got]) == pytest.approx(value)
+    assert not cells and len(preds) == 2 * sum(len(r["tasks"]) for r in summary["runs"])
     info = json.loads((results / "run.json").read_text())
     assert info["training"]["memory-sft"]["iterations"] == 3 and info["sft_data"]["pairs"] == 6
     assert info["device"] == "cpu" and info["versions"]["torch"] and info["commit"] and info["command"].startswith("bench/replication/run.py all")

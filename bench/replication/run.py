@@ -16,7 +16,8 @@ Stages (each resumable and skipped when done; see bench/replication/README.md fo
             model on plain K/V, memory model on K~/V~ (mem; with --memory-plain also on K/V); a queue of
             (model, source, task, methods) jobs, --procs-per-gpu workers on each GPU
   collect   scores -> WORK/report and bench/results/replication/ (summary.json, summary.md,
-            accuracy_vs_budget.png when matplotlib is there, run.json with training numbers)
+            accuracy_vs_budget.png when matplotlib is there, run.json with training numbers,
+            predictions.jsonl.gz with every generation)
   all       every stage in order
 
 The models are those the evaluation combos name (`size["combos"]`): `--set 'combos=[[memory, mem]]'`
@@ -615,6 +616,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
             "sft_data": json.loads((work / "data" / "sft_sft.json").read_text())
             if (work / "data" / "sft_sft.json").is_file() else None}
     write_json(results / "run.json", info)
+    n_pred = write_predictions(work, size, results / "predictions.jsonl.gz")
     spread = seed_spread(summary["runs"], {name: kind for name, kind, _ in models(size)})
     if spread:
         from ratplus_megatron.files import write_atomic
@@ -624,8 +626,33 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
     else:  # an earlier collect's spread would describe other models
         for name in ("seeds.json", "seeds.md"):
             (results / name).unlink(missing_ok=True)
-    log(f"collect: {len(summary['runs'])} table rows -> {results}" + (" (+ seeds.md)" if spread else ""))
+    log(f"collect: {len(summary['runs'])} table rows, {n_pred} predictions -> {results}"
+        + (" (+ seeds.md)" if spread else ""))
     return True
+
+
+def write_predictions(work: Path, size: dict, dest: Path) -> int:
+    """Every generation of the eval jobs in one gzipped jsonl (model, config, task, index, pred,
+    outputs, new_tokens; sorted), so that rescoring and retention.py need no GPU."""
+    import gzip
+
+    from eval.report import read_jsonl
+    from ratplus_megatron.files import write_atomic
+
+    rows = []
+    for job in eval_jobs(work, size):
+        for f in glob.glob(str(job_dir(work, job) / "pred" / str(size["length"]) / "*" / f"{job[2]}.jsonl")):
+            config = Path(f).parent.name
+            rows += [{"model": job[0], "config": config, "task": job[2], "index": r["index"], "pred": r["pred"],
+                      "outputs": r["outputs"], "new_tokens": r.get("new_tokens")} for r in read_jsonl(f)]
+    rows.sort(key=lambda r: (r["model"], r["config"], r["task"], r["index"]))
+
+    def write(f):
+        with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+            gz.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    write_atomic(dest, write, binary=True)
+    return len(rows)
 
 
 def seed_spread(runs: list[dict], kind_of: dict[str, str]) -> list[dict]:
