@@ -86,6 +86,7 @@ def _calls():
         h0 = (r(B, H, D, dtype=torch.float32), r(B, H, D, dtype=torch.float32))
         yield lambda: fused.memory_scan_fused(z, k, v, output_final_state=True)[0].sum().backward()
         yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True, fwd=dict(kernel="seq", BH=2))
+        yield lambda: fused.memory_scan_fused(z, k, v, fwd=dict(kernel="seq", BH=1, BD=64, W=16))  # the narrow rule's tile
         yield lambda: fused.memory_scan_fused(z, k, v, h0, fwd=dict(kernel="chunk", BH=1, stages=3))
         for schedule in ("chained", "loop"):
             yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True,
