@@ -19,7 +19,8 @@ whole run.
         --fwd-variants '[{"kernel": "chunk", "BT": 4, "stages": 3}, {"kernel": "seq", "BH": 1}]'
 
 times the given forward configs (checked on the GPU first) beside the default plan, forward rows
-only (no backward, fla or associative scan).
+only (no backward, fla or associative scan). ``--heads 16`` (or 8) times the shapes that tensor
+parallelism leaves on one GPU (the 7B recipe runs TP = 2).
 
     python bench/scan.py --sweep --out $OUT/scan_sweep.json [--budget-s 170]
 
