@@ -19,8 +19,9 @@ scan (prefetch). Three launches, no atomics:
 one-launch decoupled look-back variant, "chunklb", lost at every measured shape and is gone).
 
 Forward ("seq", the default when batch x heads gives at least 0.8 single-head channel blocks
-per SM, e.g. batch 4-8 x 32 heads; below 1.5 per SM over 64-channel blocks): one launch, one program per channel block walks the whole
-sequence, so inputs are read once (5 tensors of traffic). A tile is W segments of 2 steps; a
+per SM, e.g. batch 4-8 x 32 heads; below 1.5 per SM over 64-channel blocks): one launch, one
+program per channel block walks the whole sequence, so inputs are read once (5 tensors of
+traffic). A tile is W segments of 2 steps; a
 segment's two steps compose in registers, the segments' maps are scanned inside one warp with
 the exclusive prefix carried along (_pair_combine), and every step's output comes from its
 segment's entering state. 69-73 % of copy bandwidth at batch 8 on the H200 (1.07-1.10x the
@@ -732,8 +733,8 @@ _SEQ_BLOCKS_PER_SM = 1.5
 # Between 0.8 and 1.5 blocks per SM "seq" still wins over 64-channel blocks with 16-segment tiles
 # (BH1 BD64 W16: twice the programs, one wave up to 1.5 per SM). H200 CUDA graphs, bf16 x 128
 # (bench/results/reruns/scan_seq_narrow_855269b.json, NOTES-scan.md session 31), ms chunk -> seq:
-# 128 heads (4 x 32, 8 x 16 at T 4096) 0.281 -> 0.251, 0.288 -> 0.253; 4 x 32 at T 8192 / 16384
-# 0.541 -> 0.493, 1.070 -> 0.971; 160 heads 0.389 -> 0.342; 192 heads 0.421 -> 0.353; 112 and 120
+# 128 heads (4 x 32, 8 x 16 at T 4096) 0.281 -> 0.251, 0.288 -> 0.253; 4 x 32 at T 16384
+# 1.070 -> 0.971 (at T 8192 BD32 W16 0.541 -> 0.494; BD64 not timed there); 160 heads 0.389 -> 0.342; 192 heads 0.421 -> 0.353; 112 and 120
 # heads 4 and 7 % faster; 104 heads equal; 96 heads (3 x 32, 6 x 16) chunk ahead by 8 %; at 4 x
 # 32768 within run-to-run noise (2.06-2.11 against 2.11). At 256 heads (2 per SM) the W16 tiles
 # take two waves and lose (0.572 against 0.435 ms), hence the upper bound.
