@@ -18,15 +18,14 @@ scan (prefetch). Three launches, no atomics:
 8 tensors of traffic instead of 5; measured 59-60 % of copy bandwidth at batch 8 (the
 one-launch decoupled look-back variant, "chunklb", lost at every measured shape and is gone).
 
-Forward ("seq", the default when batch x heads gives at least 0.8 single-head channel blocks
-per SM, e.g. batch 4-8 x 32 heads; below 1.5 per SM over 64-channel blocks): one launch, one
-program per channel block walks the whole sequence, so inputs are read once (5 tensors of
-traffic). A tile is W segments of 2 steps; a
-segment's two steps compose in registers, the segments' maps are scanned inside one warp with
-the exclusive prefix carried along (_pair_combine), and every step's output comes from its
-segment's entering state. 69-73 % of copy bandwidth at batch 8 on the H200 (1.07-1.10x the
-earlier cross-warp layout, 1.2-1.3x the chunk plan); too few programs at batch 1-3, where chunk
-stays.
+Forward ("seq", the default when batch x heads gives at least 0.8 single-head channel blocks per
+SM, e.g. batch 4-8 x 32 heads; below 1.5 per SM over 64-channel blocks): one launch, one program
+per channel block walks the whole sequence, so inputs are read once (5 tensors of traffic). A
+tile is W segments of 2 steps; a segment's two steps compose in registers, the segments' maps
+are scanned inside one warp with the exclusive prefix carried along (_pair_combine), and every
+step's output comes from its segment's entering state. 69-73 % of copy bandwidth at batch 8 on
+the H200 (1.07-1.10x the earlier cross-warp layout, 1.2-1.3x the chunk plan); too few programs
+at batch 1-3, where chunk stays.
 
 Backward ("scan" kernel): a channel block is one (batch, head, BD channels) column of the input,
 time cut into tiles of BT steps; inside a tile the recurrence h_t = a_t h_{t-1} + b_t is solved
