@@ -514,10 +514,15 @@ def job_dir(work: Path, job) -> Path:
     return work / "niah" / f"{model}-{source}-{task}-{methods.replace(',', '+')}"
 
 
+def pred_files(work: Path, size: dict, job) -> list[str]:
+    """The job's prediction files, one per method spec: pred/LENGTH/CONFIG/TASK.jsonl."""
+    return glob.glob(str(job_dir(work, job) / "pred" / str(size["length"]) / "*" / f"{job[2]}.jsonl"))
+
+
 def job_done(work: Path, size: dict, job) -> bool:
     from eval.report import read_jsonl
 
-    files = glob.glob(str(job_dir(work, job) / "pred" / str(size["length"]) / "*" / f"{job[2]}.jsonl"))
+    files = pred_files(work, size, job)
     return len(files) == n_specs(size, job[3]) and all(len(read_jsonl(f)) >= size["test_samples"] for f in files)
 
 
@@ -636,15 +641,16 @@ def write_predictions(work: Path, size: dict, dest: Path) -> int:
     outputs, new_tokens; sorted), so that rescoring and retention.py need no GPU."""
     import gzip
 
-    from eval.report import read_jsonl
+    from eval.report import run_predictions  # one record per sample, as the report scores them
     from ratplus_megatron.files import write_atomic
 
     rows = []
     for job in eval_jobs(work, size):
-        for f in glob.glob(str(job_dir(work, job) / "pred" / str(size["length"]) / "*" / f"{job[2]}.jsonl")):
-            config = Path(f).parent.name
-            rows += [{"model": job[0], "config": config, "task": job[2], "index": r["index"], "pred": r["pred"],
-                      "outputs": r["outputs"], "new_tokens": r.get("new_tokens")} for r in read_jsonl(f)]
+        for f in pred_files(work, size, job):
+            config = Path(f).parent
+            rows += [{"model": job[0], "config": config.name, "task": job[2], "index": r["index"], "pred": r["pred"],
+                      "outputs": r["outputs"], "new_tokens": r.get("new_tokens")}
+                     for r in run_predictions(config).get(job[2], {}).values()]
     rows.sort(key=lambda r: (r["model"], r["config"], r["task"], r["index"]))
 
     def write(f):
