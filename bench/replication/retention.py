@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as rp  # noqa: E402  (model_kind; puts the repo and bench/ on the path)
 from compare import folder_file  # noqa: E402
 from _runs import write_json  # noqa: E402
+from eval.report import budget_value  # noqa: E402
 from eval.ruler.scoring import SAMPLE_METRICS, postprocess_pred  # noqa: E402
 from ratplus_megatron.files import write_atomic  # noqa: E402
 
@@ -115,8 +116,9 @@ def retention(scores: dict, kind_of: dict[str, str], methods: set[str] | None = 
 
 
 def _fraction(budget: str) -> float:
-    num, _, den = budget.partition("-")
-    return float(num) / float(den) if den else float("inf")
+    """Sort key of a budget label: '1-16' -> 0.0625 (token budgets 'tN', whose length the
+    predictions do not record, sort by N, above every fraction)."""
+    return budget_value(budget, length=1)
 
 
 def kind_means(rows: list[dict]) -> list[dict]:
