@@ -375,8 +375,16 @@ def test_retention_conditions_on_dense_correct_samples(tmp_path):
     assert res["common_samples"] == 2  # samples 0 and 1
     got = {r["model"]: (r["kind"], r["own"]["n"], r["own"]["kept"], r["common"]["kept"]) for r in res["rows"]}
     assert got == {"attention (a)": ("attention", 3, 50.0, 50.0), "memory-s5 (x)": ("memory", 3, 66.7, 100.0)}
-    assert "| quest | 1/16 | mem | memory-s5 (x) | 3 | 66.7 | 100.0 |" in (out / "retention.md").read_text()
+    md = (out / "retention.md").read_text()
+    assert "| quest | 1/16 | mem | memory-s5 (x) | 3 | 66.7 | 100.0 | [100.0, 100.0] |" in md
     assert [(k["kind"], k["own"]) for k in res["kinds"]] == [("attention", 50.0), ("memory", 66.7)]
+    # paired over the common samples: memory [1, 1] - attention [1, 0]; resampling two prompts gives 0, 50 or 100
+    (diff,) = res["differences"]
+    assert (diff["a"], diff["b"], diff["models"], diff["difference"]) == ("attention (plain)", "memory (mem)", [1, 1], 50.0)
+    assert diff["ci"] == [0.0, 100.0]
+    assert "| quest | 1/16 | attention (plain) | memory (mem) | 1, 1 | +50.0 | [0.0, 100.0] |" in md
+    with pytest.raises(SystemExit, match="--boot 5: give at least 100"):
+        retention.main([str(tmp_path / "a"), "--boot", "5", "--out", str(out)])
     with pytest.raises(SystemExit, match="predictions.jsonl.gz: no such file"):
         retention.main([str(tmp_path / "missing"), "--out", str(out)])
     with pytest.raises(SystemExit, match="no sparse predictions"):

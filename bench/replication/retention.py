@@ -18,6 +18,12 @@ configuration and K/V source:
 Samples are pooled over the tasks (a task with more dense-correct samples weighs more); the JSON
 also has each task's numbers. Writes OUT/retention.json and OUT/retention.md (with each kind's mean,
 a kind being the model name before any -sSEED).
+
+Uncertainty: each common number has a 95 % percentile bootstrap interval over the common samples,
+and each pair of kinds at one method and budget gets the difference of their means on the common
+samples with a paired bootstrap interval (the same resampled prompts for every model; --boot
+resamples, fixed seed). These intervals say how much the prompts drawn could move a number; they
+do not include training-seed variance, which only more models of each kind show.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import gzip
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as rp  # noqa: E402  (model_kind; puts the repo and bench/ on the path)
@@ -92,27 +100,68 @@ def _kept(sparse: dict, keys: set, what: str) -> dict:
             "tasks": {t: {"n": len(xs), "kept": mean(xs)} for t, xs in sorted(by_task.items())}}
 
 
-def retention(scores: dict, kind_of: dict[str, str], methods: set[str] | None = None) -> list[dict]:
-    """One row per (model, sparse method, budget, source): 'own' and 'common' (see the docstring)."""
+def retention(scores: dict, kind_of: dict[str, str], methods: set[str] | None = None,
+              boot: int = 2000) -> tuple[list[dict], list[dict]]:
+    """One row per (model, sparse method, budget, source): 'own' and 'common' (see the docstring),
+    the common number with its bootstrap interval; and the differences between kinds."""
     correct = {}
     for model, cells in scores.items():
         for source in {k[2] for k in cells}:
             dense = _dense(cells, source, model)
             correct[(model, source)] = {key for key, s in dense.items() if s >= 1.0}
-    common = set.intersection(*correct.values())
-    rows = []
+    common = sorted(set.intersection(*correct.values()))
+    # One draw of resampled prompts shared by every cell, so differences are paired.
+    draws = np.random.default_rng(0).integers(0, len(common), (boot, len(common))) if common else None
+    rows, vectors = [], []
     for model, cells in sorted(scores.items()):
         for (method, budget, source), sparse in cells.items():
             if method == "dense" or (methods and method not in methods):
                 continue
             what = f"{model} {method}_{budget}_{source}"
-            rows.append({"model": model, "kind": kind_of[model], "method": method,
-                         "budget": budget, "source": source,
-                         "own": _kept(sparse, correct[(model, source)], what), "common": _kept(sparse, common, what)})
+            row = {"model": model, "kind": kind_of[model], "method": method, "budget": budget, "source": source,
+                   "own": _kept(sparse, correct[(model, source)], what), "common": _kept(sparse, set(common), what)}
+            vec = np.array([sparse[k] for k in common], dtype=np.float64)
+            row["common"]["ci"] = _interval(vec, draws)
+            rows.append(row)
+            vectors.append(vec)
     if not rows:
         raise SystemExit("error: no sparse predictions (check --methods)")
-    rows.sort(key=lambda r: (r["method"], -_fraction(r["budget"]), r["kind"], r["model"], r["source"]))
-    return rows
+    order = sorted(range(len(rows)), key=lambda i: _row_key(rows[i]))
+    rows, vectors = [rows[i] for i in order], [vectors[i] for i in order]
+    return rows, kind_differences(rows, vectors, draws)
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["method"], -_fraction(r["budget"]), r["kind"], r["model"], r["source"])
+
+
+def _interval(vec: np.ndarray, draws: np.ndarray | None) -> list[float] | None:
+    """95 % percentile bootstrap interval of 100 x mean(vec) over the resampled prompts."""
+    if draws is None:
+        return None
+    lo, hi = np.percentile(100.0 * vec[draws].mean(axis=1), [2.5, 97.5])
+    return [round(float(lo), 1), round(float(hi), 1)]
+
+
+def kind_differences(rows: list[dict], vectors: list[np.ndarray], draws: np.ndarray | None) -> list[dict]:
+    """Per method and budget, for each two (kind, source) groups of different kinds: the later kind's
+    mean common score minus the earlier's (models of a kind averaged prompt by prompt), with a
+    paired bootstrap interval."""
+    groups: dict = {}
+    for r, vec in zip(rows, vectors):
+        groups.setdefault((r["method"], r["budget"]), {}).setdefault((r["kind"], r["source"]), []).append(vec)
+    out = []
+    for (method, budget), cells in groups.items():
+        keys = sorted(cells)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                if a[0] == b[0] or draws is None:
+                    continue
+                d = np.mean(cells[b], axis=0) - np.mean(cells[a], axis=0)
+                out.append({"method": method, "budget": budget, "a": f"{a[0]} ({a[1]})", "b": f"{b[0]} ({b[1]})",
+                            "models": [len(cells[a]), len(cells[b])], "difference": round(100.0 * float(d.mean()), 1),
+                            "ci": _interval(d, draws)})
+    return out
 
 
 def _fraction(budget: str) -> float:
@@ -134,20 +183,33 @@ def kind_means(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(rows: list[dict], means: list[dict]) -> str:
+def _ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]}, {ci[1]}]" if ci else ""
+
+
+def table(rows: list[dict], means: list[dict], diffs: list[dict], boot: int) -> str:
     n_common = rows[0]["common"]["n"]
     lines = ["# Share of the dense score kept under sparsity, on dense-correct samples (string_match_all, x100)", "",
              f"own: the model's own dense-correct samples (n); common: the {n_common} samples every model "
-             "here answers fully densely (the same prompts for all).", "",
-             "| method | budget | K/V | model | own n | own kept | common kept |", "|---|---|---|---|---|---|---|"]
+             f"here answers fully densely (the same prompts for all); 95 % CI: bootstrap over those samples "
+             f"({boot} resamples; training-seed variance is not in it).", "",
+             "| method | budget | K/V | model | own n | own kept | common kept | common 95 % CI |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget'].replace('-', '/')} | {r['source']} | {r['model']} | "
-                     f"{r['own']['n']} | {r['own']['kept']} | {r['common']['kept']} |")
+                     f"{r['own']['n']} | {r['own']['kept']} | {r['common']['kept']} | {_ci(r['common']['ci'])} |")
     lines += ["", "## Mean per kind", "", "| method | budget | K/V | kind | models | own kept | common kept |",
               "|---|---|---|---|---|---|---|"]
     for m in means:
         lines.append(f"| {m['method']} | {m['budget'].replace('-', '/')} | {m['source']} | {m['kind']} | "
                      f"{m['models']} | {m['own']} | {m['common']} |")
+    if diffs:
+        lines += ["", "## Difference between kinds on the common samples", "",
+                  "B - A, each kind's models averaged prompt by prompt; 95 % CI: paired bootstrap over the prompts.", "",
+                  "| method | budget | A | B | models A, B | B - A | 95 % CI |", "|---|---|---|---|---|---|---|"]
+        for d in diffs:
+            lines.append(f"| {d['method']} | {d['budget'].replace('-', '/')} | {d['a']} | {d['b']} | "
+                         f"{d['models'][0]}, {d['models'][1]} | {d['difference']:+} | {_ci(d['ci'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,14 +218,17 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", metavar="DIR[=TAG]")
     p.add_argument("--out", required=True)
     p.add_argument("--methods", help="comma-separated sparse methods to keep (default: all)")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the intervals (default 2000)")
     a = p.parse_args(argv)
-    rows = retention(*load(a.dirs), set(a.methods.split(",")) if a.methods else None)
+    if a.boot < 100:
+        raise SystemExit(f"error: --boot {a.boot}: give at least 100 resamples")
+    rows, diffs = retention(*load(a.dirs), set(a.methods.split(",")) if a.methods else None, boot=a.boot)
     means = kind_means(rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "retention.json", {"from": a.dirs, "common_samples": rows[0]["common"]["n"],
-                                        "rows": rows, "kinds": means}, quiet=True)
-    write_atomic(out / "retention.md", lambda f: f.write(table(rows, means)))
+                                        "boot": a.boot, "rows": rows, "kinds": means, "differences": diffs}, quiet=True)
+    write_atomic(out / "retention.md", lambda f: f.write(table(rows, means, diffs, a.boot)))
     print(f"wrote {out}: retention.json/.md ({len(rows)} rows, {rows[0]['common']['n']} common samples)")
     return 0
 
