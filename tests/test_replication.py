@@ -382,7 +382,8 @@ def test_retention_conditions_on_dense_correct_samples(tmp_path):
     (diff,) = res["differences"]
     assert (diff["a"], diff["b"], diff["models"], diff["difference"]) == ("attention (plain)", "memory (mem)", [1, 1], 50.0)
     assert diff["ci"] == [0.0, 100.0]
-    assert "| quest | 1/16 | attention (plain) | memory (mem) | 1, 1 | +50.0 | [0.0, 100.0] |" in md
+    assert (diff["a_range"], diff["b_range"]) == ([50.0, 50.0], [100.0, 100.0])
+    assert "| quest | 1/16 | attention (plain) | memory (mem) | 1, 1 | +50.0 | [0.0, 100.0] | [50.0, 50.0] | [100.0, 100.0] |" in md
     with pytest.raises(SystemExit, match="--boot 5: give at least 100"):
         retention.main([str(tmp_path / "a"), "--boot", "5", "--out", str(out)])
     with pytest.raises(SystemExit, match="predictions.jsonl.gz: no such file"):

@@ -159,8 +159,8 @@ def kind_differences(rows: list[dict], vectors: list[np.ndarray], draws: np.ndar
                     continue
                 d = np.mean(cells[b], axis=0) - np.mean(cells[a], axis=0)
                 out.append({"method": method, "budget": budget, "a": f"{a[0]} ({a[1]})", "b": f"{b[0]} ({b[1]})",
-                            "models": [len(cells[a]), len(cells[b])], "difference": round(100.0 * float(d.mean()), 1),
-                            "ci": _interval(d, draws)})
+                            "models": [len(cells[a]), len(cells[b])], "difference": round(100.0 * float(d.mean()), 1) + 0.0,
+                            "ci": _interval(d, draws), "a_range": _range(cells[a]), "b_range": _range(cells[b])})
     return out
 
 
@@ -181,6 +181,12 @@ def kind_means(rows: list[dict]) -> list[dict]:
         out.append({"kind": kind, "method": method, "budget": budget, "source": source, "models": len(rs),
                     "own": avg([r["own"]["kept"] for r in rs]), "common": avg([r["common"]["kept"] for r in rs])})
     return out
+
+
+def _range(vectors: list[np.ndarray]) -> list[float]:
+    """Lowest and highest model of a group (common kept x 100): the spread between trainings."""
+    means = [100.0 * float(v.mean()) for v in vectors]
+    return [round(min(means), 1), round(max(means), 1)]
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -205,11 +211,15 @@ def table(rows: list[dict], means: list[dict], diffs: list[dict], boot: int) -> 
                      f"{m['models']} | {m['own']} | {m['common']} |")
     if diffs:
         lines += ["", "## Difference between kinds on the common samples", "",
-                  "B - A, each kind's models averaged prompt by prompt; 95 % CI: paired bootstrap over the prompts.", "",
-                  "| method | budget | A | B | models A, B | B - A | 95 % CI |", "|---|---|---|---|---|---|---|"]
+                  "B - A, each kind's models averaged prompt by prompt; 95 % CI: paired bootstrap over the prompts. "
+                  "The model ranges (lowest and highest model of each kind) show the spread between trainings, "
+                  "which the interval leaves out: where they overlap, the difference is not established.", "",
+                  "| method | budget | A | B | models A, B | B - A | 95 % CI | A models | B models |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for d in diffs:
             lines.append(f"| {d['method']} | {d['budget'].replace('-', '/')} | {d['a']} | {d['b']} | "
-                         f"{d['models'][0]}, {d['models'][1]} | {d['difference']:+} | {_ci(d['ci'])} |")
+                         f"{d['models'][0]}, {d['models'][1]} | {d['difference']:+} | {_ci(d['ci'])} | "
+                         f"{_ci(d['a_range'])} | {_ci(d['b_range'])} |")
     return "\n".join(lines) + "\n"
 
 
