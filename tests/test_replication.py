@@ -156,6 +156,7 @@ def test_driver_toy_end_to_end(tmp_path):
         ("dense", ["attention", "attention-s7"]), ("quest", ["attention", "attention-s7"])]
     assert all(c["min"] <= c["mean"] <= c["max"] for c in spread)
     assert "| attention | quest | 1-4 | plain | 2 |" in (results / "seeds.md").read_text()
+    assert (results / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # per-kind mean and band
     train = json.loads((results / "run.json").read_text())["training"]
     # another seed, another initialisation: the first logged losses differ
     assert train["attention-s7-pretrain"]["first_logged_loss"] != train["attention-pretrain"]["first_logged_loss"]
@@ -345,6 +346,7 @@ def test_compare_pools_runs_of_one_kind(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "| attention (one) | quest | 1/4 |" in md and "moba" not in md
     assert "| attention | quest | 1-4 | plain | 2 | 60.0 | 50.0 | 70.0 |" in (out / "spread.md").read_text()
+    assert (out / "spread.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="summary.json: no such file"):
         compare.main([str(tmp_path / "missing"), "--out", str(out)])
 

@@ -7,7 +7,7 @@ Each DIR holds the summary.json that collect wrote; its models are renamed "MODE
 the folder's name unless given). Writes OUT/summary.json, OUT/summary.md,
 OUT/accuracy_vs_budget.png (when matplotlib is there), OUT/spread.md and OUT/spread.json (per
 kind, method, budget and K/V source: every model's average over the tasks, their mean, min and
-max). A model's kind is its name
+max) and OUT/spread.png (per sparse method, each kind's mean with its lowest-highest band). A model's kind is its name
 before any -sSEED: the seeds of one run and the reruns of several sessions pool together.
 
     python bench/replication/compare.py bench/results/replication=run4 \\
@@ -66,7 +66,12 @@ def main(argv=None) -> int:
     spread = rp.seed_spread(runs, kind_of)
     write_json(out / "spread.json", spread, quiet=True)
     write_atomic(out / "spread.md", lambda f: f.write(rp.seeds_table(spread, "per model of each kind", "models")))
-    print(f"wrote {out}: summary.json/.md, spread.json/.md ({len(spread)} cells), the plot")
+    plots = "the plots"
+    try:
+        rp.spread_plot(spread, out / "spread.png")
+    except ImportError:
+        plots = "no spread.png (matplotlib is not installed)"
+    print(f"wrote {out}: summary.json/.md, spread.json/.md ({len(spread)} cells), {plots}")
     return 0
 
 

@@ -24,7 +24,7 @@ The models are those the evaluation combos name (`size["combos"]`): `--set 'comb
 trains, converts and evaluates the memory model alone, one GPU's work. `--set 'seeds=[1234, 1235]'`
 trains each of them once per seed (the recipe's seed keeps the plain name, others are KIND-sSEED
 in runs/, hf/ and the report); collect then also writes seeds.md / seeds.json (each cell's average
-per seed, mean, min, max). `--trainers-per-gpu N` runs N trainers at a time on each GPU.
+per seed, mean, min, max) and seeds.png (per sparse method, each kind's mean and its band). `--trainers-per-gpu N` runs N trainers at a time on each GPU.
 
 --deadline S: stop starting work after S seconds from the start of this command and stop a running
 trainer (SIGTERM: it saves a checkpoint) or eval workers (their finished samples are kept), so one
@@ -628,8 +628,12 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
 
         write_json(results / "seeds.json", spread, quiet=True)
         write_atomic(results / "seeds.md", lambda f: f.write(seeds_table(spread)))
+        try:
+            spread_plot(spread, results / "seeds.png", "seeds")
+        except ImportError:  # no matplotlib on the GPU machine: the table is enough
+            (results / "seeds.png").unlink(missing_ok=True)
     else:  # an earlier collect's spread would describe other models
-        for name in ("seeds.json", "seeds.md"):
+        for name in ("seeds.json", "seeds.md", "seeds.png"):
             (results / name).unlink(missing_ok=True)
     log(f"collect: {len(summary['runs'])} table rows, {n_pred} predictions -> {results}"
         + (" (+ seeds.md)" if spread else ""))
@@ -691,13 +695,67 @@ def seeds_table(spread: list[dict], title: str = "per seed", count: str = "seeds
     return "\n".join(lines) + "\n"
 
 
+def spread_plot(spread: list[dict], path: Path, what: str = "models") -> None:
+    """One panel per sparse method: each kind's mean over its models against the budget, the band
+    between its lowest and highest model, each model thin; the kind's dense mean and range as a
+    dashed line and a band. Needs matplotlib (ImportError otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval.report import _method_rank, budget_value
+    from ratplus_megatron.files import write_atomic
+
+    methods = sorted({c["method"] for c in spread if c["method"] != "dense"}, key=_method_rank)
+    kinds = sorted({(c["kind"], c["source"]) for c in spread})
+    if not methods:
+        return
+    fig, axes = plt.subplots(1, len(methods), figsize=(max(6.0, 4.6 * len(methods)), 4.4), squeeze=False,
+                             sharey=True)
+    for ax, method in zip(axes[0], methods):
+        for i, (kind, source) in enumerate(kinds):
+            color = f"C{i}"
+            for c in spread:  # dense: one band across the panel
+                if (c["kind"], c["source"], c["method"]) == (kind, source, "dense"):
+                    ax.axhline(c["mean"], color=color, ls="--", lw=1)
+                    ax.axhspan(c["min"], c["max"], color=color, alpha=0.08)
+            cells = sorted((budget_value(c["budget"], length=1), c) for c in spread
+                           if (c["kind"], c["source"], c["method"]) == (kind, source, method))
+            if not cells:
+                continue
+            x = [b for b, _ in cells]
+            n = len(cells[0][1]["averages"])
+            ax.plot(x, [c["mean"] for _, c in cells], marker="o", color=color, lw=2,
+                    label=f"{kind} ({source}), {n} {what}")
+            ax.fill_between(x, [c["min"] for _, c in cells], [c["max"] for _, c in cells], color=color, alpha=0.2)
+            for model in cells[0][1]["averages"]:
+                ax.plot(x, [c["averages"].get(model) for _, c in cells], color=color, lw=0.7, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (fraction of context)")
+        ax.set_title(method)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("NIAH accuracy (avg over tasks)")
+    fig.suptitle(f"Per kind: the mean over its {what} (line), lowest to highest (band), each one (thin);\n"
+                 "dense: dashed line and band", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
+    plt.close(fig)
+
+
 def replot(results: Path) -> None:
-    """accuracy_vs_budget.png from a summary.json (e.g. on a machine with matplotlib, after the GPU run)."""
+    """accuracy_vs_budget.png from a summary.json, and seeds.png from a seeds.json (e.g. on a machine
+    with matplotlib, after the GPU run)."""
     from eval.report import plot
 
     runs = json.loads((results / "summary.json").read_text())["runs"]
     plot(runs, results / "accuracy_vs_budget.png")
     log(f"plot: {results / 'accuracy_vs_budget.png'}")
+    if (results / "seeds.json").is_file():
+        spread_plot(json.loads((results / "seeds.json").read_text()), results / "seeds.png", "seeds")
+        log(f"plot: {results / 'seeds.png'}")
 
 
 # ---------------------------------------------------------------------------------------------- main
