@@ -151,7 +151,7 @@ def test_driver_toy_end_to_end(tmp_path):
     rows = {(r["model"], r["method"], r["budget"]) for r in summary["runs"]}
     assert rows == {(m, "dense", "full") for m in ("attention", "attention-s7")} | \
         {(m, "quest", "1-4") for m in ("attention", "attention-s7")}
-    spread = json.loads((results / "seeds.json").read_text())
+    spread = json.loads((results / "seeds.json").read_text())["cells"]
     assert [(c["method"], sorted(c["averages"])) for c in spread] == [
         ("dense", ["attention", "attention-s7"]), ("quest", ["attention", "attention-s7"])]
     assert all(c["min"] <= c["mean"] <= c["max"] for c in spread)
@@ -339,7 +339,7 @@ def test_compare_pools_runs_of_one_kind(tmp_path, capsys):
     summary(tmp_path / "b", [("attention-s7", "dense", "full", 1.0, 80.0), ("attention-s7", "quest", "1-4", 0.25, 70.0)])
     out = tmp_path / "cmp"
     assert compare.main([f"{tmp_path / 'a'}=one", str(tmp_path / "b"), "--methods", "dense,quest", "--out", str(out)]) == 0
-    spread = json.loads((out / "spread.json").read_text())
+    spread = json.loads((out / "spread.json").read_text())["cells"]
     assert [(c["method"], c["averages"], c["mean"]) for c in spread] == [
         ("dense", {"attention (one)": 60.0, "attention-s7 (b)": 80.0}, 70.0),
         ("quest", {"attention (one)": 50.0, "attention-s7 (b)": 70.0}, 60.0)]
@@ -347,8 +347,30 @@ def test_compare_pools_runs_of_one_kind(tmp_path, capsys):
     assert "| attention (one) | quest | 1/4 |" in md and "moba" not in md
     assert "| attention | quest | 1-4 | plain | 2 | 60.0 | 50.0 | 70.0 |" in (out / "spread.md").read_text()
     assert (out / "spread.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "spread.json").read_text())["contrasts"] == []  # one kind only
     with pytest.raises(SystemExit, match="summary.json: no such file"):
         compare.main([str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_kind_contrasts_permute_the_models():
+    """run.kind_contrasts: the difference of the kinds' means with an exact permutation p over the
+    models (two of each: 6 splits, the observed one and its mirror are the extremes: p = 1/3)."""
+    run = _driver()
+
+    def cell(kind, source, averages):
+        v = list(averages.values())
+        return {"kind": kind, "method": "quest", "budget": "1-4", "source": source, "averages": averages,
+                "mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+
+    spread = [cell("attention", "plain", {"a1": 50.0, "a2": 60.0}), cell("memory", "mem", {"m1": 80.0, "m2": 90.0})]
+    (c,) = run.kind_contrasts(spread)
+    assert (c["a"], c["b"], c["models"], c["difference"], c["separated"], c["p"]) == \
+        ("attention (plain)", "memory (mem)", [2, 2], 30.0, True, round(2 / 6, 4))
+    # overlapping kinds: 3 + 2 models, |diff| = 5; splits at least as extreme: 7 of 10
+    spread = [cell("attention", "plain", {"a1": 50.0, "a2": 60.0, "a3": 70.0}), cell("memory", "mem", {"m1": 55.0, "m2": 75.0})]
+    (c,) = run.kind_contrasts(spread)
+    assert (c["difference"], c["separated"], c["p"]) == (5.0, False, 0.7)
+    assert "| quest | 1-4 | attention (plain) | memory (mem) | 3, 2 | +5.0 | no | 0.700 |" in run.seeds_table(spread)
 
 
 def test_retention_conditions_on_dense_correct_samples(tmp_path):

@@ -7,7 +7,9 @@ Each DIR holds the summary.json that collect wrote; its models are renamed "MODE
 the folder's name unless given). Writes OUT/summary.json, OUT/summary.md,
 OUT/accuracy_vs_budget.png (when matplotlib is there), OUT/spread.md and OUT/spread.json (per
 kind, method, budget and K/V source: every model's average over the tasks, their mean, min and
-max) and OUT/spread.png (per sparse method, each kind's mean with its lowest-highest band). A model's kind is its name
+max; between two kinds: the difference of means, whether their models separate, and an exact
+permutation p over the models) and OUT/spread.png (per sparse method, each kind's mean with its
+lowest-highest band). A model's kind is its name
 before any -sSEED: the seeds of one run and the reruns of several sessions pool together.
 
     python bench/replication/compare.py bench/results/replication=run4 \\
@@ -23,8 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as rp  # noqa: E402  (seed_spread, seeds_table; puts the repo and bench/ on the path)
-from _runs import write_json  # noqa: E402
-from ratplus_megatron.files import write_atomic  # noqa: E402
 
 
 def folder_file(spec: str, name: str, hint: str) -> tuple[Path, str]:
@@ -64,14 +64,9 @@ def main(argv=None) -> int:
 
     write_tables(runs, out, extra={"from": a.dirs})
     spread = rp.seed_spread(runs, kind_of)
-    write_json(out / "spread.json", spread, quiet=True)
-    write_atomic(out / "spread.md", lambda f: f.write(rp.seeds_table(spread, "per model of each kind", "models")))
-    plots = "the plots"
-    try:
-        rp.spread_plot(spread, out / "spread.png")
-    except ImportError:
-        plots = "no spread.png (matplotlib is not installed)"
-    print(f"wrote {out}: summary.json/.md, spread.json/.md ({len(spread)} cells), {plots}")
+    rp.write_spread(out, "spread", spread, "models")
+    print(f"wrote {out}: summary.json/.md, spread.json/.md/.png ({len(spread)} cells, "
+          f"{len(rp.kind_contrasts(spread))} contrasts between kinds), the plot")
     return 0
 
 

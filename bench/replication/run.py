@@ -623,18 +623,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
     write_json(results / "run.json", info)
     n_pred = write_predictions(work, size, results / "predictions.jsonl.gz")
     spread = seed_spread(summary["runs"], {name: kind for name, kind, _ in models(size)})
-    if spread:
-        from ratplus_megatron.files import write_atomic
-
-        write_json(results / "seeds.json", spread, quiet=True)
-        write_atomic(results / "seeds.md", lambda f: f.write(seeds_table(spread)))
-        try:
-            spread_plot(spread, results / "seeds.png", "seeds")
-        except ImportError:  # no matplotlib on the GPU machine: the table is enough
-            (results / "seeds.png").unlink(missing_ok=True)
-    else:  # an earlier collect's spread would describe other models
-        for name in ("seeds.json", "seeds.md", "seeds.png"):
-            (results / name).unlink(missing_ok=True)
+    write_spread(results, "seeds", spread, "seeds")
     log(f"collect: {len(summary['runs'])} table rows, {n_pred} predictions -> {results}"
         + (" (+ seeds.md)" if spread else ""))
     return True
@@ -685,6 +674,41 @@ def seed_spread(runs: list[dict], kind_of: dict[str, str]) -> list[dict]:
     return out
 
 
+def kind_contrasts(spread: list[dict]) -> list[dict]:
+    """Per method and budget, for each two kinds with 2+ models: the difference of their means
+    (later kind minus earlier), whether every model of one kind lies above every model of the
+    other, and an exact two-sided permutation p over the models (every split of the pooled
+    averages into groups of the two sizes). The models are the unit here: with 2 + 2 no split can
+    give p below 1/3, with 4 + 3 below 2/35."""
+    from itertools import combinations
+    from math import comb
+
+    cells: dict = {}
+    for c in spread:
+        cells.setdefault((c["method"], c["budget"]), []).append(c)
+    out = []
+    for (method, budget), cs in cells.items():
+        cs = sorted(cs, key=lambda c: (c["kind"], c["source"]))
+        for i, a in enumerate(cs):
+            for b in cs[i + 1:]:
+                if a["kind"] == b["kind"]:
+                    continue
+                xa, xb = list(a["averages"].values()), list(b["averages"].values())
+                pooled, nb = xa + xb, len(xb)
+                diff = sum(xb) / nb - sum(xa) / len(xa)
+                total = sum(pooled)
+                extreme = 0
+                for pick in combinations(range(len(pooled)), nb):
+                    sb = sum(pooled[j] for j in pick)
+                    d = sb / nb - (total - sb) / len(xa)
+                    extreme += abs(d) >= abs(diff) - 1e-9
+                out.append({"method": method, "budget": budget, "a": f"{a['kind']} ({a['source']})",
+                            "b": f"{b['kind']} ({b['source']})", "models": [len(xa), nb],
+                            "difference": round(diff, 2), "separated": min(xb) > max(xa) or max(xb) < min(xa),
+                            "p": round(extreme / comb(len(pooled), nb), 4)})
+    return out
+
+
 def seeds_table(spread: list[dict], title: str = "per seed", count: str = "seeds") -> str:
     lines = [f"# Average over the tasks, {title} (string_match_all, x100)", "",
              f"| model | method | budget | K/V | {count} | mean | min | max | per model |", "|---|---|---|---|---|---|---|---|---|"]
@@ -692,7 +716,37 @@ def seeds_table(spread: list[dict], title: str = "per seed", count: str = "seeds
         per = ", ".join(f"{m} {a:.1f}" for m, a in c["averages"].items())
         lines.append(f"| {c['kind']} | {c['method']} | {c['budget']} | {c['source']} | {len(c['averages'])} | "
                      f"{c['mean']:.1f} | {c['min']:.1f} | {c['max']:.1f} | {per} |")
+    contrasts = kind_contrasts(spread)
+    if contrasts:
+        lines += ["", "## Between kinds", "",
+                  f"B - A: the difference of the kinds' means; separated: every one of B's {count} above (or "
+                  f"below) every one of A's; p: exact two-sided permutation test over the {count} (with two of "
+                  "each kind p cannot go below 1/3).", "",
+                  f"| method | budget | A | B | {count} A, B | B - A | separated | p |", "|---|---|---|---|---|---|---|---|"]
+        for c in contrasts:
+            lines.append(f"| {c['method']} | {c['budget']} | {c['a']} | {c['b']} | {c['models'][0]}, {c['models'][1]} | "
+                         f"{c['difference']:+.1f} | {'yes' if c['separated'] else 'no'} | {c['p']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_spread(dest: Path, stem: str, spread: list[dict], count: str) -> None:
+    """DEST/STEM.json (the spread, and the contrasts between kinds), STEM.md and STEM.png (when
+    matplotlib is there); with no spread, removes an earlier one's files (they would describe
+    other models)."""
+    from ratplus_megatron.files import write_atomic
+
+    files = [dest / f"{stem}.{ext}" for ext in ("json", "md", "png")]
+    if not spread:
+        for f in files:
+            f.unlink(missing_ok=True)
+        return
+    title = "per seed" if count == "seeds" else f"per {count[:-1]} of each kind"
+    write_json(files[0], {"cells": spread, "contrasts": kind_contrasts(spread)}, quiet=True)
+    write_atomic(files[1], lambda f: f.write(seeds_table(spread, title, count)))
+    try:
+        spread_plot(spread, files[2], count)
+    except ImportError:  # no matplotlib on the GPU machine: the table is enough
+        files[2].unlink(missing_ok=True)
 
 
 def spread_plot(spread: list[dict], path: Path, what: str = "models") -> None:
@@ -754,7 +808,7 @@ def replot(results: Path) -> None:
     plot(runs, results / "accuracy_vs_budget.png")
     log(f"plot: {results / 'accuracy_vs_budget.png'}")
     if (results / "seeds.json").is_file():
-        spread_plot(json.loads((results / "seeds.json").read_text()), results / "seeds.png", "seeds")
+        spread_plot(json.loads((results / "seeds.json").read_text())["cells"], results / "seeds.png", "seeds")
         log(f"plot: {results / 'seeds.png'}")
 
 
