@@ -24,7 +24,8 @@ The models are those the evaluation combos name (`size["combos"]`): `--set 'comb
 trains, converts and evaluates the memory model alone, one GPU's work. `--set 'seeds=[1234, 1235]'`
 trains each of them once per seed (the recipe's seed keeps the plain name, others are KIND-sSEED
 in runs/, hf/ and the report); collect then also writes seeds.md / seeds.json (each cell's average
-per seed, mean, min, max) and seeds.png (per sparse method, each kind's mean and its band). `--trainers-per-gpu N` runs N trainers at a time on each GPU.
+per seed, mean, min, max; the kinds against each other) and seeds.png (per sparse method, each
+kind's mean and its band). `--trainers-per-gpu N` runs N trainers at a time on each GPU.
 
 --deadline S: stop starting work after S seconds from the start of this command and stop a running
 trainer (SIGTERM: it saves a checkpoint) or eval workers (their finished samples are kept), so one
@@ -743,10 +744,11 @@ def write_spread(dest: Path, stem: str, spread: list[dict], count: str) -> None:
     title = "per seed" if count == "seeds" else f"per {count[:-1]} of each kind"
     write_json(files[0], {"cells": spread, "contrasts": kind_contrasts(spread)}, quiet=True)
     write_atomic(files[1], lambda f: f.write(seeds_table(spread, title, count)))
+    files[2].unlink(missing_ok=True)  # no plot when only dense cells spread
     try:
         spread_plot(spread, files[2], count)
     except ImportError:  # no matplotlib on the GPU machine: the table is enough
-        files[2].unlink(missing_ok=True)
+        pass
 
 
 def spread_plot(spread: list[dict], path: Path, what: str = "models") -> None:
@@ -774,8 +776,8 @@ def spread_plot(spread: list[dict], path: Path, what: str = "models") -> None:
                 if (c["kind"], c["source"], c["method"]) == (kind, source, "dense"):
                     ax.axhline(c["mean"], color=color, ls="--", lw=1)
                     ax.axhspan(c["min"], c["max"], color=color, alpha=0.08)
-            cells = sorted((budget_value(c["budget"], length=1), c) for c in spread
-                           if (c["kind"], c["source"], c["method"]) == (kind, source, method))
+            cells = sorted(((budget_value(c["budget"], length=1), c) for c in spread
+                            if (c["kind"], c["source"], c["method"]) == (kind, source, method)), key=lambda bc: bc[0])
             if not cells:
                 continue
             x = [b for b, _ in cells]
