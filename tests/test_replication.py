@@ -418,3 +418,43 @@ def test_retention_conditions_on_dense_correct_samples(tmp_path):
     preds(tmp_path / "short", "attention", "plain", {"dense_full": [1, 1, 1, 1.0], "quest_1-4": [1, 1]})
     with pytest.raises(SystemExit, match=r"attention \(short\) quest_1-4_plain: no prediction for 2 dense-correct"):
         retention.main([str(tmp_path / "short"), "--out", str(out)])
+
+
+def test_published_results_follow_from_the_kept_predictions():
+    """bench/replication/derived.py --check on the committed results: every compare / retention
+    folder regenerates to the same JSON and markdown, and every collect folder's predictions
+    rescore to its summary.json (real data: the numbers the READMEs quote)."""
+    sys.path.insert(0, str(HERE))
+    import derived
+
+    assert derived.main(["--check"]) == 0
+
+
+def test_derived_check_reports_differences(tmp_path, monkeypatch):
+    """derived.differing names a changed or missing JSON/markdown file (not a plot); derived.rescore
+    names a summary cell its predictions do not give."""
+    sys.path.insert(0, str(HERE))
+    import derived
+
+    kept, fresh = tmp_path / "kept", tmp_path / "fresh"
+    kept.mkdir()
+    fresh.mkdir()
+    for name, body in (("a.md", "x"), ("b.json", "{}"), ("c.png", "p")):
+        (kept / name).write_text(body)
+    (fresh / "a.md").write_text("y")
+    monkeypatch.setattr(derived, "REPO", tmp_path)
+    assert derived.differing(fresh, kept) == ["kept/a.md", "kept/b.json"]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with gzip.open(folder / "predictions.jsonl.gz", "wt") as f:
+        for i, pred in enumerate([" 7", " 9"]):
+            f.write(json.dumps({"model": "m", "config": "quest_1-4_plain", "task": "niah_single_1", "index": i,
+                                "pred": pred, "outputs": ["7"]}) + "\n")
+    run = {"model": "m", "method": "quest", "budget": "1-4", "source": "plain"}
+    (folder / "summary.json").write_text(json.dumps({"runs": [
+        {**run, "tasks": {"niah_single_1": 50.0}, "n": {"niah_single_1": 2}}]}))
+    assert derived.rescore(folder) == (1, [])
+    (folder / "summary.json").write_text(json.dumps({"runs": [
+        {**run, "tasks": {"niah_single_1": 100.0}, "n": {"niah_single_1": 2}}]}))
+    checked, bad = derived.rescore(folder)
+    assert checked == 1 and bad == ["run: m quest_1-4_plain niah_single_1: summary 100.0, predictions 50.00 over 2"]
