@@ -444,6 +444,7 @@ def test_derived_check_reports_differences(tmp_path, monkeypatch):
     (fresh / "a.md").write_text("y")
     monkeypatch.setattr(derived, "REPO", tmp_path)
     assert derived.differing(fresh, kept) == ["kept/a.md", "kept/b.json"]
+    assert derived.differing(fresh, tmp_path / "new") == ["new: not committed (run derived.py without --check)"]
     folder = tmp_path / "run"
     folder.mkdir()
     with gzip.open(folder / "predictions.jsonl.gz", "wt") as f:

@@ -58,6 +58,8 @@ def regenerate(dest: Path) -> list[str]:
 def differing(fresh: Path, kept: Path) -> list[str]:
     """The JSON and markdown files of `kept` that `fresh` lacks or holds otherwise (plots are left
     out: their bytes follow the matplotlib version)."""
+    if not kept.is_dir():
+        return [f"{kept.relative_to(REPO)}: not committed (run derived.py without --check)"]
     out = []
     for f in sorted(kept.iterdir()):
         if f.suffix in (".json", ".md") and (not (fresh / f.name).is_file() or (fresh / f.name).read_bytes() != f.read_bytes()):
