@@ -370,7 +370,7 @@ def test_kind_contrasts_permute_the_models():
     spread = [cell("attention", "plain", {"a1": 50.0, "a2": 60.0, "a3": 70.0}), cell("memory", "mem", {"m1": 55.0, "m2": 75.0})]
     (c,) = run.kind_contrasts(spread)
     assert (c["difference"], c["separated"], c["p"]) == (5.0, False, 0.7)
-    assert "| quest | 1-4 | attention (plain) | memory (mem) | 3, 2 | +5.0 | no | 0.700 |" in run.seeds_table(spread)
+    assert "| quest | 1-4 | attention (plain) | memory (mem) | 3, 2 | +5.0 | no | 0.700 |" in run.seeds_table(spread, run.kind_contrasts(spread))
 
 
 def test_retention_conditions_on_dense_correct_samples(tmp_path):

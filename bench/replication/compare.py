@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as rp  # noqa: E402  (seed_spread, seeds_table; puts the repo and bench/ on the path)
+import run as rp  # noqa: E402  (seed_spread, write_spread; puts the repo and bench/ on the path)
 
 
 def folder_file(spec: str, name: str, hint: str) -> tuple[Path, str]:
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
 
     write_tables(runs, out, extra={"from": a.dirs})
     spread = rp.seed_spread(runs, kind_of)
-    rp.write_spread(out, "spread", spread, "models")
+    contrasts = rp.write_spread(out, "spread", spread, "per model of each kind", "models")
     print(f"wrote {out}: summary.json/.md, spread.json/.md/.png ({len(spread)} cells, "
-          f"{len(rp.kind_contrasts(spread))} contrasts between kinds), the plot")
+          f"{len(contrasts)} contrasts between kinds), the plot")
     return 0
 
 

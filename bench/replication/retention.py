@@ -109,7 +109,8 @@ def retention(scores: dict, kind_of: dict[str, str], methods: set[str] | None = 
         for source in {k[2] for k in cells}:
             dense = _dense(cells, source, model)
             correct[(model, source)] = {key for key, s in dense.items() if s >= 1.0}
-    common = sorted(set.intersection(*correct.values()))
+    common_set = set.intersection(*correct.values())
+    common = sorted(common_set)
     # One draw of resampled prompts shared by every cell, so differences are paired.
     draws = np.random.default_rng(0).integers(0, len(common), (boot, len(common))) if common else None
     rows, vectors = [], []
@@ -119,7 +120,7 @@ def retention(scores: dict, kind_of: dict[str, str], methods: set[str] | None = 
                 continue
             what = f"{model} {method}_{budget}_{source}"
             row = {"model": model, "kind": kind_of[model], "method": method, "budget": budget, "source": source,
-                   "own": _kept(sparse, correct[(model, source)], what), "common": _kept(sparse, set(common), what)}
+                   "own": _kept(sparse, correct[(model, source)], what), "common": _kept(sparse, common_set, what)}
             vec = np.array([sparse[k] for k in common], dtype=np.float64)
             row["common"]["ci"] = _interval(vec, draws)
             rows.append(row)

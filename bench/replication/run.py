@@ -624,7 +624,7 @@ def stage_collect(work: Path, size: dict, results: Path) -> bool:
     write_json(results / "run.json", info)
     n_pred = write_predictions(work, size, results / "predictions.jsonl.gz")
     spread = seed_spread(summary["runs"], {name: kind for name, kind, _ in models(size)})
-    write_spread(results, "seeds", spread, "seeds")
+    write_spread(results, "seeds", spread, "per seed", "seeds")
     log(f"collect: {len(summary['runs'])} table rows, {n_pred} predictions -> {results}"
         + (" (+ seeds.md)" if spread else ""))
     return True
@@ -710,14 +710,13 @@ def kind_contrasts(spread: list[dict]) -> list[dict]:
     return out
 
 
-def seeds_table(spread: list[dict], title: str = "per seed", count: str = "seeds") -> str:
+def seeds_table(spread: list[dict], contrasts: list[dict], title: str = "per seed", count: str = "seeds") -> str:
     lines = [f"# Average over the tasks, {title} (string_match_all, x100)", "",
              f"| model | method | budget | K/V | {count} | mean | min | max | per model |", "|---|---|---|---|---|---|---|---|---|"]
     for c in spread:
         per = ", ".join(f"{m} {a:.1f}" for m, a in c["averages"].items())
         lines.append(f"| {c['kind']} | {c['method']} | {c['budget']} | {c['source']} | {len(c['averages'])} | "
                      f"{c['mean']:.1f} | {c['min']:.1f} | {c['max']:.1f} | {per} |")
-    contrasts = kind_contrasts(spread)
     if contrasts:
         lines += ["", "## Between kinds", "",
                   f"B - A: the difference of the kinds' means; separated: every one of B's {count} above (or "
@@ -730,25 +729,26 @@ def seeds_table(spread: list[dict], title: str = "per seed", count: str = "seeds
     return "\n".join(lines) + "\n"
 
 
-def write_spread(dest: Path, stem: str, spread: list[dict], count: str) -> None:
+def write_spread(dest: Path, stem: str, spread: list[dict], title: str, count: str) -> list[dict]:
     """DEST/STEM.json (the spread, and the contrasts between kinds), STEM.md and STEM.png (when
     matplotlib is there); with no spread, removes an earlier one's files (they would describe
-    other models)."""
+    other models). Returns the contrasts."""
     from ratplus_megatron.files import write_atomic
 
     files = [dest / f"{stem}.{ext}" for ext in ("json", "md", "png")]
     if not spread:
         for f in files:
             f.unlink(missing_ok=True)
-        return
-    title = "per seed" if count == "seeds" else f"per {count[:-1]} of each kind"
-    write_json(files[0], {"cells": spread, "contrasts": kind_contrasts(spread)}, quiet=True)
-    write_atomic(files[1], lambda f: f.write(seeds_table(spread, title, count)))
+        return []
+    contrasts = kind_contrasts(spread)
+    write_json(files[0], {"cells": spread, "contrasts": contrasts}, quiet=True)
+    write_atomic(files[1], lambda f: f.write(seeds_table(spread, contrasts, title, count)))
     files[2].unlink(missing_ok=True)  # no plot when only dense cells spread
     try:
         spread_plot(spread, files[2], count)
     except ImportError:  # no matplotlib on the GPU machine: the table is enough
         pass
+    return contrasts
 
 
 def spread_plot(spread: list[dict], path: Path, what: str = "models") -> None:
