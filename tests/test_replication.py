@@ -459,3 +459,5 @@ def test_derived_check_reports_differences(tmp_path, monkeypatch):
         {**run, "tasks": {"niah_single_1": 100.0}, "n": {"niah_single_1": 2}}]}))
     checked, bad = derived.rescore(folder)
     assert checked == 1 and bad == ["run: m quest_1-4_plain niah_single_1: summary 100.0, predictions 50.00 over 2"]
+    (folder / "summary.json").write_text(json.dumps({"runs": []}))  # predictions with no cell to reproduce
+    assert derived.rescore(folder) == (0, ["run: m quest_1-4_plain niah_single_1: 2 predictions, no summary cell"])

@@ -69,7 +69,8 @@ def differing(fresh: Path, kept: Path) -> list[str]:
 
 def rescore(folder: Path) -> tuple[int, list[str]]:
     """Score folder/predictions.jsonl.gz with RULER's string_match_all and compare every cell of
-    folder/summary.json (a task's score x 100, 2 decimals); (cells checked, mismatches)."""
+    folder/summary.json (a task's score x 100, 2 decimals); predictions of a cell the summary
+    lacks count as a mismatch too; (cells checked, mismatches)."""
     metric = SAMPLE_METRICS["string_match_all"]
     sums: dict = {}
     with gzip.open(folder / "predictions.jsonl.gz", "rt") as f:
@@ -83,10 +84,12 @@ def rescore(folder: Path) -> tuple[int, list[str]]:
         config = f"{run['method']}_{run['budget'].replace('/', '-')}_{run['source']}"
         for task, want in run["tasks"].items():
             checked += 1
-            total, n = sums.get((run["model"], config, task), (0.0, 0))
+            total, n = sums.pop((run["model"], config, task), (0.0, 0))
             if n != run["n"][task] or abs(100.0 * total / max(n, 1) - want) > 0.006:
                 bad.append(f"{folder.relative_to(REPO)}: {run['model']} {config} {task}: summary {want}, "
                            f"predictions {100.0 * total / max(n, 1):.2f} over {n}")
+    bad += [f"{folder.relative_to(REPO)}: {model} {config} {task}: {n} predictions, no summary cell"
+            for (model, config, task), (_, n) in sorted(sums.items())]
     return checked, bad
 
 
