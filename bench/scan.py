@@ -108,6 +108,8 @@ def fname(c):
             n += f"-BD{g['BD']}"
         if not g["prefetch"]:
             n += "-nopf"
+        if g["kernel"] == "rounds":
+            n += f"-CPS{g['CPS']}-PPS{g['PPS']}"
     if g["stages"]:
         n += f"-S{g['stages']}"
     return n
