@@ -38,7 +38,8 @@ FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3)),
              # one launch in rounds over slabs of 4 chunks (the interpreter runs one program with
              # every item; on a GPU one program per item)
-             "rounds": dict(fwd=dict(kernel="rounds", BH=1, BD=8, BT=2, CT=4, CPS=4))}
+             "rounds": dict(fwd=dict(kernel="rounds", BH=1, BD=8, BT=2, CT=4, CPS=4)),
+             "rounds-one-tile": dict(fwd=dict(kernel="rounds", BH=2, BD=8, BT=4, CT=4, CPS=2))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):

@@ -393,6 +393,33 @@ def _rounds_carry(words, mo, so, c, tag, has_s, SPIN, CPS: tl.constexpr, L: tl.c
 
 
 @triton.jit
+def _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS: tl.constexpr, RING: tl.constexpr,
+                    L: tl.constexpr):
+    """Item (j, c)'s map of its chunk in slab i, tagged."""
+    mo = (((i % RING) * NCHB + j).to(tl.int64) * CPS + c) * (3 * L) + lane
+    tag = base + i + 1
+    tl.store(words + mo, _tag_pack(ga, tag))
+    tl.store(words + mo + L, _tag_pack(ak, tag))
+    tl.store(words + mo + 2 * L, _tag_pack(av, tag))
+
+
+@triton.jit
+def _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS: tl.constexpr,
+                  RING: tl.constexpr, L: tl.constexpr):
+    """In round i, the state entering item (j, c)'s chunk of slab i - 1; the block's last item
+    also publishes the state entering slab i."""
+    s = i - 1
+    slot = ((s % RING) * NCHB + j).to(tl.int64)
+    hk, hv, sk, sv = _rounds_carry(words, slot * CPS * 3 * L, soff + slot * 2 * L, c, base + s + 1,
+                                   s > 0, SPIN, CPS, L)
+    if (c == CPS - 1) & (i < NSLAB):
+        so = soff + ((i % RING) * NCHB + j).to(tl.int64) * 2 * L + lane
+        tl.store(words + so, _tag_pack(sk, base + i + 1))
+        tl.store(words + so + L, _tag_pack(sv, base + i + 1))
+    return hk, hv
+
+
+@triton.jit
 def _fwd_rounds_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, ctl,
                        T, H, D, NDB, NHG, NCHB, NSLAB, NPROG, SPIN,
                        szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
@@ -424,29 +451,40 @@ def _fwd_rounds_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, 
             ovx = _fwd_offsets(hh, d, svh, svd, OFF64)
             ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)
             oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)
-            if i < NSLAB:  # pass A: this item's chunk of slab i, from zero
+            if NSUB == 1:  # one tile per pass: both passes' loads go out before either waits
+                r = tl.arange(0, BT)
+                one = tl.full([L], 1.0, tl.float32)
                 zero = tl.zeros([L], tl.float32)
-                ga, ak, av = _fwd_chunk(zb, kb, vb, okb, ovb, oz, okx, ovx, ook, oov, szt, skt, svt,
-                                        sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, i * CPS + c, b,
-                                        hh, H, T, D, d, lm, zero, zero, L, BT, NSUB, HAS_H0, False,
-                                        PREFETCH, STAGES, False)
-                mo = (((i % RING) * NCHB + j).to(tl.int64) * CPS + c) * (3 * L) + lane
-                tag = base + i + 1
-                tl.store(words + mo, _tag_pack(ga, tag))
-                tl.store(words + mo + L, _tag_pack(ak, tag))
-                tl.store(words + mo + 2 * L, _tag_pack(av, tag))
-            if i > 0:  # pass B: this item's chunk of slab i - 1, from its carry
-                s = i - 1
-                slot = ((s % RING) * NCHB + j).to(tl.int64)
-                hk, hv, sk, sv = _rounds_carry(words, slot * CPS * 3 * L, soff + slot * 2 * L, c,
-                                               base + s + 1, s > 0, SPIN, CPS, L)
-                if (c == CPS - 1) & (i < NSLAB):  # the state entering slab i
-                    so = soff + ((i % RING) * NCHB + j).to(tl.int64) * 2 * L + lane
-                    tl.store(words + so, _tag_pack(sk, base + i + 1))
-                    tl.store(words + so + L, _tag_pack(sv, base + i + 1))
-                _fwd_chunk(zb, kb, vb, okb, ovb, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt,
-                           h0k, h0v, hTk, hTv, cu, seq_idx, s * CPS + c, b, hh, H, T, D, d, lm, hk,
-                           hv, L, BT, NSUB, HAS_H0, False, PREFETCH, STAGES, True)
+                ta = (i * CPS + c) * BT
+                tb = ta - CPS * BT
+                za, ka, va = _fwd_load(zb, kb, vb, oz, okx, ovx, szt, skt, svt, ta, T, lm, i < NSLAB, BT)
+                zr, kr, vr = _fwd_load(zb, kb, vb, oz, okx, ovx, szt, skt, svt, tb, T, lm, i > 0, BT)
+                if i < NSLAB:
+                    ga, ak, av = _fwd_chunk_step(za, ka, va, one, zero, zero, ta, r, okb, ovb, ook, oov,
+                                                 sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H,
+                                                 T, D, d, lm, BT, HAS_H0, False, False)
+                    _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS, RING, L)
+                if i > 0:
+                    hk, hv = _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS, RING, L)
+                    ga, hk, hv = _fwd_chunk_step(zr, kr, vr, one, hk, hv, tb, r, okb, ovb, ook, oov,
+                                                 sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H,
+                                                 T, D, d, lm, BT, HAS_H0, False, True)
+                    sidx = (b * H + hh).to(tl.int64) * D + d
+                    tl.store(hTk + sidx, hk, mask=lm & (tb + BT >= T))
+                    tl.store(hTv + sidx, hv, mask=lm & (tb + BT >= T))
+            else:
+                if i < NSLAB:  # pass A: this item's chunk of slab i, from zero
+                    zero = tl.zeros([L], tl.float32)
+                    ga, ak, av = _fwd_chunk(zb, kb, vb, okb, ovb, oz, okx, ovx, ook, oov, szt, skt, svt,
+                                            sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, i * CPS + c, b,
+                                            hh, H, T, D, d, lm, zero, zero, L, BT, NSUB, HAS_H0, False,
+                                            PREFETCH, STAGES, False)
+                    _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS, RING, L)
+                if i > 0:  # pass B: this item's chunk of slab i - 1, from its carry
+                    hk, hv = _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS, RING, L)
+                    _fwd_chunk(zb, kb, vb, okb, ovb, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt,
+                               h0k, h0v, hTk, hTv, cu, seq_idx, (i - 1) * CPS + c, b, hh, H, T, D, d, lm,
+                               hk, hv, L, BT, NSUB, HAS_H0, False, PREFETCH, STAGES, True)
             item += NPROG
         i += 1
     if tl.atomic_add(ctl + 1, 1) == NPROG - 1:  # the last program out: the next launch's tags
