@@ -108,8 +108,6 @@ def fname(c):
             n += f"-BD{g['BD']}"
         if not g["prefetch"]:
             n += "-nopf"
-        if g["kernel"] == "rounds":
-            n += f"-CPS{g['CPS']}-PPS{g['PPS']}"
     if g["stages"]:
         n += f"-S{g['stages']}"
     return n
@@ -237,7 +235,7 @@ def run_checks(fwd_vs, bwd_vs):
                                                            with_h0=False)
         log(f"check fwd {name}: {e:.1e}")
         assert e < 1e-2, (name, e)
-        if c.get("kernel") in ("seq", "rounds") or c.get("stages"):  # own code paths for h0 and packed sequences
+        if c.get("kernel") == "seq" or c.get("stages"):  # own code paths for h0 and packed sequences
             checks[f"fwd/{name}/float32+h0"] = e = check_variant(dict(fwd=c), torch.float32)
             assert e < 1e-5, (name, e)
             checks[f"fwd-varlen/{name}/float32+h0"] = e = check_variant(

@@ -88,9 +88,6 @@ def _calls():
         yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True, fwd=dict(kernel="seq", BH=2))
         yield lambda: fused.memory_scan_fused(z, k, v, fwd=dict(kernel="seq", BH=1, BD=64, W=16))  # the narrow rule's tile
         yield lambda: fused.memory_scan_fused(z, k, v, h0, fwd=dict(kernel="chunk", BH=1, stages=3))
-        yield lambda: fused.memory_scan_fused(z, k, v, h0, fwd=dict(kernel="rounds", BH=1, BT=4, CT=64, stages=3))
-        yield lambda: fused.memory_scan_fused(z, k, v, h0, fwd=dict(kernel="rounds", BH=1, BD=32, BT=16, CT=16,
-                                                                   CPS=8, PPS=8))  # tiles kept in registers
         for schedule in ("chained", "loop"):
             yield lambda: fused.memory_scan_fused(z, k, v, h0, output_final_state=True,
                                                   bwd=dict(schedule=schedule))[0].sum().backward()

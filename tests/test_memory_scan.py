@@ -35,14 +35,7 @@ FWD_PLANS = {"default": {}, "chunks": dict(fwd=SMALL_FWD),  # forward-only tests
              "seq-W8": dict(fwd=dict(kernel="seq", BH=1, BD=8, W=8)),
              "seq-W16": dict(fwd=dict(kernel="seq", BH=2, BD=8, W=16)),  # the narrow default's tile
              # loads pipelined through shared memory (tl.range num_stages, which the interpreter ignores)
-             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3)),
-             # one launch in rounds over slabs of 4 chunks (the interpreter runs one program with
-             # every item; on a GPU one program per item)
-             "rounds": dict(fwd=dict(kernel="rounds", BH=1, BD=8, BT=2, CT=4, CPS=4)),
-             "rounds-one-tile": dict(fwd=dict(kernel="rounds", BH=2, BD=8, BT=4, CT=4, CPS=2)),
-             # one program per item, tiles kept in registers between the passes (the interpreter
-             # runs it only where no item waits on another program: one chunk per slab)
-             "rounds-kept": dict(fwd=dict(kernel="rounds", BH=1, BD=8, BT=4, CT=4, CPS=1))}
+             "chunks-staged": dict(fwd=dict(SMALL_FWD, stages=3))}
 
 
 def _inputs(B, T, H, D, *, n_states=None, gate_shift=0.0, gate_scale=2.0, seed=0):

@@ -321,239 +321,6 @@ def _fwd_carry_scan_kernel(ws, M, NC, NCB: tl.constexpr, CH: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
-# forward: the "rounds" kernel (one launch; opt-in, kernel="rounds"; batch 1 is its target)
-# Time is cut into slabs of CPS chunks. The items (channel block j, chunk c of a slab) are dealt to
-# co-resident programs once, and every program walks the slabs in rounds. In round i an item
-# (pass A, launch 1's code) publishes the map of its chunk in slab i, then (pass B, launch 3's
-# code) writes the outputs of its chunk in slab i-1 from the carry: the state entering slab i-1
-# composed with the maps of the chunks before it. Everything pass B waits for was published a
-# round earlier, so programs seldom wait, and pass B re-reads a chunk one slab's traffic after
-# pass A read it, while L2 should still hold it: 5 tensors of HBM traffic instead of the chunk
-# plan's 8, without its launch boundaries. The last item of a block also publishes the state
-# entering the next slab. Published fp32 values sit in int64 words with a tag (the launch's tag
-# base + slab + 1) in the high half: one store publishes value and flag, so nothing needs a
-# fence, and readers poll with volatile loads. The program that finishes last advances the base
-# (ctl[0]), so the words never need clearing and a CUDA graph replays the launch. Programs wait
-# only on earlier rounds of co-resident programs, so there is no deadlock; the interpreter, which
-# runs programs one after another, gets a single program that takes every item.
-
-
-@triton.jit
-def _tag_pack(x, tag):
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    return (tag.to(tl.int64) << 32) | bits
-
-
-@triton.jit
-def _tag_unpack(w):
-    return (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), (w >> 32).to(tl.int32)
-
-
-@triton.jit
-def _rounds_carry(words, mo, so, c, tag, has_s, SPIN, CPS: tl.constexpr, L: tl.constexpr):
-    """Item c's carry into its chunk of the slab whose maps start at words[mo] and whose entering
-    state sits at words[so] (zero unless has_s), and the state after the whole slab (only valid
-    for c == CPS - 1, which loads every map): (hk, hv, sk, sv)."""
-    cc = tl.arange(0, CPS)
-    lane = tl.arange(0, L)
-    need = ((cc < c) | (c == CPS - 1))[:, None] & (lane < L)[None, :]
-    o = mo + cc[:, None].to(tl.int64) * (3 * L) + lane[None, :]
-    sm = (lane < L) & has_s
-    wa = tl.load(words + o, mask=need, other=0, volatile=True)
-    wk = tl.load(words + o + L, mask=need, other=0, volatile=True)
-    wv = tl.load(words + o + 2 * L, mask=need, other=0, volatile=True)
-    wsk = tl.load(words + so + lane, mask=sm, other=0, volatile=True)
-    wsv = tl.load(words + so + L + lane, mask=sm, other=0, volatile=True)
-    n = 0
-    bad = 1
-    while (bad > 0) & (n < SPIN):
-        ok = (((wa >> 32) == tag) & ((wk >> 32) == tag) & ((wv >> 32) == tag)) | ~need
-        ok_s = (((wsk >> 32) == tag) & ((wsv >> 32) == tag)) | ~sm
-        bad = tl.sum((~ok).to(tl.int32)) + tl.sum((~ok_s).to(tl.int32))
-        if bad > 0:
-            wa = tl.load(words + o, mask=need, other=0, volatile=True)
-            wk = tl.load(words + o + L, mask=need, other=0, volatile=True)
-            wv = tl.load(words + o + 2 * L, mask=need, other=0, volatile=True)
-            wsk = tl.load(words + so + lane, mask=sm, other=0, volatile=True)
-            wsv = tl.load(words + so + L + lane, mask=sm, other=0, volatile=True)
-            n += 1
-    a = tl.where(need, _tag_unpack(wa)[0], 1.)
-    bk = tl.where(need, _tag_unpack(wk)[0], 0.)
-    bv = tl.where(need, _tag_unpack(wv)[0], 0.)
-    sk = tl.where(sm, _tag_unpack(wsk)[0], 0.)
-    sv = tl.where(sm, _tag_unpack(wsv)[0], 0.)
-    A, Bk, Bv = tl.associative_scan((a, bk, bv), axis=0, combine_fn=_affine_combine)
-    pick = (cc == c - 1)[:, None]
-    hk = tl.sum(tl.where(pick, A * sk[None, :] + Bk, 0.), axis=0) + tl.where(c == 0, sk, 0.)
-    hv = tl.sum(tl.where(pick, A * sv[None, :] + Bv, 0.), axis=0) + tl.where(c == 0, sv, 0.)
-    last = (cc == CPS - 1)[:, None]
-    sk = tl.sum(tl.where(last, A * sk[None, :] + Bk, 0.), axis=0)
-    sv = tl.sum(tl.where(last, A * sv[None, :] + Bv, 0.), axis=0)
-    return hk, hv, sk, sv
-
-
-@triton.jit
-def _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS: tl.constexpr, RING: tl.constexpr,
-                    L: tl.constexpr):
-    """Item (j, c)'s map of its chunk in slab i, tagged."""
-    mo = (((i % RING) * NCHB + j).to(tl.int64) * CPS + c) * (3 * L) + lane
-    tag = base + i + 1
-    tl.store(words + mo, _tag_pack(ga, tag))
-    tl.store(words + mo + L, _tag_pack(ak, tag))
-    tl.store(words + mo + 2 * L, _tag_pack(av, tag))
-
-
-@triton.jit
-def _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS: tl.constexpr,
-                  RING: tl.constexpr, L: tl.constexpr):
-    """In round i, the state entering item (j, c)'s chunk of slab i - 1; the block's last item
-    also publishes the state entering slab i."""
-    s = i - 1
-    slot = ((s % RING) * NCHB + j).to(tl.int64)
-    hk, hv, sk, sv = _rounds_carry(words, slot * CPS * 3 * L, soff + slot * 2 * L, c, base + s + 1,
-                                   s > 0, SPIN, CPS, L)
-    if (c == CPS - 1) & (i < NSLAB):
-        so = soff + ((i % RING) * NCHB + j).to(tl.int64) * 2 * L + lane
-        tl.store(words + so, _tag_pack(sk, base + i + 1))
-        tl.store(words + so + L, _tag_pack(sv, base + i + 1))
-    return hk, hv
-
-
-@triton.jit
-def _fwd_rounds_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, ctl,
-                       T, H, D, NDB, NHG, NCHB, NSLAB, NPROG, SPIN,
-                       szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
-                       sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
-                       BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                       NSUB: tl.constexpr, CPS: tl.constexpr, RING: tl.constexpr,
-                       HAS_H0: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-                       OFF64: tl.constexpr):
-    """Grid (NPROG,): words = maps [RING, NCHB, CPS, 3, L] then entering states [RING, NCHB, 2, L]."""
-    L: tl.constexpr = BH * BD
-    base = tl.load(ctl, volatile=True)
-    n_items = NCHB * CPS
-    soff = tl.cast(RING, tl.int64) * NCHB * CPS * 3 * L
-    i = 0
-    while i <= NSLAB:  # (while, not range: the interpreter cannot range over runtime bounds)
-        item = tl.program_id(0)
-        while item < n_items:
-            j = item // CPS
-            c = item % CPS
-            b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
-            b64 = b.to(tl.int64)
-            zb = z + b64 * szb
-            kb = k + b64 * skb
-            vb = v + b64 * svb
-            okb = ok + b64 * sokb
-            ovb = ov + b64 * sovb
-            oz = _fwd_offsets(hh, d, szh, szd, OFF64)
-            okx = _fwd_offsets(hh, d, skh, skd, OFF64)
-            ovx = _fwd_offsets(hh, d, svh, svd, OFF64)
-            ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)
-            oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)
-            if NSUB == 1:  # one tile per pass: both passes' loads go out before either waits
-                r = tl.arange(0, BT)
-                one = tl.full([L], 1.0, tl.float32)
-                zero = tl.zeros([L], tl.float32)
-                ta = (i * CPS + c) * BT
-                tb = ta - CPS * BT
-                za, ka, va = _fwd_load(zb, kb, vb, oz, okx, ovx, szt, skt, svt, ta, T, lm, i < NSLAB, BT)
-                zr, kr, vr = _fwd_load(zb, kb, vb, oz, okx, ovx, szt, skt, svt, tb, T, lm, i > 0, BT)
-                if i < NSLAB:
-                    ga, ak, av = _fwd_chunk_step(za, ka, va, one, zero, zero, ta, r, okb, ovb, ook, oov,
-                                                 sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H,
-                                                 T, D, d, lm, BT, HAS_H0, False, False)
-                    _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS, RING, L)
-                if i > 0:
-                    hk, hv = _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS, RING, L)
-                    ga, hk, hv = _fwd_chunk_step(zr, kr, vr, one, hk, hv, tb, r, okb, ovb, ook, oov,
-                                                 sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H,
-                                                 T, D, d, lm, BT, HAS_H0, False, True)
-                    sidx = (b * H + hh).to(tl.int64) * D + d
-                    tl.store(hTk + sidx, hk, mask=lm & (tb + BT >= T))
-                    tl.store(hTv + sidx, hv, mask=lm & (tb + BT >= T))
-            else:
-                if i < NSLAB:  # pass A: this item's chunk of slab i, from zero
-                    zero = tl.zeros([L], tl.float32)
-                    ga, ak, av = _fwd_chunk(zb, kb, vb, okb, ovb, oz, okx, ovx, ook, oov, szt, skt, svt,
-                                            sokt, sovt, h0k, h0v, hTk, hTv, cu, seq_idx, i * CPS + c, b,
-                                            hh, H, T, D, d, lm, zero, zero, L, BT, NSUB, HAS_H0, False,
-                                            PREFETCH, STAGES, False)
-                    _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS, RING, L)
-                if i > 0:  # pass B: this item's chunk of slab i - 1, from its carry
-                    hk, hv = _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS, RING, L)
-                    _fwd_chunk(zb, kb, vb, okb, ovb, oz, okx, ovx, ook, oov, szt, skt, svt, sokt, sovt,
-                               h0k, h0v, hTk, hTv, cu, seq_idx, (i - 1) * CPS + c, b, hh, H, T, D, d, lm,
-                               hk, hv, L, BT, NSUB, HAS_H0, False, PREFETCH, STAGES, True)
-            item += NPROG
-        i += 1
-    if tl.atomic_add(ctl + 1, 1) == NPROG - 1:  # the last program out: the next launch's tags
-        tl.store(ctl + 1, 0)
-        tl.store(ctl, base + NSLAB + 1)
-
-
-@triton.jit
-def _fwd_rounds_keep_kernel(z, k, v, ok, ov, h0k, h0v, hTk, hTv, cu, seq_idx, words, ctl,
-                            T, H, D, NDB, NHG, NCHB, NSLAB, NPROG, SPIN,
-                            szb, szt, szh, szd, skb, skt, skh, skd, svb, svt, svh, svd,
-                            sokb, sokt, sokh, sokd, sovb, sovt, sovh, sovd,
-                            BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                            CPS: tl.constexpr, RING: tl.constexpr, HAS_H0: tl.constexpr,
-                            OFF64: tl.constexpr):
-    """Rounds with one program per item and one tile per chunk: the tile pass A loads in round i
-    is the one pass B needs in round i + 1, so it stays in registers (every input byte is read
-    once, nothing leans on L2), and each round's tile is loaded a round ahead."""
-    L: tl.constexpr = BH * BD
-    base = tl.load(ctl, volatile=True)
-    soff = tl.cast(RING, tl.int64) * NCHB * CPS * 3 * L
-    j = tl.program_id(0) // CPS
-    c = tl.program_id(0) % CPS
-    b, hh, d, lm, lane = _fwd_lanes(j, H, D, NDB, NHG, BH, BD)
-    b64 = b.to(tl.int64)
-    zb = z + b64 * szb
-    kb = k + b64 * skb
-    vb = v + b64 * svb
-    okb = ok + b64 * sokb
-    ovb = ov + b64 * sovb
-    oz = _fwd_offsets(hh, d, szh, szd, OFF64)
-    okx = _fwd_offsets(hh, d, skh, skd, OFF64)
-    ovx = _fwd_offsets(hh, d, svh, svd, OFF64)
-    ook = _fwd_offsets(hh, d, sokh, sokd, OFF64)
-    oov = _fwd_offsets(hh, d, sovh, sovd, OFF64)
-    r = tl.arange(0, BT)
-    one = tl.full([L], 1.0, tl.float32)
-    zero = tl.zeros([L], tl.float32)
-    step = CPS * BT
-    za, ka, va = _fwd_load(zb, kb, vb, oz, okx, ovx, szt, skt, svt, c * BT, T, lm, True, BT)
-    zp, kp, vp = za, ka, va  # the previous round's tile (unused in round 0)
-    i = 0
-    while i <= NSLAB:
-        ta = c * BT + i * step
-        zn, kn, vn = _fwd_load(zb, kb, vb, oz, okx, ovx, szt, skt, svt, ta + step, T, lm,
-                               i + 1 < NSLAB, BT)
-        if i < NSLAB:
-            ga, ak, av = _fwd_chunk_step(za, ka, va, one, zero, zero, ta, r, okb, ovb, ook, oov, sokt,
-                                         sovt, h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H, T, D, d,
-                                         lm, BT, HAS_H0, False, False)
-            _rounds_publish(words, i, j, c, lane, ga, ak, av, base, NCHB, CPS, RING, L)
-        if i > 0:
-            tb = ta - step
-            hk, hv = _rounds_enter(words, soff, i, j, c, lane, base, NSLAB, NCHB, SPIN, CPS, RING, L)
-            gb, hk, hv = _fwd_chunk_step(zp, kp, vp, one, hk, hv, tb, r, okb, ovb, ook, oov, sokt,
-                                         sovt, h0k, h0v, hTk, hTv, cu, seq_idx, b, hh, H, T, D, d,
-                                         lm, BT, HAS_H0, False, True)
-            sidx = (b * H + hh).to(tl.int64) * D + d
-            tl.store(hTk + sidx, hk, mask=lm & (tb + BT >= T))
-            tl.store(hTv + sidx, hv, mask=lm & (tb + BT >= T))
-        zp, kp, vp = za, ka, va
-        za, ka, va = zn, kn, vn
-        i += 1
-    if tl.atomic_add(ctl + 1, 1) == NPROG - 1:  # the last program out: the next launch's tags
-        tl.store(ctl + 1, 0)
-        tl.store(ctl, base + NSLAB + 1)
-
-
-# --------------------------------------------------------------------------------------------
 # forward: the "seq" kernel (one launch, each program walks the whole sequence of its lanes)
 # A tile is W segments x 2 steps over the program's L lanes, held as [W, S, C]: S sub-blocks of
 # C = 256 / W lanes, so that one sub-block's W segments x C / 8 threads fill exactly one warp and
@@ -954,7 +721,7 @@ def _step_kernel(z, k, v, sk, sv, ok, ov, nk, nv, H, D,
 #        (59-60 % of copy bandwidth).
 # The floor of 64: CT32 was 7 % slower than CT64 at B=1 T=8192 (0.169 vs 0.158 ms).
 _FWD_DEFAULTS = {"BH": 4, "BT": 2, "BD": 128, "CT": "auto", "num_warps": None, "prefetch": True,
-                 "stages": 0, "kernel": "auto", "W": 8, "CPS": 4, "PPS": 1}
+                 "stages": 0, "kernel": "auto", "W": 8}
 _CT_MIN, _CT_MAX, _PROGRAMS_PER_SM = 64, 512, 8
 # "seq" (one launch, inputs read once) over "chunk" when there are at least this many single-head
 # channel blocks per SM. H200, bf16, 32 heads x 128 (bench/NOTES-scan.md, 2026-12-01, session 22):
@@ -1018,10 +785,8 @@ def _fwd_plan(B: int, T: int, H: int, D: int, device, opts: dict | None = None) 
     derived sizes (NSUB tiles per chunk, NC chunks, NCHB channel blocks of BH heads x BD)."""
     cfg = _options(opts, _FWD_DEFAULTS, "forward")
     given = {k for k, x in (opts or {}).items() if x is not None}
-    if cfg["kernel"] not in ("auto", "chunk", "seq", "rounds"):
-        raise ValueError(f"forward kernel must be 'auto', 'chunk', 'seq' or 'rounds', got {cfg['kernel']!r}")
-    if cfg["kernel"] == "rounds" and cfg["CT"] == "auto":
-        cfg["CT"] = _CT_MIN
+    if cfg["kernel"] not in ("auto", "chunk", "seq"):
+        raise ValueError(f"forward kernel must be 'auto', 'chunk' or 'seq', got {cfg['kernel']!r}")
     if cfg["kernel"] == "seq" and cfg["stages"]:
         raise ValueError(f"forward option stages={cfg['stages']} is for kernel='chunk' only")
     auto = cfg["kernel"] == "auto"
@@ -1094,44 +859,6 @@ def _workspace(device, chained: bool, NT: int, NCH: int, BD: int):
     return flags, ws_agg, ws_inc
 
 
-_ROUNDS_WORKSPACES: dict = {}
-
-
-def _rounds_workspace(device, n_words: int):
-    """The "rounds" kernel's published words and control words (tag base, programs done), one pair
-    per device, grown as needed (zeros: tag 0 is never live). Launches on one device must not
-    overlap (one stream)."""
-    key = str(device)
-    words, ctl = _ROUNDS_WORKSPACES.get(key, (None, None))
-    if ctl is None:
-        ctl = torch.zeros(2, dtype=torch.int32, device=device)
-    if words is None or words.numel() < n_words:
-        words = torch.zeros(n_words, dtype=torch.int64, device=device)
-    _ROUNDS_WORKSPACES[key] = (words, ctl)
-    return words, ctl
-
-
-def _fwd_rounds(args, strides, p, T, H, D, has_h0, meta, dev):
-    CPS, NCHB, L = p["CPS"], p["NCHB"], p["BH"] * p["BD"]
-    if CPS < 1 or CPS & (CPS - 1):
-        raise ValueError(f"forward option CPS={CPS} must be a power of two")
-    ring = 8  # a block's programs stay within 3 rounds of each other (each waits on round i - 1)
-    words, ctl = _rounds_workspace(dev, ring * NCHB * L * (3 * CPS + 2))
-    nslab = triton.cdiv(T, CPS * p["CT"])
-    items = NCHB * CPS
-    meta = {k: x for k, x in meta.items() if k != "VARLEN"}
-    # one program per item keeps each tile in registers for pass B; the interpreter runs programs
-    # one after another, so there only items that wait on no other program (CPS 1) may
-    if p["NSUB"] == 1 and (CPS == 1 if _interpreting() else items <= p["PPS"] * _num_sms(dev)):
-        meta = {k: x for k, x in meta.items() if k not in ("NSUB", "PREFETCH", "STAGES")}
-        _fwd_rounds_keep_kernel[(items,)](*args, words, ctl, T, H, D, p["NDB"], p["NHG"], NCHB, nslab,
-                                          items, 1 << 22, *strides, CPS=CPS, RING=ring, **meta)
-        return
-    nprog = 1 if _interpreting() else min(items, p["PPS"] * _num_sms(dev))
-    _fwd_rounds_kernel[(nprog,)](*args, words, ctl, T, H, D, p["NDB"], p["NHG"], NCHB, nslab, nprog,
-                                 1 << 22, *strides, CPS=CPS, RING=ring, **meta)
-
-
 def _varlen_index(cu_seqlens: torch.Tensor | None, batch: int, T: int, device):
     if cu_seqlens is None:
         dummy = _dummy(device, torch.int32)
@@ -1188,9 +915,6 @@ def scan_fwd(z, k, v, h0k=None, h0v=None, cu_seqlens=None, **opts):
                         VARLEN=cu_seqlens is not None, PREFETCH=bool(p["prefetch"]), STAGES=p["stages"],
                         OFF64=span >= 2**31, num_warps=p["num_warps"])
             ws = _dummy(dev, torch.float32)
-            if p["kernel"] == "rounds" and cu_seqlens is None:  # (packed sequences: the chunk plan)
-                _fwd_rounds(args, strides, p, T, H, D, has_h0, meta, dev)
-                return ok, ov, hTk, hTv, (cu, seq_idx, N, empty)
             if NC > 1:
                 M = NCHB * p["BH"] * p["BD"]
                 ws = torch.empty(3 * NC * M, dtype=torch.float32, device=dev)
