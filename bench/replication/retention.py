@@ -159,6 +159,7 @@ def kind_differences(rows: list[dict], vectors: list[np.ndarray], draws: np.ndar
                 if a[0] == b[0] or draws is None:
                     continue
                 d = np.mean(cells[b], axis=0) - np.mean(cells[a], axis=0)
+                # (+ 0.0 below: a difference that rounds to zero prints as +0.0, never -0.0)
                 out.append({"method": method, "budget": budget, "a": f"{a[0]} ({a[1]})", "b": f"{b[0]} ({b[1]})",
                             "models": [len(cells[a]), len(cells[b])], "difference": round(100.0 * float(d.mean()), 1) + 0.0,
                             "ci": _interval(d, draws), "a_range": _range(cells[a]), "b_range": _range(cells[b])})

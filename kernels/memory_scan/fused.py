@@ -735,8 +735,9 @@ _SEQ_BLOCKS_PER_SM = 1.5
 # 128 heads (4 x 32, 8 x 16 at T 4096) 0.281 -> 0.251, 0.288 -> 0.253; 4 x 32 at T 16384
 # 1.070 -> 0.971 (at T 8192 BD32 W16 0.541 -> 0.494; BD64 not timed there); 160 heads 0.389 ->
 # 0.342; 192 heads 0.421 -> 0.353; 112 and 120 heads 4 and 7 % faster; 104 heads equal; 96 heads
-# (3 x 32, 6 x 16) chunk ahead by 8 %; at 4 x 32768 within run-to-run noise (2.06-2.11 against 2.11). At 256 heads (2 per SM) the W16 tiles
-# take two waves and lose (0.572 against 0.435 ms), hence the upper bound.
+# (3 x 32, 6 x 16) chunk ahead by 8 %; at 4 x 32768 within run-to-run noise (2.06-2.11 against
+# 2.11). At 256 heads (2 per SM) the W16 tiles take two waves and lose (0.572 against 0.435 ms),
+# hence the upper bound.
 _SEQ_NARROW_BLOCKS_PER_SM, _SEQ_NARROW_TILE = 0.8, {"BD": 64, "W": 16}
 # With fewer chunk programs than this per SM (1 x 4096 at 32 heads x 128: 3.9), the default chunk
 # plan takes BT 4 with its loads pipelined 3 stages deep. H200 CUDA graphs (NOTES-scan.md,
